@@ -1,0 +1,26 @@
+"""raydistill: distributed peer training by knowledge distillation on Ray.
+
+    import raydistill
+    result = raydistill.train("dml-digits", output="runs/demo")       # -> RunResult(run_dir, summary)
+    model = raydistill.load_model("runs/demo")                         # the deployable model, no Ray needed
+"""
+__version__ = "0.1.0"
+
+from raydistill.config import load_config  # noqa: E402
+from raydistill.errors import ConfigError  # noqa: E402
+
+
+def train(config=None, output=None, **kwargs):
+    """See :func:`raydistill.runtime.driver.train` (imported lazily: `import raydistill` does not import Ray)."""
+    from raydistill.runtime.driver import train as _train
+
+    return _train(config, output, **kwargs)
+
+
+def load_model(run_dir, peer=None, name=None, device="cpu"):
+    from raydistill.export import load_model as _load
+
+    return _load(run_dir, peer=peer, name=name, device=device)
+
+
+__all__ = ["ConfigError", "load_config", "load_model", "train", "__version__"]

@@ -1,0 +1,101 @@
+"""The shell: parses arguments, builds a config, calls the Python API, prints. Nothing else lives here."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from raydistill.errors import ConfigError
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raydistill", description="Distributed peer training by distillation on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a run (default: DML with 3 peers on digits)")
+    train.add_argument("config", nargs="?", help="a preset name, a YAML file, or a best.json (default: dml-digits)")
+    train.add_argument("--output", "-o", help="run directory (default: runs/NAME-TIMESTAMP)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set method.temperature=3 (repeatable)")
+    train.add_argument("--runtime", default="ray", choices=("ray", "inprocess"),
+                       help="ray: one actor per peer (default); inprocess: everything in this process (the reference)")
+    train.add_argument("--resume", metavar="DIR", help="continue a run directory from its last checkpoint")
+    train.add_argument("--address", help="connect to this Ray cluster (auto, ray://host:10001); sets resources.address")
+    train.add_argument("--stop-after-epoch", type=int, metavar="N", help="stop (with a checkpoint) after N epochs")
+    train.add_argument("--quiet", action="store_true", help="no progress output")
+
+    evaluate = commands.add_parser("eval", help="accuracy of every exported model of a run on its test split")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--data", help="another data set name")
+    evaluate.add_argument("--data-root", help="its root folder")
+
+    commands.add_parser("presets", help="list the built-in presets")
+
+    cluster = commands.add_parser("cluster", help="cluster YAML tools")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True)
+    check = cluster_commands.add_parser("check", help="validate cluster YAMLs offline, the way Ray does")
+    check.add_argument("files", nargs="+")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from raydistill.runtime.driver import train
+
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"resources.address={args.address}")
+    result = train(args.config, args.output, overrides=overrides, runtime=args.runtime, resume=args.resume,
+                   stop_after_epoch=args.stop_after_epoch, progress=not args.quiet)
+    print(f"summary: {result.run_dir / 'summary.json'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from raydistill.evaluate import evaluate_run
+
+    for name, figures in evaluate_run(args.run_dir, args.data, args.data_root).items():
+        print(f"{name:<12} " + "  ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from raydistill.config import PRESET_DIR, preset_names
+
+    for name in preset_names():
+        first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:<22} {first}")
+    return 0
+
+
+def cmd_cluster(args) -> int:
+    from raydistill.cluster import main_check
+
+    return max(main_check(path) for path in args.files)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "cluster": cmd_cluster}[args.command]
+    try:
+        return handler(args)
+    except ConfigError as err:
+        print(f"raydistill: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("raydistill: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 — a training failure: one line, the run directory keeps what was done
+        from raydistill.runtime.loop import TrainingError
+
+        if isinstance(err, TrainingError) or os.environ.get("RAYDISTILL_TRACEBACK") is None:
+            print(f"raydistill: {type(err).__name__}: {err}", file=sys.stderr)
+            if not isinstance(err, TrainingError):
+                print("raydistill: set RAYDISTILL_TRACEBACK=1 for the traceback", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

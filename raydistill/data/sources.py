@@ -1,0 +1,387 @@
+"""Data sets by name: each source returns the whole set as numpy arrays (uint8 NCHW images or float32 features).
+
+Sources: ``digits`` (scikit-learn's embedded 8x8 digits), ``cifar10`` / ``cifar100`` (the python-pickle batches, read
+through a restricted unpickler), ``imagefolder`` (TinyImageNet-style class folders) and ``synthetic`` (seeded random
+data for benchmarks). A source's options are its keyword parameters; ``load_dataset`` refuses any other.
+"""
+import dataclasses
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raydistill.data.safe_pickle import safe_load
+from raydistill.errors import ConfigError
+from raydistill.seeding import derive_seed, generator
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".gif", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class DataSpec:
+    """What a model builder needs to know about the data."""
+
+    task: str  # "classification" | "regression"
+    input_shape: tuple  # (C, H, W) for images, (F,) for tabular
+    num_classes: int  # classes; for regression the number of target outputs
+    mean: tuple  # per-channel mean of the float input in [0,1] (images) or per-feature (tabular)
+    std: tuple
+
+
+@dataclass
+class Dataset:
+    """A whole data set in memory: images uint8 [N, C, H, W] or tabular float32 [N, F]."""
+
+    spec: DataSpec
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    name: str
+
+    def arrays(self) -> dict:
+        """The four arrays by name, ready for ``ray.put``."""
+        return {"train_x": self.train_x, "train_y": self.train_y, "test_x": self.test_x, "test_y": self.test_y}
+
+    def split_validation(self, fraction: float, seed: int):
+        """Carve ``fraction`` of the train set out as a validation set, the same way for the same seed.
+
+        Returns ``(dataset with the remaining train samples, val_x, val_y)``; both parts keep the original order.
+        """
+        if not 0.0 <= fraction < 1.0:
+            raise ConfigError("data.val_fraction", fraction, "a fraction in [0, 1)")
+        n = len(self.train_x)
+        n_val = int(round(fraction * n))
+        perm = torch.randperm(n, generator=generator(seed, "validation")).numpy()
+        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        rest = dataclasses.replace(self, train_x=self.train_x[train_idx], train_y=self.train_y[train_idx])
+        return rest, self.train_x[val_idx], self.train_y[val_idx]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# registry
+
+_SOURCES = {}
+_AUGMENT = {
+    "digits": {"crop_pad": 1, "flip": False},  # digits are not mirror-symmetric
+    "cifar10": {"crop_pad": 4, "flip": True},
+    "cifar100": {"crop_pad": 4, "flip": True},
+    "imagefolder": {"crop_pad": 8, "flip": True},
+    "synthetic": {"crop_pad": 0, "flip": False},
+}
+
+
+def _source(name):
+    """Register a loader ``fn(root, **options) -> Dataset`` under ``name``."""
+
+    def register(fn):
+        _SOURCES[name] = fn
+        return fn
+
+    return register
+
+
+def dataset_names() -> list:
+    """Names accepted by ``load_dataset``."""
+    return sorted(_SOURCES)
+
+
+def _check_name(name):
+    if name not in _SOURCES:
+        raise ConfigError("data.name", name, f"one of: {', '.join(dataset_names())}")
+
+
+def load_dataset(name: str, root=None, **options) -> Dataset:
+    """Load the data set ``name`` from ``root``; ``options`` are the source's keyword options (see each source)."""
+    _check_name(name)
+    loader = _SOURCES[name]
+    accepted = [p for p in inspect.signature(loader).parameters if p != "root"]
+    for key, value in options.items():
+        if key not in accepted:
+            raise ConfigError(f"data.{key}", value, f"options of {name}: {', '.join(accepted) or 'none'}")
+    return loader(root, **options)
+
+
+def default_augment(name) -> dict:
+    """The usual augmentation of a data set: random-crop padding and horizontal flip."""
+    _check_name(name)
+    return dict(_AUGMENT[name])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# statistics and checks
+
+
+def channel_stats(x: np.ndarray):
+    """Per-channel mean and std of uint8 images [N, C, H, W] in [0, 1] scale, exact, from 256-bin histograms."""
+    hist = np.zeros((x.shape[1], 256), dtype=np.int64)
+    for start in range(0, len(x), 1024):  # chunks bound the memory on large sets
+        for c in range(x.shape[1]):
+            hist[c] += np.bincount(x[start : start + 1024, c].ravel(), minlength=256)
+    values = np.arange(256, dtype=np.float64) / 255.0
+    count = np.maximum(hist.sum(axis=1), 1)
+    mean = hist @ values / count
+    var = np.maximum(hist @ values**2 / count - mean**2, 0.0)
+    return _stats_tuple(mean, np.sqrt(var))
+
+
+def feature_stats(x: np.ndarray):
+    """Per-feature mean and std of tabular float features [N, F]."""
+    x = x.astype(np.float64)
+    return _stats_tuple(x.mean(axis=0), x.std(axis=0))
+
+
+def _stats_tuple(mean, std):
+    std = np.where(std > 0, std, 1.0)  # a constant channel must not divide by zero when normalised
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def _positive_int(field, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(field, value, f"an integer >= {minimum}")
+    return int(value)
+
+
+def _image_spec(train_x, num_classes, mean=None, std=None) -> DataSpec:
+    if mean is None:
+        mean, std = channel_stats(train_x)
+    return DataSpec("classification", tuple(train_x.shape[1:]), num_classes, tuple(mean), tuple(std))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# digits
+
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0  # fixed, not the run seed: every run evaluates on the same test set
+
+
+@_source("digits")
+def load_digits_dataset(root=None) -> Dataset:
+    """scikit-learn's 1,797 8x8 grey digits (values 0..16, scaled to uint8 0..255), 20% held out as a fixed test set."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    y = digits.target.astype(np.int64)
+    perm = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(x))
+    n_test = int(round(DIGITS_TEST_FRACTION * len(x)))
+    test_idx, train_idx = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    train_x = x[train_idx]
+    return Dataset(_image_spec(train_x, 10), train_x, y[train_idx], x[test_idx], y[test_idx], "digits")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 python batches
+
+# name -> (torchvision class name, title, train files, test file, label key, classes, standard mean, standard std)
+_CIFAR = {
+    "cifar10": ("CIFAR10", "CIFAR-10", "data_batch_*", "test_batch", "labels", 10,
+                (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ("CIFAR100", "CIFAR-100", "train", "test", "fine_labels", 100,
+                 (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}  # fmt: skip
+
+
+def _torchvision_cifar(name):
+    from torchvision import datasets
+
+    return getattr(datasets, _CIFAR[name][0])
+
+
+def _cifar_files(folder: Path, train_pattern: str, test_name: str):
+    """(train batch paths in numeric order, test batch path) in ``folder``, or None if they are not there."""
+    if not folder.is_dir() or not (folder / test_name).is_file():
+        return None
+    if "*" in train_pattern:
+        prefix = train_pattern.rstrip("*")
+        found = [p for p in folder.glob(train_pattern) if p.is_file() and p.name[len(prefix):].isdigit()]
+        train = sorted(found, key=lambda p: int(p.name[len(prefix):]))
+    else:
+        train = [folder / train_pattern] if (folder / train_pattern).is_file() else []
+    return (train, folder / test_name) if train else None
+
+
+def _find_cifar(name, root):
+    """The batch files under ``root`` itself or under its standard sub-folder."""
+    _, _, train_pattern, test_name, *_ = _CIFAR[name]
+    base_folder = _torchvision_cifar(name).base_folder
+    for folder in (Path(root), Path(root) / base_folder):
+        files = _cifar_files(folder, train_pattern, test_name)
+        if files:
+            return files
+    return None
+
+
+def _read_cifar_batch(path: Path, label_key: str):
+    """One python batch -> (uint8 [N, 3, 32, 32], int64 [N]); rows are stored R, G, B planes, each row-major."""
+    batch = safe_load(path, encoding="latin1")
+    if not isinstance(batch, dict):
+        raise ConfigError("data.root", str(path), "not a CIFAR python batch (expected a pickled dict)")
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    for key in ("data", label_key):
+        if key not in batch:
+            raise ConfigError("data.root", str(path), f"not a CIFAR python batch: no {key!r} entry")
+    data = np.asarray(batch["data"], dtype=np.uint8)
+    labels = np.asarray(batch[label_key], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
+        raise ConfigError("data.root", str(path), f"a CIFAR batch has data [N, 3072] and N labels, got {data.shape}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _load_cifar(name, root, download) -> Dataset:
+    _, title, train_pattern, test_name, label_key, num_classes, mean, std = _CIFAR[name]
+    base_folder = _torchvision_cifar(name).base_folder
+    missing = (
+        f"no {title} python batches there (expected {train_pattern}/{test_name} or {base_folder}/); "
+        "set data.download: true to fetch them"
+    )
+    if root is None:
+        raise ConfigError("data.root", root, missing)
+    files = _find_cifar(name, root)
+    if files is None and download:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        source = _torchvision_cifar(name)
+        download_and_extract_archive(source.url, str(root), filename=source.filename, md5=source.tgz_md5)
+        files = _find_cifar(name, root)
+    if files is None:
+        raise ConfigError("data.root", root, missing)
+    train_paths, test_path = files
+    train = [_read_cifar_batch(p, label_key) for p in train_paths]
+    train_x, train_y = np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train])
+    test_x, test_y = _read_cifar_batch(test_path, label_key)
+    return Dataset(_image_spec(train_x, num_classes, mean, std), train_x, train_y, test_x, test_y, name)
+
+
+@_source("cifar10")
+def load_cifar10(root=None, download=False) -> Dataset:
+    """CIFAR-10 python batches: all ``data_batch_*`` present (a subset may hold only some) and ``test_batch``."""
+    return _load_cifar("cifar10", root, download)
+
+
+@_source("cifar100")
+def load_cifar100(root=None, download=False) -> Dataset:
+    """CIFAR-100 python batches ``train`` / ``test`` with the 100 fine labels."""
+    return _load_cifar("cifar100", root, download)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# image folders (TinyImageNet layout)
+
+
+def _image_files(folder: Path) -> list:
+    """Image files of a class folder, or of its ``images/`` sub-folder (TinyImageNet), sorted by name."""
+    if (folder / "images").is_dir():
+        folder = folder / "images"
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _class_folders(split: Path, root, classes=None):
+    """(paths, labels) of ``split/<class>/[images/]*``; with ``classes`` given, val classes must be among them."""
+    names = sorted(d.name for d in split.iterdir() if d.is_dir())
+    if classes is None:
+        classes = names
+    index = {c: i for i, c in enumerate(classes)}
+    paths, labels = [], []
+    for name in names:
+        if name not in index:
+            raise ConfigError("data.root", str(root), f"val class {name!r} has no train/{name}/ folder")
+        files = _image_files(split / name)
+        paths += files
+        labels += [index[name]] * len(files)
+    return paths, labels, classes
+
+
+def _val_annotations(val: Path, root, classes):
+    """TinyImageNet's ``val/images/`` + ``val/val_annotations.txt`` (file, class, box...) -> (paths, labels)."""
+    index = {c: i for i, c in enumerate(classes)}
+    paths, labels = [], []
+    for line in (val / "val_annotations.txt").read_text().splitlines():
+        if not line.strip():
+            continue
+        file_name, class_name = line.split("\t")[:2]
+        if class_name not in index:
+            message = f"val_annotations.txt names class {class_name!r} with no train folder"
+            raise ConfigError("data.root", str(root), message)
+        paths.append(val / "images" / file_name)
+        labels.append(index[class_name])
+    return paths, labels
+
+
+def _read_images(paths, image_size: int) -> np.ndarray:
+    """RGB images resized to image_size x image_size where needed -> uint8 [N, 3, S, S]."""
+    from PIL import Image
+
+    out = np.empty((len(paths), 3, image_size, image_size), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (image_size, image_size):
+                image = image.resize((image_size, image_size), Image.BILINEAR)
+            out[i] = np.asarray(image).transpose(2, 0, 1)
+    return out
+
+
+@_source("imagefolder")
+def load_imagefolder(root=None, image_size=64) -> Dataset:
+    """``root/train/<class>/[images/]*.{jpg,png,...}``; test split ``root/val/`` as class folders or TinyImageNet's
+    ``val/images/`` + ``val/val_annotations.txt``. Classes are the train folder names in sorted order."""
+    image_size = _positive_int("data.image_size", image_size)
+    expected = "expected train/<class>/ and val/ image folders (TinyImageNet layout)"
+    if root is None or not (Path(root) / "train").is_dir() or not (Path(root) / "val").is_dir():
+        raise ConfigError("data.root", root, expected)
+    train_paths, train_labels, classes = _class_folders(Path(root) / "train", root)
+    val = Path(root) / "val"
+    if (val / "val_annotations.txt").is_file():
+        test_paths, test_labels = _val_annotations(val, root, classes)
+    else:
+        test_paths, test_labels, _ = _class_folders(val, root, classes)
+    if not train_paths or not test_paths:
+        raise ConfigError("data.root", root, f"no images found; {expected}")
+    train_x = _read_images(train_paths, image_size)
+    test_x = _read_images(test_paths, image_size)
+    train_y, test_y = np.asarray(train_labels, np.int64), np.asarray(test_labels, np.int64)
+    return Dataset(_image_spec(train_x, len(classes)), train_x, train_y, test_x, test_y, "imagefolder")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# synthetic
+
+
+@_source("synthetic")
+def load_synthetic(
+    root=None, num_train=1024, num_test=256, shape=(3, 32, 32), num_classes=10, task="classification", seed=0
+) -> Dataset:
+    """Seeded random data for benchmarks: uint8 images for a 3-element ``shape``, float32 features for a 1-element one.
+
+    Classification labels are random; regression targets (``task="regression"``) are a fixed random linear function
+    of the float input plus noise, so that a model can fit them.
+    """
+    num_train = _positive_int("data.num_train", num_train)
+    num_test = _positive_int("data.num_test", num_test, minimum=0)
+    num_classes = _positive_int("data.num_classes", num_classes)
+    if isinstance(shape, (str, bytes)) or len(tuple(shape)) not in (1, 3):
+        raise ConfigError("data.shape", shape, "[features] for tabular data or [channels, height, width] for images")
+    shape = tuple(_positive_int("data.shape", s) for s in shape)
+    if task not in ("classification", "regression"):
+        raise ConfigError("data.task", task, "classification or regression")
+    rng = np.random.default_rng(derive_seed("synthetic", seed))
+    n = num_train + num_test
+    if len(shape) == 3:
+        x = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
+        features = x.reshape(n, -1) / 255.0
+    else:
+        x = rng.standard_normal((n, *shape), dtype=np.float32)
+        features = x.astype(np.float64)
+    if task == "classification":
+        y = rng.integers(0, num_classes, size=n).astype(np.int64)
+    else:
+        num_classes = 1
+        weights = rng.standard_normal(features.shape[1]) / np.sqrt(features.shape[1])
+        y = (features @ weights + 0.1 * rng.standard_normal(n)).astype(np.float32)
+    train_x, test_x = x[:num_train], x[num_train:]
+    mean, std = channel_stats(train_x) if len(shape) == 3 else feature_stats(train_x)
+    spec = DataSpec(task, shape, num_classes, mean, std)
+    return Dataset(spec, train_x, y[:num_train], test_x, y[num_train:], "synthetic")

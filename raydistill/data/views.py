@@ -1,0 +1,81 @@
+"""Seeded sample order and augmented views as batch tensor ops (no DataLoader), the same numbers on CPU and GPU.
+
+Every peer draws the same sample indices from (seed, epoch), and its own augmentation from
+(seed, epoch, step, view index), so any process can rebuild exactly the batch and the view a peer saw. Random numbers
+are drawn on the CPU and then moved to the data's device, so a GPU run augments like a CPU run.
+"""
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from raydistill.errors import ConfigError
+from raydistill.seeding import generator
+
+
+@lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=generator(seed, "epoch", epoch))
+
+
+def epoch_indices(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The sample order of an epoch: a permutation of range(n), the same in every process."""
+    return _permutation(seed, epoch, n).clone()
+
+
+def num_steps(n: int, batch_size: int) -> int:
+    """Steps per epoch with the last partial batch dropped; one step of all n samples when batch_size > n."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError("batch_size", batch_size, "an integer >= 1")
+    if n < 1:
+        return 0
+    return max(1, n // batch_size)
+
+
+def batch_indices(seed: int, epoch: int, step: int, n: int, batch_size: int) -> torch.Tensor:
+    """Sample indices of one step: the step-th slice of the epoch's permutation (min(batch_size, n) of them)."""
+    steps = num_steps(n, batch_size)
+    if not 0 <= step < steps:
+        raise ConfigError("step", step, f"a step of the epoch, 0..{steps - 1}")
+    size = min(batch_size, n)
+    return _permutation(seed, epoch, n)[step * size : (step + 1) * size].clone()
+
+
+def to_float(x) -> torch.Tensor:
+    """uint8 images -> float32 in [0, 1]; float input -> float32 unchanged."""
+    x = torch.as_tensor(x)
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
+    return x.float()
+
+
+def make_view(x_uint8, seed: int, epoch: int, step: int, view_index: int, crop_pad: int, flip: bool) -> torch.Tensor:
+    """One augmented view of a batch [N, C, H, W]: zero-pad by crop_pad, random crop back to H x W, then
+    horizontal flip with p=0.5, each per sample; returns float32 in [0, 1] on the batch's device.
+
+    The crop offsets and flip bits are drawn on the CPU from generator(seed, "view", epoch, step, view_index), always
+    in the same order, and the crop and flip are one gather, so no loop runs over samples.
+    Float (tabular) input is returned unchanged as float32.
+    """
+    x = torch.as_tensor(x_uint8)
+    if x.is_floating_point():
+        return x.float()
+    if isinstance(crop_pad, bool) or not isinstance(crop_pad, int) or crop_pad < 0:
+        raise ConfigError("augment.crop_pad", crop_pad, "an integer >= 0")
+    if crop_pad == 0 and not flip:
+        return to_float(x)
+    n, _, height, width = x.shape
+    gen = generator(seed, "view", epoch, step, view_index)
+    top = torch.randint(0, 2 * crop_pad + 1, (n,), generator=gen)
+    left = torch.randint(0, 2 * crop_pad + 1, (n,), generator=gen)
+    flipped = torch.randint(0, 2, (n,), generator=gen).bool() & flip
+    rows = top[:, None] + torch.arange(height)  # [N, H] rows of the padded image
+    cols = torch.arange(width).expand(n, width)
+    cols = torch.where(flipped[:, None], width - 1 - cols, cols) + left[:, None]  # [N, W], flip reads columns backwards
+    padded = F.pad(x, (crop_pad, crop_pad, crop_pad, crop_pad)) if crop_pad else x
+    device = x.device
+    rows, cols = rows.to(device), cols.to(device)
+    samples = torch.arange(n, device=device)[:, None, None]
+    # [N, H, W, C] after indexing dims 0, 2, 3 with the channel slice in between
+    view = padded[samples, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    return to_float(view.contiguous())

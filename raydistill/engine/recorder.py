@@ -1,0 +1,45 @@
+"""What a run records: TensorBoard event files, metrics.parquet (one row per epoch and model), summary.json."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+
+class Recorder:
+    def __init__(self, run_dir: Path, resume_epoch: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter   # tensorboard is a dependency; imported where used
+
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.parquet"
+        self.rows: list[dict] = []
+        if resume_epoch is not None and self.metrics_path.exists():
+            frame = pd.read_parquet(self.metrics_path)
+            self.rows = frame[frame["epoch"] <= resume_epoch].to_dict("records")
+        self.writer = SummaryWriter(str(self.run_dir / "tb"))
+
+    def log_epoch(self, epoch: int, rows: list[dict], scalars: dict[str, float]) -> None:
+        """epoch: numbered from 1; rows: one per model (peers, ensemble, teachers); scalars: TensorBoard tag -> value."""
+        for tag, value in scalars.items():
+            if value is not None and math.isfinite(value):
+                self.writer.add_scalar(tag, value, epoch)
+        self.writer.flush()
+        self.rows.extend(rows)
+        tmp = self.metrics_path.with_suffix(".parquet.tmp")
+        pd.DataFrame(self.rows).to_parquet(tmp, index=False)
+        os.replace(tmp, self.metrics_path)
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.run_dir / "summary.json", summary)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = Path(path).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)

@@ -1,0 +1,79 @@
+"""A frozen teacher: loads a checkpoint, runs forward on the views its students train on. No Ray."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raydistill.engine.peer import DataView, pick_device
+from raydistill.errors import ConfigError
+from raydistill.methods import build_method
+from raydistill.models import build_model
+
+
+def load_teacher_weights(model: torch.nn.Module, checkpoint: str, arch: str) -> None:
+    """Loads a raydistill run directory (its deployable model), an exported .pt, or a torchvision state dict.
+
+    A checkpoint of another architecture is refused with one line naming teacher.checkpoint.
+    """
+    path = Path(checkpoint)
+    if path.is_dir():
+        manifest_path = path / "export" / "manifest.json"
+        if not manifest_path.exists():
+            raise ConfigError("teacher.checkpoint", checkpoint, "is a directory without export/manifest.json "
+                              "(give a finished raydistill run directory or a .pt file)")
+        manifest = json.loads(manifest_path.read_text())
+        entry = manifest["models"][manifest["deploy"]["name"]]
+        if entry["arch"] != arch:
+            raise ConfigError("teacher.checkpoint", checkpoint,
+                              f"holds a {entry['arch']} model, but teacher.arch is {arch}")
+        path = path / "export" / entry["file"]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 — any unreadable file gets the same one-line answer
+        raise ConfigError("teacher.checkpoint", checkpoint, f"cannot be read as a weights file ({err})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not any(key.startswith("net.") for key in state):     # a plain (e.g. torchvision) state dict of the network
+        state = {**{f"net.{k}": v for k, v in state.items()}, "mean": model.mean, "std": model.std}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        missing, unexpected = _key_differences(model, state)
+        raise ConfigError("teacher.checkpoint", checkpoint,
+                          f"does not fit teacher.arch={arch} (missing {missing}, unexpected {unexpected}, "
+                          f"or shapes differ)") from err
+
+
+def _key_differences(model, state, show: int = 3):
+    own, theirs = set(model.state_dict()), set(state)
+    missing = sorted(own - theirs)
+    unexpected = sorted(theirs - own)
+    return (f"{len(missing)} keys such as {missing[:show]}" if missing else "0 keys",
+            f"{len(unexpected)} keys such as {unexpected[:show]}" if unexpected else "0 keys")
+
+
+class Teacher:
+    def __init__(self, index: int, config, arrays: dict, spec, device: str | None = None):
+        torch.set_num_threads(config.resources.threads_per_peer)
+        self.index = index
+        self.config = config
+        gpus = config.resources.gpus_per_teacher or 0.0
+        self.device = torch.device(device) if device else pick_device(gpus)
+        self.data = DataView(config, arrays, self.device)
+        self.views = build_method(config).teacher_views()
+        self.model = build_model(config.teacher.arch, spec, **config.teacher.options)
+        load_teacher_weights(self.model, config.teacher.checkpoint, config.teacher.arch)
+        self.model.to(self.device).eval()
+
+    @torch.no_grad()
+    def forward(self, epoch: int, step: int) -> dict[str, np.ndarray]:
+        """Teacher logits for each view the peers train on at this step: [V, B, C]."""
+        idx = self.data.batch(epoch, step)
+        logits = [self.model(self.data.view(idx, epoch, step, v)).float() for v in self.views]
+        return {"logits": torch.stack(logits).cpu().numpy()}
+
+    def evaluate(self, split: str) -> np.ndarray:
+        return self.data.predict(self.model, split)

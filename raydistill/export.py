@@ -1,0 +1,41 @@
+"""load_model(): a trained model without Ray — a torch.nn.Module in eval mode over float images in [0, 1], NCHW."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from raydistill.data import DataSpec
+from raydistill.errors import ConfigError
+from raydistill.models import build_model
+
+
+def read_manifest(run_dir) -> dict:
+    path = Path(run_dir) / "export" / "manifest.json"
+    if not path.is_file():
+        raise ConfigError("run_dir", str(run_dir), "has no export/manifest.json (the run has not finished)")
+    return json.loads(path.read_text())
+
+
+def load_model(run_dir, peer: int | None = None, name: str | None = None, device: str = "cpu") -> torch.nn.Module:
+    """The deployable model of a run (default), peer ``peer``, or the exported model called ``name``.
+
+    The module normalizes inside: give it float tensors in [0, 1] (images NCHW, tabular [N, F]).
+    """
+    manifest = read_manifest(run_dir)
+    models = manifest["models"]
+    if name is None:
+        name = manifest["deploy"]["name"] if peer is None else f"peer{peer}"
+    if name not in models:
+        raise ConfigError("model", name, f"one of: {', '.join(models)}")
+    entry = models[name]
+    spec = DataSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["spec"].items()})
+    model = build_model(entry["arch"], spec, **entry["options"])
+    state = torch.load(Path(run_dir) / "export" / entry["file"], map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def exported_models(run_dir) -> list[str]:
+    return list(read_manifest(run_dir)["models"])

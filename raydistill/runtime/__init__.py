@@ -1,0 +1,1 @@
+"""Ray lives here and only here: the driver, the actor shells, the transport, placement; and the in-process reference."""

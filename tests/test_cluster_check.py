@@ -1,0 +1,245 @@
+"""`raydistill cluster check`: the shipped cluster files pass, broken ones fail with the line that names the problem.
+
+Launcher YAMLs go through the installed Ray's own prepare_config + validate_config, offline; no Ray is started.
+"""
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raydistill.cluster import check_cluster_file, main_check
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTERS = sorted((ROOT / "clusters").glob("*.yaml"))
+BROKEN = ROOT / "tests" / "data" / "broken_clusters"
+
+TOKEN_LINE = ("`ray start` without token authentication; prefix it with RAY_AUTH_MODE=token "
+              "(the token is read from ~/.ray/auth_token)")
+DASHBOARD_LINE = ("--dashboard-host=0.0.0.0 exposes the dashboard (8265) on every interface; "
+                  "use --dashboard-host=127.0.0.1 and reach it over SSH (ray dashboard FILE)")
+INSTALL_LINE = ("no command installs raydistill (pip install ... raydistill); "
+                "the driver and every peer actor import it")
+
+# Each broken file and exactly the problems the checker must report for it.
+EXPECTED = {
+    "aws_fractional_gpu.yaml": [
+        "available_node_types.gpu.resources.GPU: 0.5: a node offers whole GPUs (0, 1, 2, ...); "
+        "peers share a GPU through gpus_per_peer in the raydistill config",
+    ],
+    "unknown_key.yaml": ["setup_comands: unknown top-level key; did you mean 'setup_commands'?"],
+    "local_node_types.yaml": [
+        "available_node_types: The field available_node_types is not supported for on-premise clusters.",
+    ],
+    "dashboard_public.yaml": [f"head_start_ray_commands: {DASHBOARD_LINE}"],
+    "missing_raydistill.yaml": [f"head_setup_commands: {INSTALL_LINE}", f"worker_setup_commands: {INSTALL_LINE}"],
+    "no_token_auth.yaml": [f"worker_start_ray_commands: {TOKEN_LINE}"],
+    "aws_default_start.yaml": [
+        f"head_start_ray_commands: {TOKEN_LINE} (Ray's default for provider aws; write your own)",
+        f"head_start_ray_commands: {DASHBOARD_LINE} (Ray's default for provider aws; write your own)",
+        f"worker_start_ray_commands: {TOKEN_LINE} (Ray's default for provider aws; write your own)",
+    ],
+    "aws_open_ports.yaml": [
+        "available_node_types.head.node_config.SecurityGroupIds: missing: Ray would create a security group that "
+        "opens SSH to 0.0.0.0/0; name your own group (SSH from your CIDR only, all traffic within the group)",
+        "provider.security_group.IpPermissions[0]: opens port 8265 (dashboard) to the internet; "
+        "reach it over SSH instead",
+    ],
+    "gcp_gpu_mismatch.yaml": [
+        "available_node_types.gpu.resources.GPU: 1, but guestAccelerators attach 4; "
+        "the autoscaler launches nodes by the resources declared here",
+    ],
+    "ray_version_mismatch.yaml": [
+        "head_setup_commands: installs Ray 2.59.0, but this Ray is 2.60.0; pin ray==2.60.0",
+        "worker_setup_commands: installs Ray 2.59.0, but this Ray is 2.60.0; pin ray==2.60.0",
+    ],
+    "kuberay_fractional_gpu.yaml": [
+        "spec.workerGroupSpecs[0].template.spec.containers[0].resources.limits.nvidia.com/gpu: '0.5': "
+        "Kubernetes gives a pod whole GPUs; peers share a GPU through gpus_per_peer in the raydistill config",
+    ],
+    "kuberay_exposed.yaml": [
+        "spec.authOptions.mode: token authentication is off; set spec.authOptions.mode: token (KubeRay 1.5.1+), "
+        "or give every Ray container RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from a Secret",
+        "spec.headGroupSpec.serviceType: LoadBalancer exposes GCS (6379) and the dashboard (8265) outside the "
+        "cluster; use ClusterIP and kubectl port-forward",
+        "spec.headGroupSpec.rayStartParams.dashboard-host: '0.0.0.0' exposes the dashboard on every interface; "
+        "use '127.0.0.1' and kubectl port-forward",
+    ],
+    "kuberay_structure.yaml": [
+        "apiVersion: 'ray.io/v1alpha1': a RayCluster is ray.io/v1",
+        "spec.headGroupSpec: missing: a RayCluster needs a head group",
+        "spec.workerGroupSpecs[0].groupName: missing: every worker group has a name",
+    ],
+}
+
+
+def test_the_shipped_cluster_files_are_all_here():
+    assert [p.name for p in CLUSTERS] == ["aws-gpu.yaml", "gcp-gpu.yaml", "kuberay-raycluster.yaml", "onprem.yaml"]
+
+
+@pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.name)
+def test_every_shipped_cluster_file_passes(path):
+    assert check_cluster_file(path) == []
+
+
+@pytest.mark.parametrize("path", [p for p in CLUSTERS if p.name != "kuberay-raycluster.yaml"], ids=lambda p: p.name)
+def test_shipped_launcher_files_pass_rays_own_validation(path):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(yaml.safe_load(path.read_text())))  # raises on a bad file
+
+
+@pytest.mark.parametrize("path", CLUSTERS, ids=lambda p: p.name)
+def test_shipped_files_pin_ray_2_60_0_and_raydistill_0_1_0(path):
+    config = yaml.safe_load(path.read_text())
+    if config.get("kind") == "RayCluster":
+        spec = config["spec"]
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        assert spec["rayVersion"] == "2.60.0"
+        assert {c["image"] for g in groups for c in g["template"]["spec"]["containers"]} == {
+            "registry.example.com/raydistill:0.1.0"}
+        dockerfile = (ROOT / "clusters" / "Dockerfile").read_text()
+        assert "FROM rayproject/ray:2.60.0-" in dockerfile
+        assert '"ray[default,train,tune]==2.60.0" /tmp/raydistill-0.1.0-py3-none-any.whl' in dockerfile
+    else:
+        assert 'pip install "ray[default,train,tune]==2.60.0" ~/raydistill-dist/raydistill-0.1.0-py3-none-any.whl' in \
+            config["setup_commands"]
+
+
+def test_every_broken_file_has_an_expectation():
+    assert sorted(p.name for p in BROKEN.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_broken_file_fails_with_the_expected_lines(name):
+    assert check_cluster_file(BROKEN / name) == EXPECTED[name]
+
+
+def test_ray_itself_rejects_the_fractional_gpu_and_the_local_node_types():
+    """The checker's lines for these two restate what Ray 2.60 rejects at `ray up`, not a rule of its own."""
+    import click
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    with pytest.raises(jsonschema.ValidationError, match="0.5 is not of type 'integer'"):
+        validate_config(prepare_config(yaml.safe_load((BROKEN / "aws_fractional_gpu.yaml").read_text())))
+    with pytest.raises(click.ClickException, match="available_node_types is not supported"):
+        prepare_config(yaml.safe_load((BROKEN / "local_node_types.yaml").read_text()))
+
+
+def _write(tmp_path, config, name="cluster.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config) if not isinstance(config, str) else config)
+    return path
+
+
+def _onprem():
+    return yaml.safe_load((ROOT / "clusters" / "onprem.yaml").read_text())
+
+
+def test_rays_schema_errors_come_through_as_one_line(tmp_path):
+    config = _onprem()
+    config["max_workers"] = "three"
+    assert check_cluster_file(_write(tmp_path, config)) == [
+        "max_workers: 'three' is not of type 'integer' (Ray's cluster schema)"]
+
+
+def test_rays_cross_field_rules_come_through(tmp_path):
+    config = yaml.safe_load((ROOT / "clusters" / "aws-gpu.yaml").read_text())
+    config["head_node_type"] = "head.gpu"
+    assert check_cluster_file(_write(tmp_path, config)) == [
+        "head_node_type: `head_node_type` must be one of `available_node_types`."]
+
+
+def test_unreadable_files_are_one_problem(tmp_path):
+    assert check_cluster_file(tmp_path / "absent.yaml") == ["file: cannot read it: No such file or directory"]
+    assert check_cluster_file(_write(tmp_path, "- a\n- list\n")) == [
+        "file: a cluster file is a YAML mapping (a Ray cluster-launcher config or a KubeRay RayCluster)"]
+    assert check_cluster_file(_write(tmp_path, "provider: {type: [local\n"))[0].startswith("file: not valid YAML: ")
+    assert check_cluster_file(_write(tmp_path, {"cluster_name": "x"})) == [
+        "provider.type: missing: every cluster-launcher file names its provider (local, aws, gcp, ...)"]
+
+
+def test_an_unknown_provider_is_reported_in_rays_words(tmp_path):
+    config = _onprem()
+    config["provider"] = {"type": "mainframe"}
+    assert check_cluster_file(_write(tmp_path, config)) == ["config: Unsupported node provider: mainframe"]
+
+
+def test_a_dashboard_bound_to_all_ipv6_interfaces_is_caught(tmp_path):
+    config = _onprem()
+    config["head_start_ray_commands"][1] = config["head_start_ray_commands"][1].replace(
+        "--dashboard-host=127.0.0.1", "--dashboard-host ::")
+    problems = check_cluster_file(_write(tmp_path, config))
+    assert problems == [problems[0]] and problems[0].startswith("head_start_ray_commands: --dashboard-host=:: exposes")
+
+
+def test_a_node_types_own_setup_list_must_install_raydistill_too(tmp_path):
+    config = yaml.safe_load((ROOT / "clusters" / "aws-gpu.yaml").read_text())
+    config["available_node_types"]["worker.gpu8"]["worker_setup_commands"] = ["nvidia-smi"]
+    assert check_cluster_file(_write(tmp_path, config)) == [
+        f"available_node_types.worker.gpu8.worker_setup_commands: {INSTALL_LINE}"]
+
+
+def test_main_check_prints_ok_or_one_line_per_problem(capsys):
+    assert main_check(ROOT / "clusters" / "aws-gpu.yaml") == 0
+    assert capsys.readouterr().out == (
+        f"ok: {ROOT / 'clusters' / 'aws-gpu.yaml'} (provider aws, 3 node types, 8 GPUs max per node)\n")
+    broken = BROKEN / "missing_raydistill.yaml"
+    assert main_check(broken) == 1
+    assert capsys.readouterr().out.splitlines() == [f"{broken}: {line}" for line in EXPECTED[broken.name]]
+
+
+def test_summaries_of_the_other_shipped_files(capsys):
+    for name in ("onprem.yaml", "gcp-gpu.yaml", "kuberay-raycluster.yaml"):
+        main_check(ROOT / "clusters" / name)
+    assert [line.split(" (")[1] for line in capsys.readouterr().out.splitlines()] == [
+        "provider local, 3 hosts, GPUs detected by Ray on each host)",
+        "provider gcp, 3 node types, 4 GPUs max per node)",
+        "KubeRay RayCluster, 3 groups, 8 GPUs max per pod)",
+    ]
+
+
+def test_the_check_never_opens_a_connection(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cluster check tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    for path in CLUSTERS:
+        assert check_cluster_file(path) == []
+
+
+def test_the_check_imports_no_cloud_provider_code():
+    """boto3 and googleapiclient are not installed; Ray's AWS/GCP provider modules must stay unimported."""
+    script = (
+        "import sys\n"
+        "from raydistill.cluster import check_cluster_file\n"
+        f"assert check_cluster_file({str(ROOT / 'clusters' / 'aws-gpu.yaml')!r}) == []\n"
+        f"assert check_cluster_file({str(ROOT / 'clusters' / 'gcp-gpu.yaml')!r}) == []\n"
+        "prefixes = ('boto3', 'botocore', 'googleapiclient', 'ray.autoscaler._private.aws',"
+        " 'ray.autoscaler._private.gcp')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(prefixes)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_security_group_rules_that_open_ray_ports_to_the_internet(tmp_path):
+    config = yaml.safe_load((BROKEN / "aws_open_ports.yaml").read_text())
+    config["provider"]["security_group"]["IpPermissions"] = [
+        {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]},                       # everything
+        {"IpProtocol": "tcp", "FromPort": 6000, "ToPort": 7000, "Ipv6Ranges": [{"CidrIpv6": "::/0"}]},
+        {"IpProtocol": "tcp", "FromPort": 6379, "ToPort": 6379, "IpRanges": [{"CidrIp": "10.0.0.0/16"}]},
+        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]},
+    ]
+    opened = [line for line in check_cluster_file(_write(tmp_path, config)) if line.startswith("provider.")]
+    assert opened == [
+        "provider.security_group.IpPermissions[0]: opens port 6379 (GCS) to the internet; reach it over SSH instead",
+        "provider.security_group.IpPermissions[0]: opens port 8265 (dashboard) to the internet; "
+        "reach it over SSH instead",
+        "provider.security_group.IpPermissions[1]: opens port 6379 (GCS) to the internet; reach it over SSH instead",
+    ]

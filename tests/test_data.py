@@ -1,0 +1,367 @@
+"""Data sources, the restricted unpickler and the seeded views, on small inputs each test builds itself."""
+import codecs
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from raydistill.data import (
+    batch_indices,
+    dataset_names,
+    default_augment,
+    epoch_indices,
+    load_dataset,
+    make_view,
+    num_steps,
+    to_float,
+)
+from raydistill.data.safe_pickle import safe_load
+from raydistill.errors import ConfigError
+from raydistill.seeding import generator
+
+CIFAR10_SUBSET = Path(
+    os.environ.get("RAYDISTILL_CIFAR10_SUBSET", Path(__file__).resolve().parents[2] / "shared/data/cifar10-subset")
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# digits
+
+
+def test_digits_shapes_ranges_and_fixed_test_split():
+    from sklearn.datasets import load_digits
+
+    ds = load_dataset("digits")
+    assert ds.train_x.shape == (1438, 1, 8, 8) and ds.test_x.shape == (359, 1, 8, 8)
+    assert ds.train_x.dtype == np.uint8 and ds.train_y.dtype == np.int64
+    assert ds.train_x.min() == 0 and ds.train_x.max() == 255
+    assert set(np.unique(ds.train_y)) == set(range(10))
+    assert ds.spec.input_shape == (1, 8, 8) and ds.spec.num_classes == 10 and ds.spec.task == "classification"
+    assert ds.spec.mean[0] == pytest.approx(ds.train_x.mean() / 255.0)
+    assert ds.spec.std[0] == pytest.approx((ds.train_x / 255.0).std())
+
+    # every image is round(v * 255 / 16) of one original, and train + test is the whole set
+    full = np.round(load_digits().images * 255.0 / 16.0).astype(np.uint8)
+    both = np.concatenate([ds.train_x[:, 0], ds.test_x[:, 0]]).reshape(len(full), -1)
+    assert sorted(map(bytes, both)) == sorted(map(bytes, full.reshape(len(full), -1)))
+
+    again = load_dataset("digits")
+    np.testing.assert_array_equal(again.test_x, ds.test_x)
+    np.testing.assert_array_equal(again.test_y, ds.test_y)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CIFAR python batches
+
+
+def _write_batch(path, images, labels, label_key="labels"):
+    """A batch the way the originals are laid out: data [N, 3072] uint8 rows of R, G, B planes, labels a list."""
+    batch = {
+        "data": images.reshape(len(images), -1),
+        label_key: [int(v) for v in labels],
+        "batch_label": f"batch {path.name}",
+        "filenames": [f"img_{i}.png" for i in range(len(images))],
+    }
+    with open(path, "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+
+
+def _fake_cifar10(folder, batch_sizes=(5, 4, 3), n_test=6, seed=0):
+    """Write data_batch_1..k and test_batch; returns the train and test images/labels as written (NCHW)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    xs, ys = [], []
+    for i, n in enumerate(batch_sizes, start=1):
+        x, y = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, n)
+        _write_batch(folder / f"data_batch_{i}", x, y)
+        xs.append(x)
+        ys.append(y)
+    tx, ty = rng.integers(0, 256, (n_test, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, n_test)
+    _write_batch(folder / "test_batch", tx, ty)
+    return np.concatenate(xs), np.concatenate(ys), tx, ty
+
+
+@pytest.mark.parametrize("sub_folder", ["", "cifar-10-batches-py"])
+def test_cifar10_reads_all_batches_as_root_or_parent(tmp_path, sub_folder):
+    train_x, train_y, test_x, test_y = _fake_cifar10(tmp_path / sub_folder)
+    ds = load_dataset("cifar10", str(tmp_path))
+    assert ds.train_x.shape == (12, 3, 32, 32) and ds.train_x.dtype == np.uint8
+    np.testing.assert_array_equal(ds.train_x, train_x)  # batches 1, 2, 3 in order
+    np.testing.assert_array_equal(ds.train_y, train_y)
+    np.testing.assert_array_equal(ds.test_x, test_x)
+    np.testing.assert_array_equal(ds.test_y, test_y)
+    assert ds.train_y.dtype == np.int64
+    assert ds.spec.mean == pytest.approx((0.4914, 0.4822, 0.4465)) and ds.spec.num_classes == 10
+
+
+def test_cifar_rows_are_chw_planes(tmp_path):
+    # one row: 1024 R values, then 1024 G, then 1024 B, each plane row by row
+    data = np.zeros((1, 3072), dtype=np.uint8)
+    data[0, 0 * 1024 + 0 * 32 + 1] = 11  # R, row 0, column 1
+    data[0, 1 * 1024 + 5 * 32 + 7] = 200  # G, row 5, column 7
+    data[0, 2 * 1024 + 31 * 32 + 30] = 99  # B, row 31, column 30
+    for name in ("data_batch_1", "test_batch"):
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump({"data": data, "labels": [3], "batch_label": "b", "filenames": ["a.png"]}, f, protocol=2)
+    x = load_dataset("cifar10", str(tmp_path)).train_x
+    assert x[0, 0, 0, 1] == 11 and x[0, 1, 5, 7] == 200 and x[0, 2, 31, 30] == 99
+    assert int(x.sum()) == 11 + 200 + 99
+
+
+def test_cifar10_batches_are_ordered_numerically(tmp_path):
+    rng = np.random.default_rng(1)
+    for i in (1, 2, 10):  # "10" sorts before "2" as a string
+        _write_batch(tmp_path / f"data_batch_{i}", np.full((1, 3, 32, 32), i, np.uint8), [i % 10])
+    _write_batch(tmp_path / "test_batch", rng.integers(0, 256, (2, 3, 32, 32), dtype=np.uint8), [0, 1])
+    ds = load_dataset("cifar10", str(tmp_path))
+    assert ds.train_x[:, 0, 0, 0].tolist() == [1, 2, 10]
+
+
+@pytest.mark.parametrize("sub_folder", ["", "cifar-100-python"])
+def test_cifar100_layout(tmp_path, sub_folder):
+    folder = tmp_path / sub_folder
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(2)
+    x, y = rng.integers(0, 256, (7, 3, 32, 32), dtype=np.uint8), rng.integers(0, 100, 7)
+    tx, ty = rng.integers(0, 256, (3, 3, 32, 32), dtype=np.uint8), rng.integers(0, 100, 3)
+    _write_batch(folder / "train", x, y, label_key="fine_labels")
+    _write_batch(folder / "test", tx, ty, label_key="fine_labels")
+    ds = load_dataset("cifar100", str(tmp_path))
+    np.testing.assert_array_equal(ds.train_x, x)
+    np.testing.assert_array_equal(ds.train_y, y)
+    np.testing.assert_array_equal(ds.test_x, tx)
+    np.testing.assert_array_equal(ds.test_y, ty)
+    assert ds.spec.num_classes == 100 and ds.spec.mean == pytest.approx((0.5071, 0.4865, 0.4409))
+
+
+class _Reduce:
+    """Pickles as a call of ``fn(*args)``: what a malicious data file would contain."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("fn, refused", [(os.system, "system"), (eval, "builtin.*eval")])
+def test_malicious_pickle_is_refused_without_side_effect(tmp_path, fn, refused):
+    marker = tmp_path / "pwned"
+    payload = f"touch {marker}" if fn is os.system else f"open({str(marker)!r}, 'w').close()"
+    _fake_cifar10(tmp_path, batch_sizes=(2,), n_test=2)
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({"data": _Reduce(fn, (payload,)), "labels": [0]}, f, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match=refused):
+        load_dataset("cifar10", str(tmp_path))
+    assert not marker.exists()
+
+
+def test_safe_load_refuses_codecs_other_than_latin1(tmp_path):
+    path = tmp_path / "p"
+    with open(path, "wb") as f:
+        pickle.dump({"ok": b"\x00\xff", "empty": b""}, f, protocol=2)
+    assert safe_load(path) == {"ok": b"\x00\xff", "empty": b""}  # bytes travel as _codecs.encode(str, 'latin1')
+    with open(path, "wb") as f:
+        pickle.dump(_Reduce(codecs.encode, ("abc", "rot13")), f, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="only str to latin1"):
+        safe_load(path)
+
+
+@pytest.mark.skipif(not CIFAR10_SUBSET.is_dir(), reason="CIFAR-10 subset folder not present")
+def test_real_cifar10_subset_loads():
+    ds = load_dataset("cifar10", str(CIFAR10_SUBSET))
+    assert ds.train_x.shape == (10000, 3, 32, 32) and ds.test_x.shape == (2000, 3, 32, 32)
+    assert np.bincount(ds.train_y).tolist() == [1000] * 10
+    assert np.bincount(ds.test_y).tolist() == [200] * 10
+    # the subset's documented per-channel train mean (R, G, B) = 125.27, 122.93, 113.86 of the full set, close to it
+    assert ds.train_x.mean(axis=(0, 2, 3)) == pytest.approx([125.3, 122.9, 113.9], abs=1.5)
+
+
+def test_cifar_missing_files_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cifar-10-batches-py") as err:
+        load_dataset("cifar10", str(tmp_path))
+    assert err.value.field == "data.root"
+    with pytest.raises(ConfigError, match="cifar-100-python"):
+        load_dataset("cifar100", str(tmp_path / "absent"))
+    with pytest.raises(ConfigError) as err:
+        load_dataset("cifar10", None)
+    assert err.value.field == "data.root"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# image folders
+
+
+def _png(path, colour, size=(8, 8)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def _image_tree(root, tiny_imagenet_val):
+    """Two classes; class 'b' keeps TinyImageNet's images/ sub-folder, class 'a' does not."""
+    colours = {"a": (255, 0, 0), "b": (0, 0, 255)}
+    _png(root / "train/a/0.png", colours["a"])
+    _png(root / "train/a/1.PNG", colours["a"])
+    _png(root / "train/b/images/0.png", colours["b"], size=(12, 10))  # resized to 8x8
+    if tiny_imagenet_val:
+        _png(root / "val/images/v0.png", colours["b"])
+        _png(root / "val/images/v1.png", colours["a"])
+        (root / "val/val_annotations.txt").write_text("v0.png\tb\t0\t0\t8\t8\nv1.png\ta\t0\t0\t8\t8\n")
+    else:
+        _png(root / "val/b/v0.png", colours["b"])
+        _png(root / "val/a/v1.png", colours["a"])
+
+
+@pytest.mark.parametrize("tiny_imagenet_val", [False, True])
+def test_imagefolder_both_val_layouts(tmp_path, tiny_imagenet_val):
+    _image_tree(tmp_path, tiny_imagenet_val)
+    ds = load_dataset("imagefolder", str(tmp_path), image_size=8)
+    assert ds.train_x.shape == (3, 3, 8, 8) and ds.train_x.dtype == np.uint8
+    assert ds.train_y.tolist() == [0, 0, 1]
+    assert ds.train_x[0, :, 3, 3].tolist() == [255, 0, 0] and ds.train_x[2, :, 3, 3].tolist() == [0, 0, 255]
+    assert ds.spec.num_classes == 2 and ds.spec.input_shape == (3, 8, 8)
+    assert ds.spec.mean == pytest.approx([2 / 3, 0.0, 1 / 3])
+    assert ds.spec.std[0] == pytest.approx(np.sqrt(2) / 3) and ds.spec.std[1] == 1.0  # constant channel: no div by 0
+    order = np.argsort(ds.test_y)
+    assert ds.test_y[order].tolist() == [0, 1]
+    assert ds.test_x[order][:, :, 0, 0].tolist() == [[255, 0, 0], [0, 0, 255]]
+
+
+def test_imagefolder_resizes_to_default_size_and_checks_layout(tmp_path):
+    _image_tree(tmp_path, False)
+    assert load_dataset("imagefolder", str(tmp_path)).train_x.shape == (3, 3, 64, 64)
+    with pytest.raises(ConfigError) as err:
+        load_dataset("imagefolder", str(tmp_path / "absent"))
+    assert err.value.field == "data.root"
+    _png(tmp_path / "val/zebra/z.png", (0, 0, 0))
+    with pytest.raises(ConfigError, match="zebra"):
+        load_dataset("imagefolder", str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# synthetic, names, options, validation split
+
+
+def test_synthetic_images_and_tabular():
+    ds = load_dataset("synthetic", num_train=40, num_test=10, shape=[3, 5, 6], num_classes=4)
+    assert ds.train_x.shape == (40, 3, 5, 6) and ds.test_x.shape == (10, 3, 5, 6) and ds.train_x.dtype == np.uint8
+    assert ds.train_y.dtype == np.int64 and set(ds.train_y.tolist()) <= set(range(4))
+    assert ds.spec.input_shape == (3, 5, 6) and ds.spec.num_classes == 4
+    same = load_dataset("synthetic", num_train=40, num_test=10, shape=[3, 5, 6], num_classes=4)
+    np.testing.assert_array_equal(same.train_x, ds.train_x)
+    other = load_dataset("synthetic", num_train=40, num_test=10, shape=[3, 5, 6], num_classes=4, seed=1)
+    assert not np.array_equal(other.train_x, ds.train_x)
+
+    tab = load_dataset("synthetic", num_train=50, num_test=5, shape=[7])
+    assert tab.train_x.shape == (50, 7) and tab.train_x.dtype == np.float32
+    assert tab.spec.input_shape == (7,) and tab.spec.mean == pytest.approx(tab.train_x.mean(axis=0), abs=1e-6)
+
+    reg = load_dataset("synthetic", num_train=50, num_test=5, shape=[7], task="regression")
+    assert reg.spec.task == "regression" and reg.spec.num_classes == 1 and reg.train_y.dtype == np.float32
+
+
+def test_names_options_and_defaults():
+    assert dataset_names() == ["cifar10", "cifar100", "digits", "imagefolder", "synthetic"]
+    with pytest.raises(ConfigError) as err:
+        load_dataset("mnist")
+    assert err.value.field == "data.name" and "cifar10" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_dataset("synthetic", num_samples=3)
+    assert err.value.field == "data.num_samples" and "num_train" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_dataset("digits", image_size=8)
+    assert err.value.field == "data.image_size"
+    with pytest.raises(ConfigError) as err:
+        load_dataset("synthetic", shape=[3, 4])
+    assert err.value.field == "data.shape"
+    assert default_augment("cifar10") == {"crop_pad": 4, "flip": True}
+    assert default_augment("imagefolder") == {"crop_pad": 8, "flip": True}
+    assert default_augment("digits") == {"crop_pad": 1, "flip": False}
+    assert default_augment("synthetic") == {"crop_pad": 0, "flip": False}
+
+
+def test_split_validation_is_deterministic_and_disjoint():
+    ds = load_dataset("synthetic", num_train=100, num_test=10, shape=[2, 3, 3])
+    ds.train_y = np.arange(100)  # labels as sample ids
+    rest, val_x, val_y = ds.split_validation(0.2, seed=5)
+    assert len(val_y) == 20 and len(rest.train_y) == 80
+    assert sorted(np.concatenate([val_y, rest.train_y]).tolist()) == list(range(100))
+    np.testing.assert_array_equal(val_x, ds.train_x[val_y])
+    np.testing.assert_array_equal(rest.test_x, ds.test_x)
+    assert np.array_equal(ds.split_validation(0.2, seed=5)[2], val_y)
+    assert not np.array_equal(ds.split_validation(0.2, seed=6)[2], val_y)
+
+    rest, val_x, val_y = ds.split_validation(0.0, seed=5)
+    assert val_x.shape == (0, 2, 3, 3) and val_y.shape == (0,) and len(rest.train_x) == 100
+    with pytest.raises(ConfigError):
+        ds.split_validation(1.0, seed=5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# views
+
+
+def test_indices_are_seeded_permutations():
+    perm = epoch_indices(3, 0, 50)
+    assert sorted(perm.tolist()) == list(range(50))
+    assert torch.equal(perm, epoch_indices(3, 0, 50))
+    assert not torch.equal(perm, epoch_indices(3, 1, 50))
+    assert num_steps(50, 16) == 3 and num_steps(50, 64) == 1 and num_steps(0, 8) == 0
+    steps = [batch_indices(3, 0, s, 50, 16) for s in range(3)]
+    assert torch.equal(torch.cat(steps), perm[:48])
+    assert torch.equal(batch_indices(3, 0, 0, 50, 64), perm)  # batch larger than the set: one step of all
+    with pytest.raises(ConfigError):
+        batch_indices(3, 0, 3, 50, 16)
+
+
+def _reference_view(x, seed, epoch, step, view_index, crop_pad, flip):
+    """Per-sample loop: pad, crop at the drawn offset, then flip if drawn; random numbers in make_view's order."""
+    gen = generator(seed, "view", epoch, step, view_index)
+    n, _, h, w = x.shape
+    top = torch.randint(0, 2 * crop_pad + 1, (n,), generator=gen)
+    left = torch.randint(0, 2 * crop_pad + 1, (n,), generator=gen)
+    flips = torch.randint(0, 2, (n,), generator=gen)
+    out = []
+    for i in range(n):
+        padded = torch.nn.functional.pad(x[i], (crop_pad,) * 4)
+        crop = padded[:, top[i] : top[i] + h, left[i] : left[i] + w]
+        if flip and flips[i]:
+            crop = crop.flip(-1)
+        out.append(crop.float() / 255.0)
+    return torch.stack(out), flips
+
+
+@pytest.mark.parametrize("crop_pad, flip", [(4, True), (1, False), (0, True), (3, True)])
+def test_make_view_equals_per_sample_reference(crop_pad, flip):
+    x = torch.randint(0, 256, (64, 3, 6, 5), dtype=torch.uint8)  # H != W catches swapped axes
+    view = make_view(x, 7, 2, 3, 1, crop_pad, flip)
+    expected, flips = _reference_view(x, 7, 2, 3, 1, crop_pad, flip)
+    assert view.dtype == torch.float32 and view.shape == x.shape
+    torch.testing.assert_close(view, expected, rtol=0, atol=0)
+    assert 0 < int(flips.sum()) < 64  # both flipped and unflipped samples were exercised
+
+
+def test_make_view_seeding_and_passthrough():
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    a = make_view(x, 1, 0, 0, 0, 4, True)
+    assert torch.equal(a, make_view(x, 1, 0, 0, 0, 4, True))
+    assert not torch.equal(a, make_view(x, 1, 0, 0, 1, 4, True))  # another peer's view
+    assert not torch.equal(a, make_view(x, 1, 0, 1, 0, 4, True))  # another step
+    assert torch.equal(make_view(x, 1, 0, 0, 0, 0, False), x.float() / 255.0)
+    assert torch.equal(to_float(x), x.float() / 255.0)
+    tabular = torch.randn(5, 7, dtype=torch.float64)
+    assert torch.equal(make_view(tabular, 1, 0, 0, 0, 4, True), tabular.float())
+    assert make_view(tabular, 1, 0, 0, 0, 4, True).dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_make_view_same_on_cpu_and_gpu():
+    x = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
+    cpu = make_view(x, 4, 1, 2, 0, 4, True)
+    gpu = make_view(x.cuda(), 4, 1, 2, 0, 4, True)
+    assert gpu.is_cuda
+    assert torch.equal(cpu, gpu.cpu())
