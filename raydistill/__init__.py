@@ -17,10 +17,17 @@ def train(config=None, output=None, **kwargs):
     return _train(config, output, **kwargs)
 
 
+def tune(config=None, space=None, **kwargs):
+    """See :func:`raydistill.tune.tune`: a Ray Tune search, each trial one whole run; returns the best trial."""
+    from raydistill.tune import tune as _tune
+
+    return _tune(config, space, **kwargs)
+
+
 def load_model(run_dir, peer=None, name=None, device="cpu"):
     from raydistill.export import load_model as _load
 
     return _load(run_dir, peer=peer, name=name, device=device)
 
 
-__all__ = ["ConfigError", "load_config", "load_model", "train", "__version__"]
+__all__ = ["ConfigError", "load_config", "load_model", "train", "tune", "__version__"]

@@ -31,6 +31,20 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="another data set name")
     evaluate.add_argument("--data-root", help="its root folder")
 
+    tune = commands.add_parser("tune", help="search hyper-parameters with Ray Tune; each trial is one whole run")
+    tune.add_argument("config", nargs="?", help="a preset name or a YAML file (default: dml-digits)")
+    tune.add_argument("--space", help="a search space YAML, e.g. tune_spaces/dml.yaml")
+    tune.add_argument("--samples", type=int, help="trials to sample (a grid is repeated this many times; default 4)")
+    tune.add_argument("--output", "-o", help="experiment directory (default: runs/tune-NAME-TIMESTAMP)")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key of every trial, e.g. --set train.epochs=10 (repeatable)")
+    tune.add_argument("--scheduler", choices=("asha", "pbt"), help="over the space's own (default there: asha)")
+    tune.add_argument("--resume", metavar="DIR", help="continue an interrupted experiment directory")
+    tune.add_argument("--max-concurrent", type=int, metavar="N",
+                      help="trials at once (default: as many whole runs as the cluster holds)")
+    tune.add_argument("--address", help="connect to this Ray cluster (auto, ray://host:10001); sets resources.address")
+    tune.add_argument("--quiet", action="store_true", help="no progress table")
+
     commands.add_parser("presets", help="list the built-in presets")
 
     cluster = commands.add_parser("cluster", help="cluster YAML tools")
@@ -49,6 +63,27 @@ def cmd_train(args) -> int:
     result = train(args.config, args.output, overrides=overrides, runtime=args.runtime, resume=args.resume,
                    stop_after_epoch=args.stop_after_epoch, progress=not args.quiet)
     print(f"summary: {result.run_dir / 'summary.json'}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from raydistill.tune import tune
+
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"resources.address={args.address}")
+    best = tune(args.config, args.space, samples=args.samples, output=args.output, overrides=overrides,
+                scheduler=args.scheduler, resume=args.resume, max_concurrent=args.max_concurrent,
+                progress=not args.quiet)
+    print(f"best {best['metric']} {best['value']:.4f}: trial {best['trial']} ({best['run_dir']})")
+    for key, value in best["params"].items():
+        print(f"  {key} = {value}")
+    experiment = best["experiment"]
+    print(f"best config: {experiment}/best.json (retrain: raydistill train {experiment}/best.json); "
+          f"all trials: {experiment}/trials.parquet; curves: tensorboard --logdir {experiment}/trials")
+    if not best["complete"]:
+        print(f"interrupted: continue with raydistill tune --resume {experiment}", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -77,7 +112,7 @@ def cmd_cluster(args) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": cmd_train, "eval": cmd_eval, "presets": cmd_presets, "cluster": cmd_cluster}[args.command]
+    handler = {"train": cmd_train, "tune": cmd_tune, "eval": cmd_eval, "presets": cmd_presets, "cluster": cmd_cluster}[args.command]
     try:
         return handler(args)
     except ConfigError as err:

@@ -53,17 +53,36 @@ class PeerConfig:
 class TeacherConfig:
     arch: str = "resnet56"
     checkpoint: Union[str, None] = None  # a raydistill run directory, an exported .pt, or a torchvision state dict
+    cache: Union[bool, str] = False      # true: precompute the outputs once per view into <run dir>/teacher_cache
     options: dict = field(default_factory=dict)
 
 
 @dataclass
 class MethodConfig:
     name: str = "dml"
-    temperature: Union[float, None] = None   # null: the method's default (dml 1, kd 4)
-    alpha: Union[float, None] = None         # weight of the distillation terms (RepDistiller's convention)
-    decay: float = 0.0                       # alpha_e = alpha * exp(-decay * e); 0 = no decay
+    # temperature and alpha: a number, or a schedule {kind: constant|linear|cosine|exponential, ..., warmup_epochs}
+    temperature: Union[float, dict, None] = None   # null: the method's default (dml 1, kd 4)
+    alpha: Union[float, dict, None] = None   # weight of the distillation terms (RepDistiller's convention)
+    decay: Union[float, None] = None         # alpha_e = alpha * exp(-decay * e) (dkel: beta(e) = exp(-decay * e))
     ce_weight: Union[float, str, None] = None  # a number, or "complement" (= 1 - alpha, Hinton's convex mix)
     per_peer_views: Union[bool, None] = None   # null: the method's default
+    # online distillation (kdcl, pcl, dkel); null: the method's default; an error for a method that does not use it
+    ensemble: Union[str, None] = None          # mean_logits | mean_probs | minlogit | best (| learned_head: pcl, dkel)
+    rampup_epochs: Union[float, None] = None   # R of w(e); null: min(80, 0.4 * train.epochs)
+    ema_momentum: Union[float, None] = None    # EMA teacher momentum per step (0.999)
+    teacher_init_steps: Union[int, None] = None  # CE steps of a fresh EMA teacher at lr = lr / 100 (dkel: 2)
+    reference_quirks: Union[bool, None] = None   # true: the released code's ramp and EMA warm-up
+    beta_floor: Union[float, None] = None      # dkel: beta(e) is 0 below this (0.01)
+    # feature distillation (fitnet, self, and peer feature alignment in dml / kdcl)
+    features: Union[dict, None] = None         # hint layers {student: layer2, teacher: layer2}; default: middle stage
+    hint_weight: Union[float, None] = None     # fitnet: weight of MSE(adapter(f_student), f_teacher) (100)
+    kd_weight: Union[float, None] = None       # fitnet one-stage: weight of KD beside the hint (0)
+    at_weight: Union[float, None] = None       # fitnet: weight of attention transfer on the hint pair (0)
+    hint_epochs: Union[int, None] = None       # fitnet two-stage: epochs of hints alone before KD (0: one-stage)
+    feature_weight: Union[float, None] = None  # dml / kdcl: weight of peer feature alignment (0: off)
+    peer_weighting: Union[str, None] = None    # dml: uniform | performance (weights from the peers' val loss)
+    generations: Union[int, None] = None       # self: 1 = EMA teacher, K >= 2 = born-again generations
+    hidden_weight: Union[float, None] = None   # self: weight of the hidden-layer MSE to the teacher's (0)
 
 
 @dataclass
@@ -81,7 +100,12 @@ class TrainConfig:
     warmup_epochs: float = 0.0          # linear learning-rate warm-up
     steps_in_flight: int = 2            # how many steps the driver lets run ahead before it collects metrics
     checkpoint_every: int = 1           # epochs between checkpoints
+    checkpoint_every_steps: Union[int, None] = None   # also keep an in-memory rollback point every N steps
     keep_checkpoints: int = 2
+    storage: Union[str, None] = None    # mirror the run directory here: a path or a URI such as s3://bucket/runs/x
+    grad_clip: Union[float, None] = None  # clip the gradient's global L2 norm to this (null: no clipping)
+    accumulate_steps: int = 1           # optimizer step every N steps, on the mean gradient of their batches
+    bf16: bool = False                  # bfloat16 autocast of the forward passes on a GPU (ignored on a CPU)
 
 
 @dataclass
@@ -93,6 +117,8 @@ class ResourcesConfig:
     strategy: str = "PACK"
     address: Union[str, None] = None    # null: a local Ray started for the run (or the one already connected)
     threads_per_peer: int = 1           # torch intra-op threads in each actor; the same in both runtimes
+    max_restarts: int = 3               # how often Ray restarts a dead peer/teacher/coordinator before the run stops
+    node_wait_s: float = 300.0          # how long a run waits for a lost actor (or node) to come back
 
 
 @dataclass
@@ -285,14 +311,19 @@ def resolve(config: Config, method_defaults) -> Config:
     config = copy.deepcopy(config)
     defaults = method_defaults(config.method.name)     # raises ConfigError on an unknown method
     m = config.method
-    if m.temperature is None:
-        m.temperature = defaults["temperature"]
-    if m.alpha is None:
-        m.alpha = defaults["alpha"]
-    if m.ce_weight is None:
-        m.ce_weight = defaults["ce_weight"]
-    if m.per_peer_views is None:
-        m.per_peer_views = defaults["per_peer_views"]
+    from raydistill.methods import check_method_config, methods_using
+
+    ramp_given = m.rampup_epochs is not None
+    for key in (f.name for f in dataclasses.fields(MethodConfig) if f.name != "name"):
+        if getattr(m, key) is None:
+            setattr(m, key, defaults.get(key))
+        elif key not in defaults:              # a key the method would silently ignore
+            raise ConfigError(f"method.{key}", getattr(m, key),
+                              f"not used by method {m.name}; used by: {', '.join(methods_using(key))}")
+    if m.rampup_epochs is not None and not ramp_given:
+        # the sources ramp over 80 of 200 epochs; a shorter run keeps that fraction
+        m.rampup_epochs = min(float(m.rampup_epochs), 0.4 * config.train.epochs)
+    check_method_config(m, config.task)
     if isinstance(config.peers, bool) or not isinstance(config.peers, (int, list)):
         raise ConfigError("peers", config.peers, "must be a count or a list of per-peer settings")
     if isinstance(config.peers, int) and config.peers < 1:
@@ -333,12 +364,14 @@ def validate(config: Config, defaults: dict) -> None:
             field = f"{where}.arch" if err.field == "model.arch" else f"{where}.options.{err.field.split('.', 1)[1]}"
             raise ConfigError(field, err.value, err.allowed) from None
     m = config.method
-    if not (isinstance(m.temperature, float) and math.isfinite(m.temperature) and m.temperature > 0):
-        raise ConfigError("method.temperature", m.temperature, "must be a number > 0")
-    if not (math.isfinite(m.alpha) and m.alpha >= 0):
-        raise ConfigError("method.alpha", m.alpha, "must be a number >= 0")
+    temperatures = _schedule_values(m.temperature, "method.temperature", config.train.epochs)
+    if not all(math.isfinite(t) and t > 0 for t in temperatures):
+        raise ConfigError("method.temperature", m.temperature, "must be a number > 0 (at every epoch)")
+    alphas = _schedule_values(m.alpha, "method.alpha", config.train.epochs)
+    if not all(math.isfinite(a) and a >= 0 for a in alphas):
+        raise ConfigError("method.alpha", m.alpha, "must be a number >= 0 (at every epoch)")
     if m.ce_weight == "complement":
-        if m.alpha > 1:
+        if max(alphas) > 1:
             raise ConfigError("method.alpha", m.alpha, "must be in [0, 1] when method.ce_weight is complement")
     elif isinstance(m.ce_weight, str) or m.ce_weight < 0:
         raise ConfigError("method.ce_weight", m.ce_weight, "must be a number >= 0 or 'complement'")
@@ -353,8 +386,17 @@ def validate(config: Config, defaults: dict) -> None:
                               f"method {m.name} needs a teacher: {{arch, checkpoint}} (a run directory or a .pt file)")
         if not Path(config.teacher.checkpoint).exists():
             raise ConfigError("teacher.checkpoint", config.teacher.checkpoint, "does not exist")
+    if m.generations is not None and m.generations > config.train.epochs:
+        raise ConfigError("method.generations", m.generations, f"at most train.epochs ({config.train.epochs}): "
+                          "each generation trains for train.epochs / generations epochs")
+    if m.name == "self" and config.teacher is not None:
+        raise ConfigError("teacher", config.teacher.arch, "none for method self: its teacher is the network itself "
+                          "(an EMA, or the previous generation)")
     t = config.train
-    for name in ("epochs", "batch_size", "steps_in_flight", "checkpoint_every", "keep_checkpoints"):
+    if t.grad_clip is not None and not (math.isfinite(t.grad_clip) and t.grad_clip > 0):
+        raise ConfigError("train.grad_clip", t.grad_clip, "must be a number > 0, or null for no clipping")
+    for name in ("epochs", "batch_size", "steps_in_flight", "checkpoint_every", "keep_checkpoints",
+                 "accumulate_steps"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}", getattr(t, name), "must be >= 1")
     if t.lr <= 0 or any(p.lr <= 0 for p in config.peers):
@@ -372,8 +414,22 @@ def validate(config: Config, defaults: dict) -> None:
             raise ConfigError(f"resources.{name}", value, "must be >= 0: a fraction of one GPU or a whole number")
     if r.cpus_per_peer <= 0 or r.cpus_per_coordinator <= 0:
         raise ConfigError("resources.cpus_per_peer", r.cpus_per_peer, "must be > 0")
+    if t.checkpoint_every_steps is not None and t.checkpoint_every_steps < 1:
+        raise ConfigError("train.checkpoint_every_steps", t.checkpoint_every_steps, "must be >= 1 or null")
+    if r.max_restarts < 0:
+        raise ConfigError("resources.max_restarts", r.max_restarts, "must be >= 0")
+    if r.node_wait_s <= 0:
+        raise ConfigError("resources.node_wait_s", r.node_wait_s, "must be > 0 seconds")
     if r.threads_per_peer < 1:
         raise ConfigError("resources.threads_per_peer", r.threads_per_peer, "must be >= 1")
+
+
+def _schedule_values(spec, field: str, epochs: int) -> list[float]:
+    """A number or a schedule's value at every epoch of the run (ConfigError for a malformed schedule)."""
+    from raydistill.distill.schedules import make_schedule
+
+    schedule = make_schedule(spec, None, field)
+    return [schedule(epoch, epochs) for epoch in range(epochs)]
 
 
 def dump_config(config: Config, path: Path) -> None:

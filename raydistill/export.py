@@ -37,5 +37,6 @@ def load_model(run_dir, peer: int | None = None, name: str | None = None, device
     return model.to(device).eval()
 
 
-def exported_models(run_dir) -> list[str]:
-    return list(read_manifest(run_dir)["models"])
+def exported_models(run_dir) -> dict[str, str]:
+    """name -> kind (peer, ema_teacher) of every exported model."""
+    return {name: entry["kind"] for name, entry in read_manifest(run_dir)["models"].items()}

@@ -7,15 +7,19 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-@pytest.fixture(scope="session")
-def ray_session():
+def start_session_ray():
     import ray
 
     if not ray.is_initialized():
         # logical CPUs beyond the 2 real cores: a 3-peer run reserves 4 bundles of 1 CPU
-        ray.init(num_cpus=8, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
+        ray.init(address="local", num_cpus=8, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
                  logging_level="ERROR", log_to_driver=False)
-    yield ray
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    yield start_session_ray()
 
 
 def tiny_dml(**overrides) -> dict:

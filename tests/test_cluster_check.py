@@ -243,3 +243,19 @@ def test_security_group_rules_that_open_ray_ports_to_the_internet(tmp_path):
         "reach it over SSH instead",
         "provider.security_group.IpPermissions[1]: opens port 6379 (GCS) to the internet; reach it over SSH instead",
     ]
+
+
+def test_the_readme_cluster_commands_name_shipped_files_and_their_shared_storage():
+    """The README's cluster section uses the files under clusters/ and the shared mount those files set up."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## Running on a cluster"):]
+    named = set(re.findall(r"clusters/[\w.-]+\.yaml", section))
+    assert named and all((root / name).is_file() for name in named)
+    for name in named:
+        assert check_cluster_file(root / name) == [], name
+        assert "/shared" in (root / name).read_text()
+    outputs = re.findall(r"--output (\S+)", section)
+    assert outputs and all(out.startswith("/shared/") for out in outputs)

@@ -265,7 +265,7 @@ def test_synthetic_images_and_tabular():
 
 
 def test_names_options_and_defaults():
-    assert dataset_names() == ["cifar10", "cifar100", "digits", "imagefolder", "synthetic"]
+    assert dataset_names() == ["cifar10", "cifar100", "diabetes", "digits", "imagefolder", "synthetic", "tabular"]
     with pytest.raises(ConfigError) as err:
         load_dataset("mnist")
     assert err.value.field == "data.name" and "cifar10" in str(err.value)

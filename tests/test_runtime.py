@@ -9,6 +9,9 @@ import yaml
 
 import raydistill
 from raydistill.engine.checkpoint import latest_checkpoint, load_checkpoint
+from raydistill.engine.data import load_run_data
+from raydistill.runtime.inprocess import InProcessWorkers
+from raydistill.runtime.loop import Console, Run, WorkerLost
 from tests.conftest import tiny_dml
 
 
@@ -115,6 +118,8 @@ def test_resume_ends_with_the_parameters_of_an_uninterrupted_run(ray_run, tmp_pa
     assert sorted(metrics["epoch"].tolist()) == [1] * 4 + [2] * 4             # no duplicated epoch rows
     with pytest.raises(raydistill.ConfigError, match="train.epochs"):
         raydistill.train(resume=run_dir, progress=False)                       # nothing left to train
+    with pytest.raises(raydistill.ConfigError, match=r"peers.0.arch='mlp': does not match the checkpoint"):
+        raydistill.train(resume=run_dir, overrides=["train.epochs=3", "peers.0.options.hidden=[48]"], progress=False)
 
 
 def test_kd_from_a_teacher_run_and_from_a_torchvision_state_dict(ray_session, tmp_path):
@@ -138,3 +143,44 @@ def test_kd_from_a_teacher_run_and_from_a_torchvision_state_dict(ray_session, tm
     again = raydistill.train(student, tmp_path / "kd2", runtime="inprocess", progress=False)
     assert again.summary["teachers"][0]["test_acc"] == pytest.approx(teacher_test, abs=1e-6)
     assert np.isclose(again.summary["peers"][0]["test_acc"], result.summary["peers"][0]["test_acc"], atol=1e-6)
+
+
+def test_storage_mirrors_the_run_directory(tmp_path):
+    result = raydistill.train(tiny_dml(**{"train.storage": f"file://{tmp_path / 'shared' / 'runs' / 'x'}"}),
+                              tmp_path / "local", runtime="inprocess", progress=False)
+    mirrored = tmp_path / "shared" / "runs" / "x"
+    assert json.loads((mirrored / "summary.json").read_text()) == result.summary
+    assert (mirrored / "checkpoints" / "epoch_0001" / "peer_2.pt").is_file()
+    assert (mirrored / "export" / "manifest.json").is_file()
+
+
+class LosesAnActorOnce(InProcessWorkers):
+    """The in-process workers, except that collecting one chosen step reports a lost actor once (a drill of the loop's
+    recovery; the real thing, a killed process and a removed node, is in tests/test_multinode.py)."""
+
+    def __init__(self, *args, at):
+        super().__init__(*args)
+        self.at, self.fired = at, False
+
+    def submit_step(self, epoch, step):
+        return (epoch, step), super().submit_step(epoch, step)
+
+    def collect(self, handle):
+        where, metrics = handle
+        if not self.fired and where == self.at:
+            self.fired = True
+            raise WorkerLost("drill")
+        return metrics
+
+
+@pytest.mark.parametrize("every_steps, expected_redone", [(None, 4), (3, 1)])
+def test_rollback_to_the_last_common_point_replays_exactly(tmp_path, every_steps, expected_redone):
+    config = raydistill.load_config(tiny_dml(**{"train.epochs": 2, "train.batch_size": 32,
+                                                "train.checkpoint_every_steps": every_steps}))
+    spec, arrays = load_run_data(config)
+    workers = LosesAnActorOnce(config, spec, arrays, at=(1, 4))     # step 4 of epoch 2 is lost
+    summary = Run(config, spec, arrays, workers, tmp_path / "drill", "inprocess", Console(False)).train().summary
+    assert (summary["restarts"], summary["steps_redone"]) == (1, expected_redone)
+    reference = raydistill.train(config, tmp_path / "reference", runtime="inprocess", progress=False)
+    assert_same_parameters(final_parameters(tmp_path / "drill", 3), final_parameters(reference.run_dir, 3), tol=0.0)
+    assert reference.summary["restarts"] == 0

@@ -1,8 +1,8 @@
 """Data sets by name: each source returns the whole set as numpy arrays (uint8 NCHW images or float32 features).
 
 Sources: ``digits`` (scikit-learn's embedded 8x8 digits), ``cifar10`` / ``cifar100`` (the python-pickle batches, read
-through a restricted unpickler), ``imagefolder`` (TinyImageNet-style class folders) and ``synthetic`` (seeded random
-data for benchmarks). A source's options are its keyword parameters; ``load_dataset`` refuses any other.
+through a restricted unpickler), ``imagefolder`` (TinyImageNet-style class folders), ``diabetes`` (scikit-learn's
+embedded regression set), ``tabular`` (CSV or Parquet files) and ``synthetic`` (seeded random data for benchmarks). A source's options are its keyword parameters; ``load_dataset`` refuses any other.
 """
 import dataclasses
 import inspect
@@ -70,6 +70,8 @@ _AUGMENT = {
     "cifar100": {"crop_pad": 4, "flip": True},
     "imagefolder": {"crop_pad": 8, "flip": True},
     "synthetic": {"crop_pad": 0, "flip": False},
+    "diabetes": {"crop_pad": 0, "flip": False},   # tabular: no augmentation
+    "tabular": {"crop_pad": 0, "flip": False},
 }
 
 
@@ -366,7 +368,7 @@ def load_synthetic(
         raise ConfigError("data.shape", shape, "[features] for tabular data or [channels, height, width] for images")
     shape = tuple(_positive_int("data.shape", s) for s in shape)
     if task not in ("classification", "regression"):
-        raise ConfigError("data.task", task, "classification or regression")
+        raise ConfigError("data.options.task", task, "classification or regression")
     rng = np.random.default_rng(derive_seed("synthetic", seed))
     n = num_train + num_test
     if len(shape) == 3:
@@ -385,3 +387,150 @@ def load_synthetic(
     mean, std = channel_stats(train_x) if len(shape) == 3 else feature_stats(train_x)
     spec = DataSpec(task, shape, num_classes, mean, std)
     return Dataset(spec, train_x, y[:num_train], test_x, y[num_train:], "synthetic")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tabular: diabetes and CSV / Parquet files
+
+TABULAR_TEST_FRACTION = 0.2
+TABULAR_SPLIT_SEED = 0  # fixed, not the run seed: every run evaluates on the same test set
+MAX_INFERRED_CLASSES = 20  # an integer or string target with at most this many values is read as class labels
+TABULAR_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+def fixed_split(n: int, fraction: float = TABULAR_TEST_FRACTION, seed: int = TABULAR_SPLIT_SEED):
+    """(test indices, train indices), each sorted: ``fraction`` of range(n) held out by a fixed seeded permutation."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(fraction * n))
+    return np.sort(perm[:n_test]), np.sort(perm[n_test:])
+
+
+def standardize_targets(train_y: np.ndarray, test_y: np.ndarray):
+    """(train_y - mean) / std and the same for test_y, with mean and std of the train targets only."""
+    mean, std = train_y.mean(axis=0), train_y.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return ((train_y - mean) / std).astype(np.float32), ((test_y - mean) / std).astype(np.float32)
+
+
+def _tabular_dataset(train_x, train_y, test_x, test_y, task, num_classes, name) -> Dataset:
+    mean, std = feature_stats(train_x)
+    spec = DataSpec(task, (train_x.shape[1],), num_classes, mean, std)
+    return Dataset(spec, train_x, train_y, test_x, test_y, name)
+
+
+@_source("diabetes")
+def load_diabetes_dataset(root=None, standardize_target=True) -> Dataset:
+    """scikit-learn's diabetes regression set (442 patients, 10 features, disease progression after one year), 20% held
+    out as a fixed test set. Features are the raw values (the model standardizes its input itself).
+
+    Targets are standardized with the train split's mean and std by default (``standardize_target: false`` keeps the
+    raw scale, about 25..346), so MSE is in units of the target's variance: a model predicting the mean scores ~1.
+    """
+    from sklearn.datasets import load_diabetes
+
+    bunch = load_diabetes(scaled=False)
+    x = bunch.data.astype(np.float32)
+    y = bunch.target.astype(np.float32)
+    test_idx, train_idx = fixed_split(len(x))
+    train_y, test_y = y[train_idx], y[test_idx]
+    if standardize_target:
+        train_y, test_y = standardize_targets(train_y, test_y)
+    return _tabular_dataset(x[train_idx], train_y, x[test_idx], test_y, "regression", 1, "diabetes")
+
+
+def _read_table(path: Path):
+    """A pyarrow Table from a CSV or Parquet file."""
+    if path.suffix.lower() == ".csv":
+        from pyarrow import csv
+
+        return csv.read_csv(path)
+    from pyarrow import parquet
+
+    return parquet.read_table(path)
+
+
+def _split_files(folder: Path, root):
+    """The ``train.*`` and ``test.*`` table files of a folder."""
+    found = {}
+    for split in ("train", "test"):
+        files = [folder / f"{split}{suffix}" for suffix in TABULAR_SUFFIXES if (folder / f"{split}{suffix}").is_file()]
+        if not files:
+            raise ConfigError("data.root", root, f"a folder with train and test files ({', '.join(TABULAR_SUFFIXES)})")
+        found[split] = files[0]
+    return found["train"], found["test"]
+
+
+def _columns(table, target: str, root):
+    """(feature matrix float32 [N, F], target column as numpy) of a table; every other column must be numeric."""
+    import pyarrow as pa
+
+    if target not in table.column_names:
+        raise ConfigError("data.options.target", target, f"a column of {root}: {', '.join(table.column_names)}")
+    features = [name for name in table.column_names if name != target]
+    if not features:
+        raise ConfigError("data.root", root, "a table with at least one feature column beside the target")
+    for name in features:
+        kind = table.schema.field(name).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+            raise ConfigError("data.root", root, f"numeric feature columns; column {name!r} is {kind}")
+    x = np.stack([table.column(name).to_numpy(zero_copy_only=False).astype(np.float32) for name in features], axis=1)
+    if not np.isfinite(x).all():
+        raise ConfigError("data.root", root, "feature values without missing or infinite entries")
+    return x, table.column(target).to_numpy(zero_copy_only=False)
+
+
+def infer_task(target_values: np.ndarray) -> str:
+    """classification for an integer, boolean or string target with at most MAX_INFERRED_CLASSES values; else
+    regression."""
+    discrete = target_values.dtype.kind in "iubOSU"
+    return "classification" if discrete and len(np.unique(target_values)) <= MAX_INFERRED_CLASSES else "regression"
+
+
+@_source("tabular")
+def load_tabular(root=None, target=None, task=None, test_fraction=TABULAR_TEST_FRACTION,
+                 standardize_target=True) -> Dataset:
+    """A CSV or Parquet table (read with pyarrow): ``root`` is one file (a fixed ``test_fraction`` of its rows is held
+    out, seed 0) or a folder with ``train.{csv,parquet}`` and ``test.{csv,parquet}``.
+
+    ``target`` names the label column; every other column is a numeric feature. ``task`` is ``classification`` or
+    ``regression``; when absent, see :func:`infer_task`. Class labels are mapped to 0..K-1 in sorted order of the
+    train values. Regression targets are standardized with the train split's mean and std unless
+    ``standardize_target`` is false.
+    """
+    if not isinstance(target, str) or not target:
+        raise ConfigError("data.options.target", target, "the name of the target column (data.options.target)")
+    if task not in (None, "classification", "regression"):
+        raise ConfigError("data.options.task", task, "classification or regression")
+    if root is None or not Path(root).exists():
+        raise ConfigError("data.root", root, "a CSV/Parquet file or a folder with train and test files")
+    root_path = Path(root)
+    if root_path.is_dir():
+        train_path, test_path = _split_files(root_path, root)
+        train_x, train_t = _columns(_read_table(train_path), target, train_path)
+        test_x, test_t = _columns(_read_table(test_path), target, test_path)
+    else:
+        if root_path.suffix.lower() not in TABULAR_SUFFIXES:
+            raise ConfigError("data.root", root, f"a file ending in one of: {', '.join(TABULAR_SUFFIXES)}")
+        if not 0.0 < test_fraction < 1.0:
+            raise ConfigError("data.options.test_fraction", test_fraction, "a fraction in (0, 1)")
+        x, t = _columns(_read_table(root_path), target, root)
+        test_idx, train_idx = fixed_split(len(x), test_fraction)
+        train_x, train_t, test_x, test_t = x[train_idx], t[train_idx], x[test_idx], t[test_idx]
+    if len(train_x) == 0 or len(test_x) == 0:
+        raise ConfigError("data.root", root, "train and test rows (one of them is empty)")
+    task = task or infer_task(train_t)
+    if task == "classification":
+        classes = np.unique(train_t)
+        unknown = np.setdiff1d(np.unique(test_t), classes)
+        if len(unknown):
+            raise ConfigError("data.root", root, f"test labels among the train labels; unseen: {unknown[:5].tolist()}")
+        train_y = np.searchsorted(classes, train_t).astype(np.int64)
+        test_y = np.searchsorted(classes, test_t).astype(np.int64)
+        return _tabular_dataset(train_x, train_y, test_x, test_y, task, len(classes), "tabular")
+    try:
+        train_y, test_y = train_t.astype(np.float32), test_t.astype(np.float32)
+    except ValueError:
+        raise ConfigError("data.options.task", task, "classification for a non-numeric target column") from None
+    if standardize_target:
+        train_y, test_y = standardize_targets(train_y, test_y)
+    return _tabular_dataset(train_x, train_y, test_x, test_y, task, 1, "tabular")

@@ -65,3 +65,18 @@ def _fsync_dir(path: Path) -> None:
     for item in path.iterdir():
         with open(item, "rb") as handle:
             os.fsync(handle.fileno())
+
+
+def check_compatible(config, spec, state: dict, source: str) -> None:
+    """A checkpoint must hold, for every peer, exactly the parameters of the architecture the config names."""
+    from raydistill.errors import ConfigError
+    from raydistill.models import build_model
+
+    if len(state["peers"]) != config.num_peers:
+        raise ConfigError("peers", config.num_peers, f"the checkpoint {source} holds {len(state['peers'])} peers")
+    for i, (peer, saved) in enumerate(zip(config.peers, state["peers"])):
+        expected = {k: tuple(v.shape) for k, v in build_model(peer.arch, spec, **peer.options).state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in saved["model"].items()}
+        if expected != found:
+            raise ConfigError(f"peers.{i}.arch", peer.arch,
+                              f"does not match the checkpoint {source} (its parameters differ in names or shapes)")

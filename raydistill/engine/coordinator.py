@@ -1,44 +1,131 @@
 """The coordinator: gathers a step's outputs, computes each peer's targets, and the peers' consistency. No Ray."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from raydistill.data.views import batch_indices
+from raydistill.data.views import batch_indices, num_steps
 from raydistill.distill.losses import pairwise_kl
+from raydistill.distill.peer_weights import performance_peer_weights, recent_loss
 from raydistill.engine.evaluation import ensemble_outputs, score
+from raydistill.engine.optim import learning_rate, make_optimizer
 from raydistill.methods import build_method
+from raydistill.methods.online import LEARNED_HEAD
+from raydistill.seeding import generator
+
+
+class EnsembleHead:
+    """PCL's peer ensemble teacher, as a distributed run can have it: one linear layer over the concatenated, detached
+    pooled features of the peers, trained in the coordinator with CE by its own optimizer (the run's optimizer settings
+    and learning-rate schedule). Its gradient stops here: the peers learn only from its logits."""
+
+    def __init__(self, config, num_classes: int, steps_per_epoch: int):
+        self.config = config
+        self.num_classes = num_classes
+        self.steps_per_epoch = steps_per_epoch
+        self.layer: torch.nn.Linear | None = None      # built at the first step, when the feature width is known
+        self.optimizer = None
+
+    def build(self, in_features: int) -> None:
+        self.layer = torch.nn.Linear(in_features, self.num_classes)
+        bound = 1.0 / math.sqrt(in_features)            # torch's default init, drawn from the run's seed
+        draws = generator(self.config.seed, "init", "ensemble_head")
+        with torch.no_grad():
+            for tensor in (self.layer.weight, self.layer.bias):
+                tensor.uniform_(-bound, bound, generator=draws)
+        self.optimizer = make_optimizer(self.config.train, self.layer.parameters(), self.config.train.lr)
+
+    def step(self, epoch: int, step: int, features: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
+        """The head's logits on this step's features (the target), then one CE step of the head on them."""
+        x = torch.from_numpy(np.concatenate(features, axis=1))
+        y = torch.from_numpy(np.array(labels, dtype=np.int64))
+        if self.layer is None:
+            self.build(x.shape[1])
+        lr = learning_rate(self.config.train, self.config.train.lr, epoch, step, self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        logits = self.layer(x)
+        loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):
+            loss.backward()
+            self.optimizer.step()
+        return logits.detach().numpy()
+
+    def state_dict(self) -> dict:
+        if self.layer is None:
+            return {}
+        return {"layer": self.layer.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            self.layer = self.optimizer = None
+            return
+        self.build(state["layer"]["weight"].shape[1])
+        self.layer.load_state_dict(state["layer"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 class Coordinator:
-    def __init__(self, config, labels: dict[str, np.ndarray]):
+    def __init__(self, config, labels: dict[str, np.ndarray], spec):
         """labels: the train/val/test label arrays (the coordinator never needs images)."""
         torch.set_num_threads(config.resources.threads_per_peer)
         self.config = config
         self.labels = labels
         self.method = build_method(config)
         self.num_peers = config.num_peers
+        self.head = None
+        self.val_losses = [[] for _ in range(self.num_peers)]   # each peer's validation loss per epoch
+        if config.method.ensemble == LEARNED_HEAD:
+            self.head = EnsembleHead(config, spec.num_classes, num_steps(len(labels["train"]), config.train.batch_size))
 
     def targets(self, epoch: int, step: int, *outputs: dict) -> list[dict[str, np.ndarray]]:
         """outputs: the peers' outputs, then the teachers'. Returns one target dict per peer."""
         peers, teachers = list(outputs[:self.num_peers]), list(outputs[self.num_peers:])
         idx = batch_indices(self.config.seed, epoch, step, len(self.labels["train"]), self.config.train.batch_size)
-        return self.method.targets(self.method.hyper(epoch), peers, teachers, self.labels["train"][idx.numpy()])
+        labels = self.labels["train"][idx.numpy()]
+        learned = None
+        if self.head is not None:
+            learned = self.head.step(epoch, step, [p["features"] for p in peers], labels)
+        targets = self.method.targets(self.method.hyper(epoch), peers, teachers, labels, learned)
+        if self.method.uses_peer_losses:
+            weights = performance_peer_weights([recent_loss(history) for history in self.val_losses])
+            for i, target in enumerate(targets):
+                target["peer_weights"] = np.delete(weights[i], i).astype(np.float32)
+        return targets
 
-    def evaluate(self, split: str, *outputs: np.ndarray) -> dict:
-        """Figures of each peer, of their ensemble, and the consistency (mean pairwise KL between peers);
-        outputs: the peers' outputs on the split, then the teachers'."""
+    def evaluate(self, split: str, *outputs) -> dict:
+        """Figures of each peer, of each peer's EMA teacher, of the peers' ensemble (mean of the students'
+        probabilities), and the consistency (mean pairwise KL between peers).
+        outputs: the peers' outputs on the split (dicts: logits, ema_logits), then the teachers' (arrays)."""
         task, labels = self.config.task, self.labels[split]
-        peers, teachers = outputs[:self.num_peers], outputs[self.num_peers:]
+        peer_outputs = [out if isinstance(out, dict) else {"logits": out} for out in outputs[:self.num_peers]]
+        peers = [out["logits"] for out in peer_outputs]
+        teachers = outputs[self.num_peers:]
         result = {"peers": [score(task, out, labels) for out in peers],
+                  "ema_teachers": [score(task, out["ema_logits"], labels) for out in peer_outputs
+                                   if "ema_logits" in out],
                   "teachers": [score(task, out, labels) for out in teachers],
                   "ensemble": score(task, ensemble_outputs(task, list(peers)), labels) if len(peers) > 1 else {}}
         if task == "classification" and len(peers) > 1 and len(labels):
             result["consistency"] = pairwise_kl(torch.from_numpy(np.stack(peers))).item()
+        if split == "val" and len(labels):
+            loss_key = "mse" if task == "regression" else "loss"     # the task loss: what performance weights read
+            for history, figures in zip(self.val_losses, result["peers"]):
+                history.append(figures[loss_key])
         return result
 
     def state_dict(self) -> dict:
-        return {}
+        state = {"ensemble_head": self.head.state_dict()} if self.head is not None else {}
+        if self.method.uses_peer_losses:
+            state["val_losses"] = [list(history) for history in self.val_losses]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if self.head is not None:
+            self.head.load_state_dict(state.get("ensemble_head", {}))
+        if "val_losses" in state:
+            self.val_losses = [list(history) for history in state["val_losses"]]

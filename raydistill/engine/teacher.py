@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raydistill.engine.peer import DataView, pick_device
+from raydistill.engine.hints import Hint, feature_paths
+from raydistill.engine.peer import DataView, autocast, check_task, pick_device
+from raydistill.engine.teacher_cache import CachedTeacher
 from raydistill.errors import ConfigError
 from raydistill.methods import build_method
 from raydistill.models import build_model
@@ -55,25 +57,54 @@ def _key_differences(model, state, show: int = 3):
             f"{len(unexpected)} keys such as {unexpected[:show]}" if unexpected else "0 keys")
 
 
+def cache_folder(config) -> str | None:
+    """Where ``teacher.cache`` keeps the teacher's outputs: the folder it names, or None (no cache). ``true`` is
+    replaced by ``<run directory>/teacher_cache`` when the run starts."""
+    cache = config.teacher.cache
+    if cache is True:
+        raise ConfigError("teacher.cache", cache, "a folder: `raydistill train` sets it to the run directory's "
+                          "teacher_cache/ (an engine Teacher built by hand needs the folder itself)")
+    return cache or None
+
+
 class Teacher:
     def __init__(self, index: int, config, arrays: dict, spec, device: str | None = None):
         torch.set_num_threads(config.resources.threads_per_peer)
         self.index = index
         self.config = config
+        check_task(config, spec)
         gpus = config.resources.gpus_per_teacher or 0.0
         self.device = torch.device(device) if device else pick_device(gpus)
         self.data = DataView(config, arrays, self.device)
-        self.views = build_method(config).teacher_views()
+        method = build_method(config)
+        self.views = method.teacher_views()
+        self.output_names = list(method.outputs_needed("teacher"))
         self.model = build_model(config.teacher.arch, spec, **config.teacher.options)
         load_teacher_weights(self.model, config.teacher.checkpoint, config.teacher.arch)
         self.model.to(self.device).eval()
+        self.hint = None
+        if "hint" in self.output_names:
+            self.hint = Hint(self.model, feature_paths(config.method).get("teacher"), "method.features.teacher", spec)
+        folder = cache_folder(config)
+        self.cache = CachedTeacher(self, Path(folder) / f"teacher{index}") if folder else None
+
+    def forward(self, epoch: int, step: int) -> dict[str, np.ndarray]:
+        """The teacher's outputs for each view the peers train on at this step: logits [V, B, C] (and its hint
+        features [V, B, ...] where the method asks for them), from the cache when there is one."""
+        if self.cache is not None:
+            return self.cache.forward(epoch, step)
+        return self.live_forward(epoch, step)
 
     @torch.no_grad()
-    def forward(self, epoch: int, step: int) -> dict[str, np.ndarray]:
-        """Teacher logits for each view the peers train on at this step: [V, B, C]."""
+    def live_forward(self, epoch: int, step: int) -> dict[str, np.ndarray]:
         idx = self.data.batch(epoch, step)
-        logits = [self.model(self.data.view(idx, epoch, step, v)).float() for v in self.views]
-        return {"logits": torch.stack(logits).cpu().numpy()}
+        outputs = {name: [] for name in self.output_names}
+        for v in self.views:
+            with autocast(self.device, self.config.train.bf16):
+                outputs["logits"].append(self.model(self.data.view(idx, epoch, step, v)).float())
+            if self.hint is not None:
+                outputs["hint"].append(self.hint.value.float())
+        return {name: torch.stack(values).cpu().numpy() for name, values in outputs.items()}
 
     def evaluate(self, split: str) -> np.ndarray:
         return self.data.predict(self.model, split)

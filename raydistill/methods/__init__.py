@@ -1,5 +1,5 @@
 """Methods by name: one small file per method, registered by decorator."""
-from raydistill.methods import dml, independent, kd  # noqa: F401  (registration)
+from raydistill.methods import dkel, dml, fitnet, independent, kd, kdcl, pcl, self_distill  # noqa: F401  (registration)
 from raydistill.methods.base import Method, method_class, method_names, register_method
 
 
@@ -8,10 +8,21 @@ def method_defaults(name: str) -> dict:
     return dict(method_class(name).defaults)
 
 
+def methods_using(key: str) -> list[str]:
+    """The methods that read a given ``method.*`` key (those that give it a default)."""
+    return [name for name in method_names() if key in method_class(name).defaults]
+
+
+def check_method_config(method_config, task: str) -> None:
+    """The method's own checks of its keys (ensemble names, momentum and ramp ranges...)."""
+    method_class(method_config.name).check_config(method_config, task)
+
+
 def build_method(config) -> Method:
     """The method object of a resolved run config."""
     return method_class(config.method.name)(config.method, task=config.task, num_peers=config.num_peers,
                                             epochs=config.train.epochs)
 
 
-__all__ = ["Method", "build_method", "method_class", "method_defaults", "method_names", "register_method"]
+__all__ = ["Method", "build_method", "check_method_config", "method_class", "method_defaults", "method_names",
+           "methods_using", "register_method"]

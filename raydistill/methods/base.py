@@ -1,10 +1,18 @@
 """The method contract: a small object with pure functions, run the same in a Ray actor or in one process.
 
 A method answers three questions (mdistiller's "distiller" contract, split the way the runtime is split):
-- ``hyper(epoch)``: the values of its knobs at an epoch (temperature, alpha, ce_weight, ...), logged every epoch;
-- ``targets(hyper, peers, teachers, labels)``: in the coordinator, what each peer is to learn from, as numpy arrays;
+- ``hyper(epoch)``: the values of its knobs at an epoch (temperature, alpha, ce_weight, ramp, beta), logged each epoch;
+- ``targets(hyper, peers, teachers, labels, learned_ensemble)``: in the coordinator, what each peer is to learn from,
+  as numpy arrays; ``peers`` holds each peer's outputs: ``logits``, and ``ema_logits`` / ``features`` when asked for;
 - ``loss(hyper, outputs, labels, targets)``: in a peer, the total loss and its named terms.
-Weights follow one rule: ``loss = ce_weight * task_loss + alpha_e * (distillation terms)``, alpha_e = alpha*exp(-decay*e);
+What a method asks of the engine is declared, not coded in the engine: ``uses_ema_teacher`` (each peer keeps a
+temporal-mean teacher), ``feature_taps()`` (pooled features the coordinator needs, e.g. for a learned ensemble head),
+``feature_target`` (each peer taps its hint layer and owns adapters toward the teacher's or the other peers' hints),
+``outputs_needed(role)`` (what a peer or a teacher sends each step: logits, hints only where needed),
+``self_teacher`` (the peer holds its own teacher: self-distillation), ``uses_peer_losses`` (performance weights).
+Weights follow one rule: ``loss = ce_weight * task_loss + alpha_e * sum_n weight_n(e) * term_n``,
+alpha_e = alpha(e)*exp(-decay*e) (alpha and temperature may be schedules of the epoch, distill/schedules.py),
+weight_n from ``term_weights(hyper)`` (ramps, beta, hint weights; 1 by default); a term weighted 0 is left out;
 ``ce_weight: complement`` means 1 - alpha_e (Hinton's convex mix). RepDistiller's alpha weights KD the same way;
 torchdistill's alpha weights CE instead.
 """
@@ -16,7 +24,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from raydistill.distill.features import peer_alignment_loss
 from raydistill.distill.losses import kd_loss, mse_to_target, task_loss
+from raydistill.distill.schedules import make_schedule
 from raydistill.errors import ConfigError
 
 _REGISTRY: dict[str, type["Method"]] = {}
@@ -40,11 +50,32 @@ def method_class(name: str) -> type["Method"]:
     return _REGISTRY[name]
 
 
+def with_peer_hints(targets: list[dict], peers: list[dict]) -> list[dict]:
+    """Peer feature alignment: each peer's targets get the other peers' hints (a list: their shapes may differ)."""
+    if peers and "hint" in peers[0]:
+        for i, target in enumerate(targets):
+            target["peer_hints"] = [p["hint"] for j, p in enumerate(peers) if j != i]
+    return targets
+
+
+def peer_alignment_term(outputs: dict, targets: dict) -> dict:
+    """{"align": mean_j MSE(r_ij(f_i), f_j)} where the peer aligns its hint to the others' (else nothing)."""
+    if "peer_hints" not in targets:
+        return {}
+    return {"align": peer_alignment_loss(outputs["aligned_hints"], targets["peer_hints"])}
+
+
 class Method:
     name = "base"
     # the defaults reproduce each method's source; resolved into config.yaml so a run states what it used
-    defaults = {"temperature": 1.0, "alpha": 1.0, "ce_weight": 1.0, "per_peer_views": False,
+    defaults = {"temperature": 1.0, "alpha": 1.0, "ce_weight": 1.0, "per_peer_views": False, "decay": 0.0,
                 "min_peers": 1, "needs_teacher": False}
+    uses_ema_teacher = False       # each peer keeps a temporal-mean teacher of itself (PCL, DKEL)
+    self_teacher = False           # the peer holds the teacher it learns from (self-distillation)
+    uses_peer_losses = False       # the coordinator adds "peer_weights" from the peers' validation losses
+    # what a student's hint is compared with: "teacher" (its adapter maps it to the teacher's hint), "peers" (one
+    # adapter per other peer), "self" (the same network's teacher copy, no adapter), or None (no hint)
+    feature_target: str | None = None
 
     def __init__(self, method_config, task: str = "classification", num_peers: int = 1, epochs: int = 1):
         self.config = method_config
@@ -53,22 +84,63 @@ class Method:
         self.epochs = epochs
 
     # ---- knobs per epoch ---------------------------------------------------------------------------------------
+    def alpha_at(self, epoch: int) -> float:
+        """alpha_e = alpha(e) * exp(-decay * e): alpha's schedule (a number is constant), decayed per epoch."""
+        alpha = make_schedule(self.config.alpha, None, "method.alpha")(epoch, self.epochs)
+        return alpha * math.exp(-self.config.decay * epoch)
+
+    def temperature_at(self, epoch: int) -> float:
+        """The temperature of an epoch: a number, or a schedule (linear 4 -> 1, cosine, exponential, warm-up)."""
+        return make_schedule(self.config.temperature, None, "method.temperature")(epoch, self.epochs)
+
     def hyper(self, epoch: int) -> dict[str, float]:
-        alpha = self.config.alpha * math.exp(-self.config.decay * epoch)
+        alpha = self.alpha_at(epoch)
         ce_weight = 1.0 - alpha if self.config.ce_weight == "complement" else float(self.config.ce_weight)
-        return {"temperature": float(self.config.temperature), "alpha": alpha, "ce_weight": ce_weight}
+        return {"temperature": self.temperature_at(epoch), "alpha": alpha, "ce_weight": ce_weight}
 
     def view_index(self, peer: int) -> int:
         """Which augmented view of the batch a peer trains on: its own, or the shared view 0."""
         return peer if self.config.per_peer_views else 0
 
+    @property
+    def uses_hint(self) -> bool:
+        """Whether each peer taps its hint layer (``method.features.student``, the middle stage by default)."""
+        return self.feature_target is not None
+
+    def outputs_needed(self, role: str) -> tuple[str, ...]:
+        """What a ``peer`` or ``teacher`` sends each step: logits, and its hint features only where a method needs
+        them (they are the largest thing that could leave an actor)."""
+        return ("logits", "hint") if role == "peer" and self.feature_target == "peers" else ("logits",)
+
+    def feature_taps(self) -> list[tuple[str, str]]:
+        """(module path, "input"|"output") of the features each peer sends with its logits; none by default."""
+        return []
+
+    @property
+    def deploy_kind(self) -> str:
+        """Which model a run of this method is meant to deploy: the EMA teacher where there is one (PCL, DKEL)."""
+        return "ema_teacher" if self.uses_ema_teacher else "peer"
+
     def teacher_views(self) -> list[int]:
         """The views a teacher must see so that every peer gets targets for its own view."""
         return sorted({self.view_index(i) for i in range(self.num_peers)})
 
+    @classmethod
+    def check_config(cls, method_config, task: str) -> None:
+        """Raises ConfigError for a value of a method key that this method cannot use. Default: nothing to check."""
+
+    @staticmethod
+    def check_feature_weight(method_config) -> None:
+        value = method_config.feature_weight
+        if value is not None and value < 0:
+            raise ConfigError("method.feature_weight", value, "must be a number >= 0 (0: no feature alignment)")
+
     # ---- coordinator side --------------------------------------------------------------------------------------
-    def targets(self, hyper: dict, peers: list[dict], teachers: list[dict], labels: np.ndarray) -> list[dict]:
-        """One dict of numpy arrays per peer. Default: nothing to learn from (independent training)."""
+    def targets(self, hyper: dict, peers: list[dict], teachers: list[dict], labels: np.ndarray,
+                learned_ensemble: np.ndarray | None = None) -> list[dict]:
+        """One dict of numpy arrays per peer. Default: nothing to learn from (independent training).
+
+        learned_ensemble: the coordinator's learned ensemble head's logits [B, C] (``ensemble: learned_head``)."""
         return [{} for _ in peers]
 
     # ---- peer side ---------------------------------------------------------------------------------------------
@@ -76,14 +148,25 @@ class Method:
         """The method's named distillation terms, before the alpha weight. Default: none."""
         return {}
 
+    def term_weights(self, hyper: dict) -> dict[str, float]:
+        """Per-epoch weight of each named distillation term (ramps, beta); a term not named here weighs 1."""
+        return {}
+
     def loss(self, hyper: dict, outputs: dict, labels: torch.Tensor, targets: dict):
-        """Total loss and its named terms (the terms are what gets logged)."""
+        """Total loss and its named terms (the unweighted terms are what gets logged)."""
         terms = {"task": task_loss(outputs["logits"], labels, self.task)}
         distill = self.distill_terms(hyper, outputs, labels, targets)
-        total = hyper["ce_weight"] * terms["task"]
+        weights = self.term_weights(hyper)
+        # a term weighted 0 stays out of the graph: the layers only it feeds get no gradient and no weight decay
+        # (fitnet's hint stage trains the layers below the hint only)
+        total = hyper["ce_weight"] * terms["task"] if hyper["ce_weight"] else None
         for name, value in distill.items():
-            total = total + hyper["alpha"] * value
+            weight = hyper["alpha"] * weights.get(name, 1.0)
+            if weight:
+                total = weight * value if total is None else total + weight * value
             terms[name] = value
+        if total is None:
+            total = terms["task"] * 0.0
         terms["loss"] = total
         return total, terms
 

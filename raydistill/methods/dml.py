@@ -1,22 +1,49 @@
 """dml: Deep Mutual Learning, Zhang et al. 2018.
 
-loss_i = ce_weight * CE(z_i, y) + alpha_e * mean_{j != i} KD(z_i, z_j), T = 1 and alpha = 1 in the paper.
-The coordinator hands each peer the stacked logits of the other peers; nothing else is exchanged.
+loss_i = ce_weight * CE(z_i, y) + alpha_e * (sum_{j != i} W_ij KD(z_i, z_j) + feature_weight * align_i)
+W_ij = 1/(P-1) (the paper's mean over the other peers) or, with ``peer_weighting: performance``, the weights of
+distill/peer_weights.performance_peer_weights from the peers' recent validation losses; T = 1 and alpha = 1 in the
+paper. align_i (``feature_weight`` > 0, off by default) is peer feature alignment: the mean over j of
+MSE(r_ij(f_i), f_j) with peer i's adapters r_ij toward each other peer's hint (distill/features.py).
+The coordinator hands each peer the stacked logits of the other peers (and their hints where aligned).
 """
 import numpy as np
 
-from raydistill.methods.base import Method, register_method
+from raydistill.distill.peer_weights import check_peer_weighting
+from raydistill.methods.base import Method, peer_alignment_term, register_method, with_peer_hints
 
 
 @register_method("dml")
 class DeepMutualLearning(Method):
-    defaults = {**Method.defaults, "min_peers": 2}
+    defaults = {**Method.defaults, "min_peers": 2, "feature_weight": 0.0, "peer_weighting": "uniform",
+                "features": {}}
 
-    def targets(self, hyper, peers, teachers, labels):
+    @classmethod
+    def check_config(cls, method_config, task):
+        check_peer_weighting(method_config.peer_weighting)
+        cls.check_feature_weight(method_config)
+
+    @property
+    def feature_target(self):
+        return "peers" if self.config.feature_weight else None
+
+    @property
+    def uses_peer_losses(self) -> bool:
+        return self.config.peer_weighting == "performance"
+
+    def targets(self, hyper, peers, teachers, labels, learned_ensemble=None):
         logits = np.stack([p["logits"] for p in peers])                   # [P, B, C]
-        return [{"peer_logits": np.delete(logits, i, axis=0)} for i in range(len(peers))]
+        targets = [{"peer_logits": np.delete(logits, i, axis=0)} for i in range(len(peers))]
+        return with_peer_hints(targets, peers)
+
+    def term_weights(self, hyper):
+        return {"align": float(self.config.feature_weight)}
 
     def distill_terms(self, hyper, outputs, labels, targets):
         others = targets["peer_logits"]                                    # [P-1, B, C]
         terms = [self.distill(outputs["logits"], other, hyper["temperature"]) for other in others]
-        return {"kd": sum(terms) / len(terms)}
+        if "peer_weights" in targets:                                      # W_ij, j != i (performance weighting)
+            kd = sum(w * term for w, term in zip(targets["peer_weights"], terms))
+        else:
+            kd = sum(terms) / len(terms)
+        return {"kd": kd, **peer_alignment_term(outputs, targets)}

@@ -11,7 +11,7 @@ class KnowledgeDistillation(Method):
     defaults = {**Method.defaults, "temperature": 4.0, "alpha": 0.9, "ce_weight": "complement",
                 "needs_teacher": True}
 
-    def targets(self, hyper, peers, teachers, labels):
+    def targets(self, hyper, peers, teachers, labels, learned_ensemble=None):
         views = self.teacher_views()
         teacher_logits = teachers[0]["logits"]                             # [V, B, C], one per view in `views`
         return [{"teacher_logits": teacher_logits[views.index(self.view_index(i))]} for i in range(len(peers))]

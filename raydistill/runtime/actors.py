@@ -1,6 +1,8 @@
 """Thin Ray shells around the engine's Peer, Teacher and Coordinator: every method forwards; nothing else lives here."""
 from __future__ import annotations
 
+import os
+
 import ray
 
 from raydistill.engine.coordinator import Coordinator
@@ -12,12 +14,18 @@ def _node() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-class PeerShell:
-    def __init__(self, index, config, arrays, spec):
-        self.peer = Peer(index, config, arrays, spec)
-
+class _Shell:
     def node(self) -> str:
         return _node()
+
+    def pid(self) -> int:
+        """The actor's process id (failure drills kill it)."""
+        return os.getpid()
+
+
+class PeerShell(_Shell):
+    def __init__(self, index, config, arrays, spec):
+        self.peer = Peer(index, config, arrays, spec)
 
     def forward(self, epoch, step):
         return self.peer.forward(epoch, step)
@@ -38,12 +46,9 @@ class PeerShell:
         return self.peer.export()
 
 
-class TeacherShell:
+class TeacherShell(_Shell):
     def __init__(self, index, config, arrays, spec):
         self.teacher = Teacher(index, config, arrays, spec)
-
-    def node(self) -> str:
-        return _node()
 
     def forward(self, epoch, step):
         return self.teacher.forward(epoch, step)
@@ -52,12 +57,9 @@ class TeacherShell:
         return self.teacher.evaluate(split)
 
 
-class CoordinatorShell:
-    def __init__(self, config, labels):
-        self.coordinator = Coordinator(config, labels)
-
-    def node(self) -> str:
-        return _node()
+class CoordinatorShell(_Shell):
+    def __init__(self, config, labels, spec):
+        self.coordinator = Coordinator(config, labels, spec)
 
     def targets(self, epoch, step, *outputs):
         return self.coordinator.targets(epoch, step, *outputs)

@@ -6,6 +6,7 @@ of DESIGN.md: ``submit_step`` starts forward -> targets -> learn for one step an
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -19,11 +20,16 @@ from raydistill.data.views import num_steps
 from raydistill.engine.checkpoint import save_checkpoint
 from raydistill.engine.evaluation import primary_metric
 from raydistill.engine.recorder import Recorder, write_json
+from raydistill.engine.storage import mirror
 from raydistill.methods import build_method
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (a non-finite loss, a lost actor past its restarts); the message says what to do."""
+
+
+class WorkerLost(RuntimeError):
+    """A peer, teacher or coordinator died (its process or its node); the runtime restarts it."""
 
 
 @dataclass
@@ -91,50 +97,111 @@ class Run:
         recorder = Recorder(self.run_dir, resume_epoch=first if resume_state is not None else None)
         epochs = self.config.train.epochs
         wall_before = self.state["wall_s"]
+        # where a lost actor rolls the run back to: the last checkpoint (kept in memory too), or the start
+        self.mark_rollback(first, 0, resume_state or self.workers.get_state(), [])
+        epoch = first
         try:
-            for epoch in range(first, epochs):
-                train_metrics, seconds = self.train_epoch(epoch)
-                evaluation = {"val": self.workers.evaluate("val") if self.has_val else None,
-                              "test": self.workers.evaluate("test")}
+            while epoch < epochs:
+                last = epoch + 1 == epochs or (stop_after_epoch is not None and epoch + 1 >= stop_after_epoch)
+                due = last or (epoch + 1) % self.config.train.checkpoint_every == 0
+                try:                                   # every call to the workers of this epoch, nothing recorded yet
+                    start_step, done = self.resume_point(epoch)
+                    train_metrics, seconds = self.train_epoch(epoch, start_step, done)
+                    evaluation = {"val": self.workers.evaluate("val") if self.has_val else None,
+                                  "test": self.workers.evaluate("test")}
+                    worker_state = self.workers.get_state() if due else None
+                except WorkerLost as lost:
+                    epoch = self.recover(lost)
+                    continue
                 self.state["history"].append(self.epoch_record(epoch, train_metrics, evaluation, seconds))
                 self.state["epochs_completed"] = epoch + 1
                 self.state["wall_s"] = wall_before + time.perf_counter() - start
                 recorder.log_epoch(epoch + 1, *self.records(epoch))
                 self.console.line(self.epoch_line(epoch))
-                last = epoch + 1 == epochs or (stop_after_epoch is not None and epoch + 1 >= stop_after_epoch)
                 checkpoint = None
-                if last or (epoch + 1) % self.config.train.checkpoint_every == 0:
-                    checkpoint = save_checkpoint(self.run_dir, epoch + 1,
-                                                 {**self.workers.get_state(), "loop": self.state},
+                if due:
+                    checkpoint = save_checkpoint(self.run_dir, epoch + 1, {**worker_state, "loop": self.state},
                                                  self.config.train.keep_checkpoints)
+                    self.mark_rollback(epoch + 1, 0, worker_state, [])
+                    self.mirror()
                 if self.on_epoch is not None:
                     self.on_epoch(self.epoch_report(), checkpoint)
                 if last:
                     break
+                epoch += 1
             summary = self.summary()
             if summary["epochs_completed"] == epochs:
                 summary["deploy"] = self.export()
             recorder.write_summary(summary)
         finally:
             recorder.close()
+        self.mirror()
         self.console.line(self.final_table(summary))
         return RunResult(self.run_dir, summary)
 
-    def train_epoch(self, epoch: int) -> tuple[list[dict], float]:
+    def train_epoch(self, epoch: int, start_step: int = 0, done: list | None = None) -> tuple[list[dict], float]:
+        """Steps start_step.. of an epoch; done: the step metrics already collected (after a mid-epoch rollback)."""
         tic = time.perf_counter()
-        pending, done = deque(), []
-        for step in range(self.steps):
+        pending, done = deque(), list(done or [])
+        every = self.config.train.checkpoint_every_steps
+        self.position = (epoch, start_step)
+        for step in range(start_step, self.steps):
             pending.append((step, self.workers.submit_step(epoch, step)))
-            while len(pending) > self.config.train.steps_in_flight or (step == self.steps - 1 and pending):
+            boundary = every is not None and (step + 1) % every == 0 and step + 1 < self.steps
+            while pending and (len(pending) > self.config.train.steps_in_flight or step == self.steps - 1 or boundary):
                 done_step, handle = pending.popleft()
                 metrics = self.workers.collect(handle)
                 self.check_finite(epoch, done_step, metrics)
                 done.append(metrics)
+                self.position = (epoch, done_step + 1)
                 self.console.progress(epoch, self.config.train.epochs, len(done), self.steps)
+            if boundary:                               # a finer rollback point, in memory
+                self.mark_rollback(epoch, step + 1, self.workers.get_state(), done)
         seconds = time.perf_counter() - tic
         self.state["train_s"] += seconds
-        self.state["samples"] += self.steps * self.config.train.batch_size
+        self.state["samples"] += (self.steps - start_step) * self.config.train.batch_size
         return _mean_metrics(done), seconds
+
+    def mirror(self) -> None:
+        if self.config.train.storage:
+            mirror(self.run_dir, self.config.train.storage)
+
+    # ---- failures ----------------------------------------------------------------------------------------------
+    def mark_rollback(self, epoch: int, step: int, worker_state: dict, done: list) -> None:
+        self.rollback = {"epoch": epoch, "step": step, "workers": worker_state, "done": list(done),
+                         "loop": copy.deepcopy(self.state)}
+
+    def resume_point(self, epoch: int) -> tuple[int, list]:
+        """Where this epoch starts: step 0, or the mid-epoch rollback point it was rolled back to."""
+        if self.rollback["epoch"] == epoch and self.rollback["step"] > 0:
+            return self.rollback["step"], self.rollback["done"]
+        return 0, []
+
+    def recover(self, lost: "WorkerLost") -> int:
+        """An actor died: wait for Ray to restart it (on this node or a replacement), roll every peer, teacher and the
+        coordinator back to the last common rollback point, and go on from there. Returns the epoch to continue."""
+        restarts = self.state["restarts"] + 1
+        if restarts > self.config.resources.max_restarts * max(1, self.config.num_peers + 2):
+            raise TrainingError(f"too many lost actors ({restarts}); the run directory keeps the last checkpoint "
+                                f"(epoch {self.rollback['epoch']}): `raydistill train --resume {self.run_dir}`")
+        wait = self.config.resources.node_wait_s
+        self.console.line(f"lost an actor at epoch {self.position[0] + 1} step {self.position[1]} ({lost}); "
+                          f"waiting up to {wait:.0f}s for it to come back")
+        try:
+            self.workers.wait_ready(wait)
+        except TimeoutError as err:
+            raise TrainingError(f"{err}; the run directory keeps the last checkpoint (epoch "
+                                f"{self.rollback['epoch']}): add capacity, then `raydistill train --resume "
+                                f"{self.run_dir}`") from None
+        redone = (self.position[0] - self.rollback["epoch"]) * self.steps + self.position[1] - self.rollback["step"]
+        self.workers.set_state(self.rollback["workers"])
+        steps_redone = self.state["steps_redone"] + max(redone, 0)
+        self.state = copy.deepcopy(self.rollback["loop"])
+        self.state.update(restarts=restarts, steps_redone=steps_redone)
+        self.rollback["loop"].update(restarts=restarts, steps_redone=steps_redone)
+        self.console.line(f"rolled back to epoch {self.rollback['epoch'] + 1} step {self.rollback['step']} "
+                          f"({redone} steps to redo); restarts so far: {restarts}")
+        return self.rollback["epoch"]
 
     def check_finite(self, epoch: int, step: int, metrics: list[dict]) -> None:
         bad = [i for i, m in enumerate(metrics) if not m["finite"]]
@@ -148,7 +215,8 @@ class Run:
     # ---- figures -----------------------------------------------------------------------------------------------
     def epoch_report(self) -> dict:
         """Flat figures of the last epoch (what Tune reports): per model val/test figures, the deploy candidate's
-        validation figure under `val_<metric>` (the best peer's), hyper-parameters, epoch, samples/s."""
+        figure under `val_<metric>` (the best model of the method's deploy kind: peer, or EMA teacher for pcl/dkel),
+        hyper-parameters, epoch, samples/s."""
         rec = self.state["history"][-1]
         report = {"epoch": rec["epoch"] + 1, "samples_per_s": rec["samples_per_s"], **rec["hyper"]}
         for split in ("val", "test"):
@@ -157,12 +225,14 @@ class Run:
                 continue
             for i, peer in enumerate(figures["peers"]):
                 report.update({f"peer{i}_{split}_{k}": v for k, v in peer.items()})
+            for i, teacher in enumerate(figures.get("ema_teachers", [])):
+                report.update({f"{self.model_name('ema_teacher', i)}_{split}_{k}": v for k, v in teacher.items()})
             for i, teacher in enumerate(figures["teachers"]):
                 report.update({f"teacher{i}_{split}_{k}": v for k, v in teacher.items()})
             report.update({f"ensemble_{split}_{k}": v for k, v in figures.get("ensemble", {}).items()})
             if "consistency" in figures:
                 report[f"{split}_consistency"] = figures["consistency"]
-            scores = [p.get(self.metric) for p in figures["peers"]]
+            scores = [self.figures(figures, kind, i).get(self.metric) for kind, i in self.deploy_candidates()]
             report[f"{split}_{self.metric}"] = max(scores) if self.mode == "max" else min(scores)
         report["train_loss"] = sum(t["loss"] for t in rec["train"]) / len(rec["train"])
         return report
@@ -185,11 +255,13 @@ class Run:
         if "consistency" in common:
             scalars["consistency"] = common["consistency"]
         models = [("peer", i, p.arch, rec["train"][i]) for i, p in enumerate(self.config.peers)]
+        if self.method.uses_ema_teacher:
+            models += [("ema_teacher", i, p.arch, {}) for i, p in enumerate(self.config.peers)]
         models += [("teacher", i, self.config.teacher.arch, {}) for i in range(self.workers.num_teachers)]
         if self.config.num_peers > 1:
             models.append(("ensemble", 0, "ensemble", {}))
         for kind, index, arch, train in models:
-            name = kind if kind == "ensemble" else f"{kind}{index}"
+            name = self.model_name(kind, index)
             row = {**common, "model": name, "kind": kind, "index": index, "arch": arch}
             row.update({f"train_{k}": v for k, v in train.items()})
             for split, figures in (("val", val), ("test", test)):
@@ -199,6 +271,17 @@ class Run:
                 if key.startswith(("train_", "val_", "test_")):
                     scalars[f"{name}/{key.replace('_', '/', 1)}"] = value
         return rows, scalars
+
+    @staticmethod
+    def model_name(kind: str, index: int) -> str:
+        """The name of a model in records, summary and export: peer0, peer0_ema, teacher0, ensemble."""
+        if kind == "ensemble":
+            return "ensemble"
+        return f"peer{index}_ema" if kind == "ema_teacher" else f"{kind}{index}"
+
+    def deploy_candidates(self) -> list[tuple[str, int]]:
+        """The models one of which is meant for deployment: the EMA teachers (pcl, dkel) or the peers."""
+        return [(self.method.deploy_kind, i) for i in range(self.config.num_peers)]
 
     @staticmethod
     def figures(evaluation: dict, kind: str, index: int) -> dict:
@@ -230,12 +313,16 @@ class Run:
         nodes = self.workers.nodes()
         peers = [{"index": i, "arch": p.arch, "node": nodes["peers"][i], **self.model_summary("peer", i)}
                  for i, p in enumerate(self.config.peers)]
+        ema_teachers = [{"index": i, "name": self.model_name("ema_teacher", i), "arch": p.arch,
+                         "node": nodes["peers"][i], **self.model_summary("ema_teacher", i)}
+                        for i, p in enumerate(self.config.peers)] if self.method.uses_ema_teacher else []
         teachers = [{"index": i, "arch": self.config.teacher.arch, "node": nodes["teachers"][i],
                      **self.model_summary("teacher", i)} for i in range(self.workers.num_teachers)]
         summary = {"name": self.config.name, "method": self.config.method.name, "dataset": self.config.data.name,
                    "task": self.config.task, "runtime": self.runtime,
                    "epochs_completed": self.state["epochs_completed"], "epochs": self.config.train.epochs,
-                   "peers": peers, "teachers": teachers, "coordinator_node": nodes["coordinator"]}
+                   "peers": peers, "ema_teachers": ema_teachers, "teachers": teachers,
+                   "coordinator_node": nodes["coordinator"]}
         if self.config.num_peers > 1:
             ensemble = self.model_summary("ensemble", 0)
             summary.update({f"ensemble_{k}": v for k, v in ensemble.items()})
@@ -249,8 +336,9 @@ class Run:
 
     # ---- export ------------------------------------------------------------------------------------------------
     def export(self) -> dict:
-        """Writes export/ (models loadable without Ray) and returns the deploy choice: the peer with the best
-        last-epoch validation figure (the exported weights are the last epoch's)."""
+        """Writes export/ (models loadable without Ray) and returns the deploy choice: among the method's deploy
+        candidates (EMA teachers for pcl/dkel, else peers), the one with the best last-epoch validation figure (the
+        exported weights are the last epoch's; the test split never decides)."""
         import os
         import shutil
 
@@ -260,9 +348,10 @@ class Run:
         split = self.selection_split()
         last = self.state["history"][-1][split]
         sign = 1 if self.mode == "max" else -1
-        peer_scores = [sign * last["peers"][i].get(self.metric, -math.inf) for i in range(self.config.num_peers)]
-        deploy_index = max(range(len(peer_scores)), key=peer_scores.__getitem__)
-        deploy = {"kind": "peer", "index": deploy_index, "name": f"peer{deploy_index}",
+        candidates = self.deploy_candidates()
+        scores = [sign * self.figures(last, kind, i).get(self.metric, -sign * math.inf) for kind, i in candidates]
+        kind, deploy_index = candidates[max(range(len(scores)), key=scores.__getitem__)]
+        deploy = {"kind": kind, "index": deploy_index, "name": self.model_name(kind, deploy_index),
                   "chosen_by": f"last-epoch {split} {self.metric}"}
         tmp, final = self.run_dir / ".export.tmp", self.run_dir / "export"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -289,6 +378,8 @@ class Run:
         peers = " ".join(f"{p[metric]:.4f}" for p in figures["peers"])
         loss = sum(t["loss"] for t in rec["train"]) / len(rec["train"])
         parts = [f"epoch {epoch + 1:>3}/{self.config.train.epochs}", f"loss {loss:.4f}", f"{split} {metric} {peers}"]
+        if figures.get("ema_teachers"):
+            parts.append("ema " + " ".join(f"{t[metric]:.4f}" for t in figures["ema_teachers"]))
         if figures.get("ensemble"):
             parts.append(f"ensemble {figures['ensemble'][metric]:.4f}")
         if "consistency" in figures:
@@ -304,6 +395,7 @@ class Run:
         rows = [("model", "arch", f"val {metric}", f"best val {metric}", "best epoch", f"test {metric}",
                  f"test {metric} @best")]
         entries = [(f"peer{p['index']}", p) for p in summary["peers"]]
+        entries += [(t["name"], t) for t in summary.get("ema_teachers", [])]
         entries += [(f"teacher{t['index']}", t) for t in summary["teachers"]]
         if f"ensemble_val_{metric}" in summary:
             entries.append(("ensemble", {k[len("ensemble_"):]: v for k, v in summary.items()

@@ -1,0 +1,59 @@
+"""Feature distillation terms: hints, attention transfer, peer feature alignment. Pure torch: no Ray, no config.
+
+Students' features reach these functions already projected by their adapters (raydistill.models.adapters); the
+target features are detached here.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def hint_loss(adapted_student: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """FitNet's hint (Romero et al. 2015, "FitNets: Hints for Thin Deep Nets"):
+    MSE(r(f_s), f_t) = mean over batch and elements of (r(f_s) - f_t)^2, r the student's adapter, f_t detached.
+
+    The paper writes 1/2 ||.||^2 summed per sample; the mean (RepDistiller's HintLoss) keeps hint_weight independent
+    of the feature size.
+    """
+    return F.mse_loss(adapted_student, teacher_features.detach())
+
+
+def attention_map(features: torch.Tensor, p: float = 2.0, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Zagoruyko & Komodakis 2017, "Paying More Attention to Attention": the spatial attention of a map [B, C, H, W],
+    Q = mean over channels of |f|^p, flattened per sample and L2-normalized: a = Q / ||Q||_2, shape [B, H*W].
+
+    ``size``: resize Q to (H', W') before normalizing (adaptive average pooling to shrink, bilinear to grow), so
+    maps of different spatial sizes can be compared; the channel counts never need to agree.
+    """
+    if features.dim() != 4:
+        raise ValueError(f"attention transfer needs feature maps [B, C, H, W], got shape {tuple(features.shape)}")
+    q = features.abs().pow(p).mean(dim=1, keepdim=True)
+    if size is not None and tuple(q.shape[-2:]) != tuple(size):
+        if q.shape[-2] >= size[0] and q.shape[-1] >= size[1]:
+            q = F.adaptive_avg_pool2d(q, size)
+        else:
+            q = F.interpolate(q, size=size, mode="bilinear", align_corners=False)
+    return F.normalize(q.flatten(1), p=2, dim=1)
+
+
+def attention_transfer_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
+                            p: float = 2.0) -> torch.Tensor:
+    """Attention transfer (Zagoruyko & Komodakis 2017): mean over the batch of || a_s - a_t ||_2, a = attention_map
+    (p = 2), the student's map brought to the teacher's spatial size; the teacher's map is detached.
+
+    The paper weights the term by beta/2 (beta = 1000 spread over the attention pairs); that weight is the caller's.
+    """
+    target = attention_map(teacher_features.detach(), p)
+    student = attention_map(student_features, p, size=tuple(teacher_features.shape[-2:]))
+    return (student - target).norm(p=2, dim=1).mean()
+
+
+def peer_alignment_loss(adapted: list[torch.Tensor], peer_features: list[torch.Tensor]) -> torch.Tensor:
+    """Peer feature alignment: mean over the other peers j of MSE(r_j(f_i), f_j), where r_j is peer i's adapter
+    toward peer j's feature shape and f_j is detached (each peer aligns itself, as in DML each learns from the others).
+    Zero for no other peer.
+    """
+    if len(adapted) != len(peer_features):
+        raise ValueError(f"{len(adapted)} adapted features for {len(peer_features)} peers")
+    if not adapted:
+        return torch.zeros(())
+    return torch.stack([hint_loss(a, f) for a, f in zip(adapted, peer_features)]).mean()

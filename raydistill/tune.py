@@ -1,0 +1,528 @@
+"""Ray Tune searches over a run's hyper-parameters: each trial is one whole raydistill run.
+
+A trial reserves its run's placement group at once through a PlacementGroupFactory (bundle 0: the trial and the
+coordinator; one bundle per peer and teacher), so concurrent trials never hold half a run each. The trial calls
+:func:`raydistill.runtime.driver.train` with that group and reports every epoch's figures with a checkpoint of the whole
+run, so ASHA stops trials early and PBT clones a good trial's checkpoint into a worse one with perturbed
+hyper-parameters.
+
+The experiment directory holds Tune's own state, ``search.yaml`` (what was searched, for ``--resume``), ``trials/`` (one
+raydistill run directory per trial segment: TensorBoard, metrics.parquet, checkpoints), and at the end ``best.json`` and
+``trials.parquet``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import re
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from raydistill.config import Config, PeerConfig, apply_overrides, load_config, raw_config
+from raydistill.errors import ConfigError
+
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "randint")
+SCHEDULERS = ("asha", "pbt")
+SEARCHES = ("random", "optuna")
+SETTINGS = ("metric", "mode", "scheduler", "search")
+SCHEDULER_OPTIONS = {"asha": ("grace_period", "reduction_factor"),
+                     "pbt": ("perturbation_interval", "quantile_fraction", "resample_probability", "synch", "mutate")}
+PBT_MUTATES = ("method.temperature", "method.alpha")
+SEARCH_FILE = "search.yaml"
+TRIALS_DIR = "trials"
+SEGMENT = re.compile(r"^(?P<trial>[^.]+)(\.(?P<k>\d+)_from_epoch_\d+)?$")
+
+
+# ---- the search space --------------------------------------------------------------------------------------------
+@dataclass
+class Space:
+    params: dict            # dotted config key -> (distribution, arguments)
+    metric: str
+    mode: str
+    scheduler: str
+    scheduler_options: dict
+    search: str
+
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        """[low, high] of the continuous keys: PBT's perturbations stay inside them."""
+        return {k: tuple(args) for k, (dist, args) in self.params.items() if dist in ("loguniform", "uniform")}
+
+
+def _unwrap(tp):
+    """Union[X, None] -> X (the config's optional sections and values)."""
+    if get_origin(tp) is Union:
+        rest = [a for a in get_args(tp) if a is not type(None)]
+        return rest[0] if len(rest) == 1 else tp
+    return tp
+
+
+def check_key(key: str, spec) -> None:
+    """The key must name a config value: walks the config dataclasses; free-form `options` mappings take any key."""
+    tp, parts = Config, key.split(".")
+    for depth, part in enumerate(parts):
+        tp = _unwrap(tp)
+        where = ".".join(parts[:depth]) or "the config"
+        if tp is dict or get_origin(tp) is dict:
+            return
+        if depth == 1 and parts[0] == "peers":          # peers.<index>.<key>: a per-peer setting
+            if not part.isdigit():
+                raise ConfigError(key, spec, "peers.<index>.<key> names one peer's setting (arch, options, lr)")
+            tp = PeerConfig
+            continue
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(key, spec, f"unknown config key: {where} is a single value")
+        hints = get_type_hints(tp)
+        if part not in hints:
+            raise ConfigError(key, spec, f"unknown config key; {where} has: {', '.join(sorted(hints))}")
+        tp = hints[part]
+    if dataclasses.is_dataclass(_unwrap(tp)):
+        raise ConfigError(key, spec, f"is a section; name one of its keys: "
+                                     f"{', '.join(sorted(get_type_hints(_unwrap(tp))))}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_distribution(key: str, spec) -> tuple[str, list]:
+    """One of {loguniform|uniform|randint: [low, high]}, {choice|grid: [values...]} -> (name, arguments)."""
+    allowed = "one distribution: {loguniform: [low, high]}, {uniform: [low, high]}, {randint: [low, high]}, " \
+              "{choice: [values]} or {grid: [values]}"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(key, spec, allowed)
+    (name, args), = spec.items()
+    if name not in DISTRIBUTIONS:
+        raise ConfigError(key, spec, f"unknown distribution {name!r}; {allowed}")
+    if name in ("choice", "grid"):
+        if not isinstance(args, list) or not args:
+            raise ConfigError(key, spec, f"{name} needs a non-empty list of values")
+        return name, list(args)
+    if not isinstance(args, list) or len(args) != 2 or not all(_number(a) for a in args):
+        raise ConfigError(key, spec, f"{name} needs [low, high], two numbers")
+    low, high = args
+    if name == "randint" and not all(isinstance(a, int) for a in args):
+        raise ConfigError(key, spec, "randint needs [low, high], two integers (both included)")
+    if low > high or (low == high and name != "randint"):
+        raise ConfigError(key, spec, f"{name} needs low < high; got low {low} > high {high}" if low > high else
+                          f"{name} needs low < high; use a fixed --set {key}={low} for one value")
+    if name == "loguniform" and low <= 0:
+        raise ConfigError(key, spec, "loguniform needs 0 < low < high")
+    return name, [low, high]
+
+
+def corner_values(dist: str, args: list) -> list:
+    """The values a trial can take at the edges of a distribution: each is checked against the config first."""
+    return list(args) if dist in ("choice", "grid") else [args[0], args[1]]
+
+
+def load_space(source, base: dict, scheduler: str | None = None) -> Space:
+    """Reads and validates a search space (a YAML path or a mapping) against the run's raw config, before any trial.
+
+    Every error is a ConfigError naming the key: unknown config keys, unknown distributions, low > high, and values at
+    the edges of the space that the config itself refuses (a temperature of 0, alpha > 1 with ce_weight complement).
+    """
+    data = source
+    if not isinstance(source, dict):
+        path = Path(source)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as err:
+            raise ConfigError("--space", str(source), f"cannot be read ({err.strerror})") from None
+        except yaml.YAMLError as err:
+            raise ConfigError("--space", str(source), f"is not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not data:
+        raise ConfigError("--space", source if isinstance(source, str) else data,
+                          "must map config keys to distributions, e.g. method.temperature: {loguniform: [1, 10]}")
+    params = {}
+    for key, spec in data.items():
+        if key in SETTINGS:
+            continue
+        check_key(str(key), spec)
+        params[str(key)] = check_distribution(str(key), spec)
+    if not params:
+        raise ConfigError("--space", source if isinstance(source, str) else data, "names no config key to search")
+    for key, (dist, args) in params.items():
+        for value in corner_values(dist, args):
+            try:
+                load_config(base, {key: value})
+            except ConfigError as err:
+                raise ConfigError(err.field, err.value, f"{err.allowed} (a value of the search space's {key})") \
+                    from None
+    config = load_config(base)
+    metric, mode = search_metric(config, data.get("metric"), data.get("mode"))
+    name, options = _scheduler_setting(data.get("scheduler", "asha"), scheduler)
+    search = data.get("search", "random")
+    if search not in SEARCHES:
+        raise ConfigError("search", search, f"one of: {', '.join(SEARCHES)}")
+    space = Space(params, metric, mode, name, options, search)
+    _check_combination(space)
+    return space
+
+
+def _scheduler_setting(setting, override: str | None) -> tuple[str, dict]:
+    """`scheduler: asha` or `scheduler: {name: pbt, perturbation_interval: 2, ...}`; --scheduler overrides the name."""
+    options = dict(setting) if isinstance(setting, dict) else {"name": setting}
+    name = options.pop("name", "asha")
+    if override is not None and override != name:
+        name, options = override, {}
+    if name not in SCHEDULERS:
+        raise ConfigError("scheduler", name, f"one of: {', '.join(SCHEDULERS)}")
+    for key in options:
+        if key not in SCHEDULER_OPTIONS[name]:
+            raise ConfigError(f"scheduler.{key}", options[key],
+                              f"unknown option of {name}; allowed: {', '.join(SCHEDULER_OPTIONS[name])}")
+    return name, options
+
+
+def search_metric(config: Config, metric: str | None, mode: str | None) -> tuple[str, str]:
+    """Default: the deployable model's validation figure (val_acc, max). Test-split figures never select a model."""
+    from raydistill.engine.evaluation import primary_metric
+
+    primary, primary_mode = primary_metric(config.task)
+    metric = metric or f"val_{primary}"
+    mode = mode or (primary_mode if metric.endswith(primary) else "max")
+    if mode not in ("max", "min"):
+        raise ConfigError("mode", mode, "one of: max, min")
+    if config.data.val_fraction <= 0:
+        raise ConfigError("data.val_fraction", config.data.val_fraction,
+                          "a search selects on the validation split carved from the training data; set it > 0")
+    if "test" in metric.split("_"):
+        raise ConfigError("metric", metric, "choose a validation figure (val_*); the test split never selects a model")
+    return metric, mode
+
+
+def _check_combination(space: Space) -> None:
+    grids = [k for k, (dist, _) in space.params.items() if dist == "grid"]
+    if space.search == "optuna":
+        import importlib.util
+
+        if importlib.util.find_spec("optuna") is None:
+            raise ConfigError("search", "optuna", "needs Optuna: pip install 'raydistill[optuna]'")
+        if grids:
+            raise ConfigError(grids[0], "grid", "Optuna samples; use choice instead of grid with search: optuna")
+        if space.scheduler == "pbt":
+            raise ConfigError("search", "optuna", "works with scheduler asha; PBT evolves its own population")
+    if space.scheduler == "pbt":
+        mutate = space.scheduler_options.get("mutate", [k for k in PBT_MUTATES if k in space.params])
+        missing = [k for k in mutate if k not in space.params]
+        if not mutate or missing:
+            raise ConfigError("scheduler.mutate", mutate or None,
+                              "PBT mutates keys of the space; name method.temperature and/or method.alpha in it")
+
+
+# ---- Tune objects -------------------------------------------------------------------------------------------------
+def domain(dist: str, args: list):
+    from ray import tune
+
+    return {"loguniform": lambda: tune.loguniform(*args), "uniform": lambda: tune.uniform(*args),
+            "randint": lambda: tune.randint(args[0], args[1] + 1),       # both ends included, as written
+            "choice": lambda: tune.choice(args), "grid": lambda: tune.grid_search(args)}[dist]()
+
+
+def param_space(space: Space) -> dict:
+    return {key: domain(dist, args) for key, (dist, args) in space.params.items()}
+
+
+def clamp_to_space(config: dict, bounds: dict) -> dict:
+    """PBT perturbs by x1.2 / x0.8; keep each continuous key inside the [low, high] of its space."""
+    for key, (low, high) in bounds.items():
+        if key in config:
+            config[key] = min(max(config[key], low), high)
+    return config
+
+
+def build_scheduler(space: Space, config: Config):
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
+    options = space.scheduler_options
+    if space.scheduler == "asha":
+        epochs = [config.train.epochs]
+        if "train.epochs" in space.params:
+            epochs += [v for v in corner_values(*space.params["train.epochs"]) if isinstance(v, int)]
+        return ASHAScheduler(time_attr="epoch", max_t=max(epochs), grace_period=options.get("grace_period", 1),
+                             reduction_factor=options.get("reduction_factor", 4))
+    mutate = options.get("mutate", [k for k in PBT_MUTATES if k in space.params])
+    mutations = {}
+    for key in mutate:
+        dist, args = space.params[key]
+        mutations[key] = list(args) if dist in ("choice", "grid") else domain(dist, args)
+    return PopulationBasedTraining(
+        time_attr="epoch", perturbation_interval=options.get("perturbation_interval", config.train.checkpoint_every),
+        hyperparam_mutations=mutations, quantile_fraction=options.get("quantile_fraction", 0.25),
+        resample_probability=options.get("resample_probability", 0.25), synch=options.get("synch", False),
+        custom_explore_fn=functools.partial(clamp_to_space, bounds=space.bounds()))
+
+
+def checkpoints_to_keep(space: Space) -> int:
+    """ASHA resumes a trial from its own last checkpoint; PBT also clones others' (Tune warns below 3)."""
+    return 4 if space.scheduler == "pbt" else 2
+
+
+def build_search(space: Space):
+    if space.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch()
+    return None                 # Tune's default: random samples, every grid value
+
+
+def trial_bundles(config: Config) -> list[dict]:
+    """The run's bundles with the trial itself in bundle 0 (beside the coordinator)."""
+    from raydistill.runtime import placement
+
+    return placement.bundles(config, driver_cpus=1)
+
+
+def trial_resources(config: Config) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for bundle in trial_bundles(config):
+        for key, value in bundle.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
+def placement_factory(config: Config):
+    """Tune gives a trial's head bundle to the trainable actor whole; an empty head puts the trainable in bundle 0 at
+    no charge, so the coordinator still fits there and every child actor keeps placement.bundles()'s index."""
+    from ray.tune import PlacementGroupFactory
+
+    return PlacementGroupFactory([{}] + trial_bundles(config), strategy=config.resources.strategy)
+
+
+def max_concurrent_trials(config: Config, cluster: dict[str, float]) -> int:
+    """How many whole runs the cluster holds at once: by GPUs where a run takes GPUs, else by CPUs."""
+    need = trial_resources(config)
+    if need.get("CPU", 0) > cluster.get("CPU", 0) + 1e-9 or need.get("GPU", 0) > cluster.get("GPU", 0) + 1e-9:
+        raise ConfigError("resources", {k: round(v, 3) for k, v in need.items()},
+                          f"one trial reserves its coordinator, peers, teachers and itself at once; the cluster has "
+                          f"CPU {cluster.get('CPU', 0):g}, GPU {cluster.get('GPU', 0):g}")
+    count = math.floor(cluster.get("CPU", 0) / need["CPU"] + 1e-9)
+    if need.get("GPU", 0) > 0:
+        count = min(count, math.floor(cluster.get("GPU", 0) / need["GPU"] + 1e-9))
+    return max(1, count)
+
+
+# ---- one trial ---------------------------------------------------------------------------------------------------
+def segment_dir(root: Path, trial_id: str, from_epoch: int | None) -> Path:
+    """A trial's run directory; a trial continued from a checkpoint (PBT, resume) writes a new segment beside it."""
+    if from_epoch is None:
+        return root / trial_id
+    k = 2 + sum(1 for p in root.glob(f"{trial_id}.*") if p.is_dir())
+    return root / f"{trial_id}.{k}_from_epoch_{from_epoch:04d}"
+
+
+def trial_run_dirs(root: Path, trial_id: str) -> list[Path]:
+    """A trial's segments in the order they ran."""
+    found = [p for p in Path(root).glob(f"{trial_id}*") if p.is_dir() and (m := SEGMENT.match(p.name))
+             and m.group("trial") == trial_id]
+    return sorted(found, key=lambda p: int(SEGMENT.match(p.name).group("k") or 1))
+
+
+def run_complete(trial_id: str, result: dict) -> bool:
+    """The stopper: a run's last report comes after it finished (summary and export written); nothing to decide."""
+    return result.get("epoch", 0) >= result.get("epochs", math.inf)
+
+
+def run_trial(params: dict, *, base: dict, root: str) -> None:
+    """A Tune trial: one raydistill run in the trial's placement group, one report per epoch with its checkpoint."""
+    import ray
+    from ray import tune
+
+    from raydistill.runtime.driver import train
+
+    config = load_config(base, params)
+    epochs = config.train.epochs
+    trial_id = tune.get_context().get_trial_id()
+    last: dict = {}
+
+    def report(record: dict, checkpoint_dir) -> None:
+        record = {**record, "epochs": epochs}
+        if record["epoch"] >= epochs:
+            last.update(record=record, checkpoint=checkpoint_dir)    # reported once the run has exported
+            return
+        tune.report(record, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir
+                    else None)
+
+    run = functools.partial(train, config, progress=False, on_epoch=report,
+                            placement_group=ray.util.get_current_placement_group())
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        run(Path(root) / trial_id)
+    else:
+        with checkpoint.as_directory() as path:
+            done = json.loads((Path(path) / "loop.json").read_text())["epochs_completed"]
+            if done >= epochs:
+                return                         # cloned from a finished run: nothing left to train
+            run(segment_dir(Path(root), trial_id, done), from_checkpoint=path)
+    if last:
+        tune.report(last["record"], checkpoint=tune.Checkpoint.from_directory(str(last["checkpoint"])))
+
+
+def trainable(base: dict, root: Path, config: Config):
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(run_trial, base=base, root=str(root)), placement_factory(config))
+
+
+def trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+# ---- the experiment ----------------------------------------------------------------------------------------------
+def default_output(config: Config) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"tune-{config.name}-{stamp}"
+
+
+def absolute_paths(base: dict) -> dict:
+    """Trials run in their own working directories: data.root and teacher.checkpoint become absolute here."""
+    for section, key in (("data", "root"), ("teacher", "checkpoint")):
+        value = (base.get(section) or {}).get(key)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            base[section][key] = os.path.abspath(value)
+    return base
+
+
+def _connect(config: Config) -> bool:
+    """Joins resources.address, or starts a local Ray with room for at least one whole trial."""
+    import logging
+
+    import ray
+
+    from raydistill.runtime.driver import connect
+
+    if ray.is_initialized() or config.resources.address:
+        return connect(config)
+    cpus = max(os.cpu_count() or 1, math.ceil(trial_resources(config)["CPU"]))
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def tune(config=None, space=None, *, samples: int | None = None, output=None, overrides=None,
+         scheduler: str | None = None, resume=None, max_concurrent: int | None = None, progress: bool = True,
+         callbacks=None) -> dict:
+    """Searches hyper-parameters and returns the best trial: {metric, mode, value, trial, run_dir, config, complete}.
+
+    config: a preset name, a YAML/JSON path or a dict (with overrides `a.b=v`); space: a tune_spaces/*.yaml path or a
+    mapping; samples: Tune's num_samples (a grid is repeated that many times; default 4); output: the experiment
+    directory (default runs/tune-NAME-TIMESTAMP); scheduler: asha or pbt over the space's own; resume: an experiment
+    directory to continue (Tuner.restore); max_concurrent: trials at once (default: as many whole runs as the cluster
+    holds). Writes OUTPUT/best.json and OUTPUT/trials.parquet.
+    """
+    import ray
+    from ray import tune as ray_tune
+
+    if resume is not None:
+        output = Path(resume).resolve()
+        if not (output / SEARCH_FILE).is_file() or not ray_tune.Tuner.can_restore(str(output)):
+            raise ConfigError("--resume", str(resume), "holds no raydistill Tune experiment (search.yaml and Tune state)")
+        setup = yaml.safe_load((output / SEARCH_FILE).read_text())
+        base = setup["config"]
+        found = load_space(setup["space"], base, setup.get("scheduler"))
+    else:
+        if space is None:
+            raise ConfigError("--space", None, "a search space is needed, e.g. --space tune_spaces/dml.yaml")
+        base = absolute_paths(apply_overrides(raw_config(config), overrides))
+        found = load_space(space, base, scheduler)
+        if samples is not None and samples < 1:
+            raise ConfigError("--samples", samples, "must be >= 1")
+        output = Path(output if output is not None else default_output(load_config(base))).resolve()
+        if output.exists() and any(output.iterdir()):
+            raise ConfigError("--output", str(output), "already holds files; choose a new directory or --resume it")
+        output.mkdir(parents=True, exist_ok=True)
+        raw_space = space if isinstance(space, dict) else yaml.safe_load(Path(space).read_text())
+        (output / SEARCH_FILE).write_text(yaml.safe_dump(
+            {"config": base, "space": raw_space, "scheduler": found.scheduler}, sort_keys=False))
+    run_config = load_config(base)
+    started = _connect(run_config)
+    try:
+        concurrent = max_concurrent or max_concurrent_trials(run_config, ray.cluster_resources())
+        root = output / TRIALS_DIR
+        root.mkdir(exist_ok=True)
+        fn = trainable(base, root, run_config)
+        if resume is not None:
+            tuner = ray_tune.Tuner.restore(str(output), trainable=fn, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = ray_tune.Tuner(
+                fn, param_space=param_space(found),
+                tune_config=ray_tune.TuneConfig(
+                    metric=found.metric, mode=found.mode, scheduler=build_scheduler(found, run_config),
+                    search_alg=build_search(found), num_samples=samples or 4, max_concurrent_trials=concurrent,
+                    trial_dirname_creator=trial_dirname),
+                run_config=ray_tune.RunConfig(
+                    name=output.name, storage_path=str(output.parent), stop=run_complete, verbose=1 if progress else 0,
+                    checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=checkpoints_to_keep(found)),
+                    callbacks=callbacks))
+        tuner.fit()
+        trials, params_of = collect_trials(output, found, base)
+    finally:
+        if started:
+            ray.shutdown()
+    trials.to_parquet(output / "trials.parquet", index=False)
+    best = best_trial(trials, params_of, found, base, output)
+    (output / "best.json").write_text(json.dumps(best, indent=2, default=float))
+    return best
+
+
+def collect_trials(output: Path, space: Space, base: dict):
+    """One row per trial (its hyper-parameters, status, epochs, final and best metric, its last run directory), and
+    each trial's hyper-parameters as Python values."""
+    import pandas as pd
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(output))
+    metric, rows, params_of = space.metric, [], {}
+    for trial in analysis.trials:
+        params = params_of[trial.trial_id] = {key: trial.config.get(key) for key in space.params}
+        history = analysis.trial_dataframes.get(trial.trial_id)
+        scores = history[metric].tolist() if history is not None and metric in history.columns else []
+        pick = max if space.mode == "max" else min
+        best_at = pick(range(len(scores)), key=scores.__getitem__) if scores else None
+        epochs_done = int(history["epoch"].iloc[-1]) if scores else 0
+        epochs = load_config(base, params).train.epochs
+        status = {"TERMINATED": "completed" if epochs_done >= epochs else "stopped early",
+                  "ERROR": "error"}.get(trial.status, "unfinished")
+        dirs = trial_run_dirs(output / TRIALS_DIR, trial.trial_id)
+        rows.append({"trial": trial.trial_id, "status": status,
+                     **{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in params.items()},
+                     "epochs": epochs_done, f"final_{metric}": scores[-1] if scores else None,
+                     f"best_{metric}": scores[best_at] if scores else None,
+                     "best_epoch": int(history["epoch"].iloc[best_at]) if scores else None,
+                     "run_dir": str(dirs[-1]) if dirs else None})
+    return pd.DataFrame(rows), params_of
+
+
+def best_trial(trials, params_of: dict, space: Space, base: dict, output: Path) -> dict:
+    """The best final figure among the trials that completed their epochs (any trial with a figure if none did)."""
+    from raydistill.runtime.loop import TrainingError
+
+    final = f"final_{space.metric}"
+    scored = trials[trials[final].notna()]
+    if scored.empty:
+        raise TrainingError(f"no trial reported {space.metric}; see the trial errors under {output}")
+    completed = scored[scored["status"] == "completed"]
+    pool = completed if not completed.empty else scored
+    row = pool.loc[pool[final].idxmax() if space.mode == "max" else pool[final].idxmin()]
+    params = params_of[row["trial"]]
+    return {"metric": space.metric, "mode": space.mode, "value": float(row[final]), "trial": row["trial"],
+            "run_dir": row["run_dir"], "params": params, "complete": bool((trials["status"] != "unfinished").all()),
+            "experiment": str(output), "config": load_config(base, params).to_dict()}
+
+
+class _CallableModule(types.ModuleType):
+    """`raydistill.tune(config, space)` keeps working once this module is imported over the package's lazy wrapper."""
+
+    def __call__(self, *args, **kwargs):
+        return tune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,292 @@
+"""Features, teachers and heterogeneous peers: hint taps, fitnet one- and two-stage, heterogeneous dml through Ray
+against the in-process run, regression on diabetes, the teacher cache in a run, self-distillation, schedules, and
+the training options (gradient clipping, accumulation)."""
+import dataclasses
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+import raydistill
+from raydistill.config import load_config
+from raydistill.engine.data import load_run_data
+from raydistill.engine.peer import Peer
+from raydistill.engine.teacher import Teacher
+from raydistill.errors import ConfigError
+from raydistill.methods import build_method
+from raydistill.models import build_model
+from tests.conftest import tiny_dml
+from tests.test_runtime import assert_same_parameters, final_parameters
+
+REGRESSION = {"task": "regression", "data": {"name": "diabetes"}, "model": {"arch": "mlp", "options": {"hidden": [32]}},
+              "train": {"epochs": 6, "batch_size": 32, "lr": 0.003, "optimizer": "adam", "weight_decay": 0.0}}
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    """A cnn_small teacher on digits, trained by raydistill for one epoch."""
+    config = tiny_dml(**{"method.name": "independent", "peers": 1, "model.arch": "cnn_small", "model.options": {},
+                         "train.lr": 0.1})
+    return raydistill.train(config, tmp_path_factory.mktemp("teacher") / "run", runtime="inprocess", progress=False)
+
+
+def fitnet_config(teacher_run, **overrides) -> dict:
+    return tiny_dml(**{"method.name": "fitnet", "peers": 1,
+                       "teacher": {"arch": "cnn_small", "checkpoint": str(teacher_run.run_dir)}, **overrides})
+
+
+def engine(config: dict):
+    resolved = load_config(config)
+    spec, arrays = load_run_data(resolved)
+    return resolved, spec, arrays
+
+
+# ---- taps and what leaves an actor --------------------------------------------------------------------------------
+def test_teacher_sends_its_hint_only_when_the_method_needs_it(teacher_run):
+    config, spec, arrays = engine(fitnet_config(teacher_run, **{"method.features": {"teacher": "layer2"}}))
+    teacher = Teacher(0, config, arrays, spec)
+    outputs = teacher.forward(0, 1)
+    assert teacher.hint.path == "net.layer2"
+    idx = teacher.data.batch(0, 1)
+    x = teacher.data.view(idx, 0, 1, 0)
+    net = teacher.model.net
+    with torch.no_grad():
+        layer2 = net.layer2(net.pool(net.layer1((x - teacher.model.mean) / teacher.model.std)))
+    assert outputs["hint"].shape == (1, 128, 64, 8, 8)
+    np.testing.assert_allclose(outputs["hint"][0], layer2.numpy(), rtol=1e-5, atol=1e-6)
+    kd_config, _, _ = engine(fitnet_config(teacher_run, **{"method.name": "kd"}))
+    assert set(Teacher(0, kd_config, arrays, spec).forward(0, 1)) == {"logits"}
+
+
+def test_peer_hint_is_the_middle_stage_and_the_adapter_is_the_students(teacher_run):
+    config, spec, arrays = engine(fitnet_config(teacher_run, peers=[{"arch": "resnet20", "options": {}}]))
+    peer = Peer(0, config, arrays, spec)
+    assert peer.hint.path == "net.layer2" and peer.hint.shape == (32, 4, 4)
+    assert set(peer.adapters) == {"teacher"}
+    assert isinstance(peer.adapters["teacher"][-1], torch.nn.BatchNorm2d)          # 1x1 conv + BN toward 64 x 8 x 8
+    optimized = {id(p) for group in peer.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in optimized for p in peer.adapters.parameters())
+    assert set(peer.forward(0, 0)) == {"logits"}                                   # the student's hint stays home
+    with pytest.raises(ConfigError, match="method.features.student='layer9'"):
+        Peer(0, load_config(fitnet_config(teacher_run, **{"method.features": {"student": "layer9"}})), arrays, spec)
+    with pytest.raises(ConfigError, match="method.at_weight"):          # an mlp's hint is a vector, not a map
+        Peer(0, load_config(fitnet_config(teacher_run, **{"method.at_weight": 1.0})), arrays, spec)
+
+
+# ---- fitnet --------------------------------------------------------------------------------------------------------
+def test_fitnet_loss_by_hand():
+    method = build_method(_fitnet_resolved(kd_weight=0.5))
+    hyper = method.hyper(0)
+    assert (hyper["hint_weight"], hyper["kd_weight"], hyper["ce_weight"], hyper["alpha"]) == (100.0, 0.5, 1.0, 1.0)
+    torch.manual_seed(0)
+    logits, teacher_logits = torch.randn(4, 10), torch.randn(4, 10)
+    adapted, teacher_hint = torch.randn(4, 6), torch.randn(4, 6)
+    labels = torch.tensor([0, 1, 2, 3])
+    loss, terms = method.loss(hyper, {"logits": logits, "hint": adapted, "adapted_hint": adapted}, labels,
+                              {"teacher_logits": teacher_logits, "teacher_hint": teacher_hint})
+    t = 4.0
+    kd = t * t * F.kl_div(F.log_softmax(logits / t, 1), F.softmax(teacher_logits / t, 1), reduction="batchmean")
+    expected = F.cross_entropy(logits, labels) + 100 * ((adapted - teacher_hint) ** 2).mean() + 0.5 * kd
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert terms["hint"].item() == pytest.approx(((adapted - teacher_hint) ** 2).mean().item(), rel=1e-6)
+
+
+def _fitnet_resolved(**keys):
+    """A resolved fitnet config without a teacher checkpoint (the method's pure functions need none)."""
+    config = load_config(tiny_dml(**{"method.name": "dml", "train.epochs": 4}))
+    method_config = dataclasses.replace(config.method, name="fitnet", temperature=4.0, alpha=1.0, ce_weight=1.0,
+                                        hint_weight=100.0, kd_weight=0.0, at_weight=0.0, hint_epochs=0, features={})
+    for key, value in keys.items():
+        setattr(method_config, key, value)
+    return dataclasses.replace(config, method=method_config)
+
+
+def test_fitnet_two_stage_weights_per_epoch():
+    method = build_method(_fitnet_resolved(hint_epochs=2))
+    stages = [(h["ce_weight"], h["hint_weight"], h["kd_weight"]) for h in map(method.hyper, range(4))]
+    assert stages == [(0.0, 100.0, 0.0), (0.0, 100.0, 0.0), (1.0, 0.0, 1.0), (1.0, 0.0, 1.0)]
+
+
+def test_fitnet_hint_stage_trains_the_layers_below_the_hint_only(teacher_run, tmp_path):
+    """Two-stage fitnet, all epochs in the hint stage: the head above the hint layer gets no gradient, the stages
+    below it and the adapter do, and the hint loss falls."""
+    config = fitnet_config(teacher_run, **{"method.hint_epochs": 2, "train.epochs": 2,
+                                           "peers": [{"arch": "cnn_small", "options": {}}]})
+    result = raydistill.train(config, tmp_path / "run", runtime="inprocess", progress=False)
+    resolved, spec, arrays = engine(config)
+    initial = Peer(0, resolved, arrays, spec).model.state_dict()
+    final = final_parameters(result.run_dir, 1)[0]
+    assert torch.equal(final["net.fc.weight"], initial["net.fc.weight"])
+    assert torch.equal(final["net.layer3.0.weight"], initial["net.layer3.0.weight"])
+    assert not torch.equal(final["net.layer1.0.weight"], initial["net.layer1.0.weight"])
+    metrics = pd.read_parquet(result.run_dir / "metrics.parquet")
+    hint = metrics.loc[metrics.model == "peer0", "train_hint"].tolist()
+    assert hint[1] < hint[0]
+
+
+def test_fitnet_one_stage_with_attention_transfer_runs_heterogeneous(teacher_run, tmp_path):
+    config = fitnet_config(teacher_run, **{"method.at_weight": 10.0, "peers": [{"arch": "resnet20", "options": {}}]})
+    result = raydistill.train(config, tmp_path / "run", runtime="inprocess", progress=False)
+    metrics = pd.read_parquet(result.run_dir / "metrics.parquet").query("model == 'peer0'").iloc[0]
+    assert metrics["hint_weight"] == 100.0 and metrics["train_hint"] > 0 and metrics["train_at"] > 0
+    assert result.summary["teachers"][0]["arch"] == "cnn_small"
+
+
+# ---- heterogeneous peers: Ray against in-process, with peer feature alignment -------------------------------------
+def test_heterogeneous_dml_with_feature_alignment_ray_equals_inprocess(ray_session, tmp_path):
+    config = tiny_dml(**{"peers": [{"arch": "mlp"}, {"arch": "cnn_small", "options": {}}],
+                         "method.feature_weight": 0.5, "train.epochs": 1})
+    ray_run = raydistill.train(config, tmp_path / "ray", progress=False)
+    reference = raydistill.train(config, tmp_path / "ref", runtime="inprocess", progress=False)
+    ray_params, ref_params = final_parameters(ray_run.run_dir, 2), final_parameters(reference.run_dir, 2)
+    assert_same_parameters(ray_params, ref_params, tol=0.0)
+    assert "net.layer2.0.weight" in ray_params[1] and "net.layer1.0.weight" in ray_params[0]
+    metrics = pd.read_parquet(ray_run.run_dir / "metrics.parquet")
+    assert (metrics.loc[metrics.model.str.startswith("peer"), "train_align"] > 0).all()
+
+
+# ---- regression ----------------------------------------------------------------------------------------------------
+def test_regression_dml_on_diabetes_beats_the_mean_and_reports_mse_mae_r2(tmp_path):
+    result = raydistill.train({**REGRESSION, "name": "dml-diabetes", "peers": 2, "method": {"name": "dml"}},
+                              tmp_path / "run", runtime="inprocess", progress=False)
+    for peer in result.summary["peers"]:
+        assert peer["test_mse"] < 0.8               # standardized targets: predicting the mean scores about 1
+    metrics = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
+    assert {"test_mse", "test_mae", "test_r2", "train_kd"} <= set(metrics.columns)
+    row = metrics[metrics.model == "peer0"].iloc[-1]
+    assert row["test_r2"] > 0.2 and row["train_kd"] > 0
+
+
+def test_regression_performance_weighted_dml_and_self(tmp_path):
+    weighted = raydistill.train({**REGRESSION, "name": "w", "peers": 2,
+                                 "method": {"name": "dml", "peer_weighting": "performance"}},
+                                tmp_path / "w", runtime="inprocess", progress=False)
+    assert all(p["test_mse"] < 0.8 for p in weighted.summary["peers"])
+    self_run = raydistill.train({**REGRESSION, "name": "s", "peers": 1, "method": {"name": "self",
+                                                                                   "hidden_weight": 1.0}},
+                                tmp_path / "s", runtime="inprocess", progress=False)
+    assert self_run.summary["peers"][0]["test_mse"] < 0.8
+    assert self_run.summary["deploy"]["kind"] == "peer"
+    with pytest.raises(ConfigError, match="task='classification'"):
+        raydistill.train({**REGRESSION, "task": "classification", "peers": 1, "method": {"name": "independent"}},
+                         tmp_path / "bad", runtime="inprocess", progress=False)
+
+
+# ---- the teacher cache in a run --------------------------------------------------------------------------------------
+def test_kd_with_a_cached_teacher_trains_exactly_as_with_the_live_teacher(teacher_run, tmp_path):
+    config = tiny_dml(**{"method.name": "kd", "peers": 2, "method.per_peer_views": True,
+                         "teacher": {"arch": "cnn_small", "checkpoint": str(teacher_run.run_dir)}})
+    live = raydistill.train(config, tmp_path / "live", runtime="inprocess", progress=False)
+    config["teacher"]["cache"] = str(tmp_path / "cache")
+    cached = raydistill.train(config, tmp_path / "cached", runtime="inprocess", progress=False)
+    assert (tmp_path / "cache" / "teacher0" / "epoch_0000.parquet").is_file()
+    assert_same_parameters(final_parameters(cached.run_dir, 2), final_parameters(live.run_dir, 2), tol=0.0)
+
+
+# ---- self-distillation ---------------------------------------------------------------------------------------------
+def test_born_again_generations_restart_the_student_under_the_previous_one(tmp_path):
+    config = tiny_dml(**{"method.name": "self", "peers": 1, "method.generations": 2, "train.epochs": 2})
+    resolved, spec, arrays = engine(config)
+    peer = Peer(0, resolved, arrays, spec)
+    for step in range(peer.data.steps_per_epoch):
+        peer.forward(0, step)
+        peer.learn(0, step, {})
+    trained = {k: v.clone() for k, v in peer.model.state_dict().items()}
+    assert peer.method.hyper(0)["alpha"] == 0.0 and peer.snapshot is None
+    peer.forward(1, 0)                               # generation 2 starts: the trained student becomes the teacher
+    assert peer.generation == 1 and peer.method.hyper(1)["alpha"] == 1.0
+    for key, value in peer.snapshot.state_dict().items():
+        assert torch.equal(value, trained[key])
+    torch.manual_seed(0)
+    assert not torch.equal(peer.model.state_dict()["net.fc.weight"], trained["net.fc.weight"])   # a fresh student
+    assert set(peer.local_targets) == {"teacher_logits"}
+    metrics = peer.learn(1, 0, {})
+    assert metrics["kd"] > 0
+    # the state carries the generation and its teacher, so a rollback or resume continues the same generation
+    state = peer.state_dict()
+    again = Peer(0, resolved, arrays, spec)
+    again.load_state_dict(state)
+    assert again.generation == 1 and torch.equal(again.snapshot.state_dict()["net.fc.weight"],
+                                                 trained["net.fc.weight"])
+
+
+def test_self_teacher_must_differ_from_the_student():
+    with pytest.raises(ConfigError, match="method.ema_momentum"):
+        load_config(tiny_dml(**{"method.name": "self", "method.ema_momentum": 0.0}))
+    with pytest.raises(ConfigError, match="teacher="):
+        load_config(tiny_dml(**{"method.name": "self", "teacher": {"arch": "mlp", "checkpoint": "x"}}))
+    with pytest.raises(ConfigError, match="method.generations"):
+        load_config(tiny_dml(**{"method.name": "self", "method.generations": 3, "train.epochs": 2}))
+
+
+def test_self_ema_distills_output_and_hidden_layer(tmp_path):
+    config = tiny_dml(**{"method.name": "self", "peers": 1, "method.hidden_weight": 1.0, "train.epochs": 1})
+    result = raydistill.train(config, tmp_path / "run", runtime="inprocess", progress=False)
+    metrics = pd.read_parquet(result.run_dir / "metrics.parquet").query("model == 'peer0'").iloc[0]
+    assert metrics["train_kd"] > 0 and metrics["train_hidden"] > 0
+    assert result.summary["ema_teachers"][0]["name"] == "peer0_ema"
+
+
+# ---- schedules -----------------------------------------------------------------------------------------------------
+def test_temperature_and_alpha_schedules_per_epoch():
+    config = load_config(tiny_dml(**{"train.epochs": 4,
+                                      "method.temperature": {"kind": "linear", "start": 4.0, "end": 1.0},
+                                      "method.alpha": {"kind": "exponential", "start": 1.0, "decay": 0.5,
+                                                       "warmup_epochs": 1}}))
+    method = build_method(config)
+    temperatures = [method.hyper(e)["temperature"] for e in range(5)]
+    alphas = [method.hyper(e)["alpha"] for e in range(4)]
+    assert temperatures == pytest.approx([4.0, 3.25, 2.5, 1.75, 1.0])
+    assert alphas == pytest.approx([0.0, math.exp(-0.5), math.exp(-1.0), math.exp(-1.5)])
+    cosine = build_method(load_config(tiny_dml(**{"train.epochs": 2, "method.temperature":
+                                                  {"kind": "cosine", "start": 3.0, "end": 1.0, "epochs": 2}})))
+    assert [cosine.hyper(e)["temperature"] for e in range(3)] == pytest.approx([3.0, 2.0, 1.0])
+    with pytest.raises(ConfigError, match="method.temperature"):
+        load_config(tiny_dml(**{"train.epochs": 4,
+                                "method.temperature": {"kind": "linear", "start": 4.0, "end": 0.0, "epochs": 2}}))
+    with pytest.raises(ConfigError, match="method.alpha.kind"):
+        load_config(tiny_dml(**{"method.alpha": {"kind": "step"}}))
+
+
+# ---- training options ----------------------------------------------------------------------------------------------
+def _independent(**overrides):
+    config = tiny_dml(**{"method.name": "independent", "peers": 1, "data.crop_pad": 0, "data.flip": False,
+                         "train.schedule": "constant", **overrides})
+    return engine(config)
+
+
+def test_accumulating_two_half_batches_equals_one_full_batch():
+    config, spec, arrays = _independent(**{"train.batch_size": 128})
+    full = Peer(0, config, arrays, spec)
+    config, spec, arrays = _independent(**{"train.batch_size": 64, "train.accumulate_steps": 2})
+    half = Peer(0, config, arrays, spec)
+    full.forward(0, 0)
+    full.learn(0, 0, {})
+    for step in (0, 1):                               # the two halves of the same 128 samples
+        half.forward(0, step)
+        half.learn(0, step, {})
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(half.model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    before = {k: v.clone() for k, v in half.model.state_dict().items()}
+    half.forward(0, 2)
+    half.learn(0, 2, {})                              # the first half of the next pair: no step yet
+    assert all(torch.equal(half.model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_gradient_clipping_bounds_the_update():
+    clip = 1e-4
+    config, spec, arrays = _independent(**{"train.grad_clip": clip, "train.momentum": 0.0, "train.nesterov": False,
+                                           "train.weight_decay": 0.0})
+    peer = Peer(0, config, arrays, spec)
+    before = [p.detach().clone() for p in peer.model.parameters()]
+    peer.forward(0, 0)
+    peer.learn(0, 0, {})
+    update = torch.cat([(p.detach() - b).flatten() for p, b in zip(peer.model.parameters(), before)])
+    assert update.norm().item() == pytest.approx(config.train.lr * clip, rel=1e-3)
+    with pytest.raises(ConfigError, match="train.grad_clip"):
+        load_config(tiny_dml(**{"train.grad_clip": -1.0}))
+    with pytest.raises(ConfigError, match="train.accumulate_steps"):
+        load_config(tiny_dml(**{"train.accumulate_steps": 0}))
