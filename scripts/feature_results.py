@@ -122,7 +122,7 @@ def cifar_config(args, root: Path, method: str, seed: int) -> dict:
               "model": {"arch": "resnet20"}, "peers": 1, "method": {"name": method},
               "train": {"epochs": args.cifar_epochs, "batch_size": 64, "lr": 0.05, "schedule": "cosine",
                         "checkpoint_every": args.cifar_epochs, "keep_checkpoints": 1},
-              "resources": {"threads_per_peer": 1}}
+              "resources": {"threads_per_peer": 1, "gpus_per_peer": args.gpus_per_peer}}
     if method != "independent":
         config["teacher"] = {"arch": "resnet56", "checkpoint": str(Path(args.out) / "cifar-teacher")}
     return config
@@ -168,6 +168,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cifar-test", type=int, default=1000, help="first N test images")
     parser.add_argument("--cifar-epochs", type=int, default=6)
     parser.add_argument("--jobs", type=int, default=2, help="CIFAR student runs side by side")
+    parser.add_argument("--gpus-per-peer", type=float, default=0.0, help="CIFAR runs on a GPU where one is at hand")
     args = parser.parse_args(argv)
     if args.cifar:
         if not args.render:

@@ -30,6 +30,7 @@ def run_cli(args, tmp_path, capsys):
     (["method.kelvin=3"], "method.kelvin", "unknown key"),
     (["model.options={depth: 3}"], "model.options.depth", "mlp takes"),
     (["method.name=kd"], "teacher.checkpoint", "needs a teacher"),
+    (["data.name=diabetes"], "task", "must be regression: data set diabetes is a regression task"),
     (["method.name=kd", "teacher={arch: mlp, checkpoint: /nonexistent.pt}"], "teacher.checkpoint", "does not exist"),
 ])
 def test_bad_config_values_give_one_line(overrides, field, allowed, tmp_path, capsys):

@@ -184,6 +184,10 @@ def test_kd_with_a_cached_teacher_trains_exactly_as_with_the_live_teacher(teache
     cached = raydistill.train(config, tmp_path / "cached", runtime="inprocess", progress=False)
     assert (tmp_path / "cache" / "teacher0" / "epoch_0000.parquet").is_file()
     assert_same_parameters(final_parameters(cached.run_dir, 2), final_parameters(live.run_dir, 2), tol=0.0)
+    config["teacher"]["cache"] = True                  # the cache in the run directory, through the Ray runtime
+    in_run = raydistill.train(config, tmp_path / "in_run", progress=False)
+    assert (in_run.run_dir / "teacher_cache" / "teacher0" / "epoch_0000.parquet").is_file()
+    assert_same_parameters(final_parameters(in_run.run_dir, 2), final_parameters(live.run_dir, 2), tol=0.0)
 
 
 # ---- self-distillation ---------------------------------------------------------------------------------------------

@@ -184,3 +184,14 @@ def test_rollback_to_the_last_common_point_replays_exactly(tmp_path, every_steps
     reference = raydistill.train(config, tmp_path / "reference", runtime="inprocess", progress=False)
     assert_same_parameters(final_parameters(tmp_path / "drill", 3), final_parameters(reference.run_dir, 3), tol=0.0)
     assert reference.summary["restarts"] == 0
+
+
+def test_load_model_does_not_import_ray(ray_run):
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, raydistill; m = raydistill.load_model(sys.argv[1]); "
+            "out = m(torch.rand(2, 1, 8, 8)); assert out.shape == (2, 10); "
+            "assert 'ray' not in sys.modules, 'ray was imported'; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code, str(ray_run.run_dir)], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

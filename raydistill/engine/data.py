@@ -3,6 +3,7 @@
 The driver loads them once and puts them in the object store; every actor reads the same arrays (zero-copy on a node).
 """
 from raydistill.data import load_dataset
+from raydistill.errors import ConfigError
 from raydistill.seeding import derive_seed
 
 
@@ -12,6 +13,9 @@ def load_run_data(config):
     if config.data.download:
         options["download"] = True
     dataset = load_dataset(config.data.name, config.data.root, **options)
+    if dataset.spec.task != config.task:
+        raise ConfigError("task", config.task, f"must be {dataset.spec.task}: data set {config.data.name} is a "
+                          f"{dataset.spec.task} task")
     dataset, val_x, val_y = dataset.split_validation(config.data.val_fraction, derive_seed(config.seed, "val-split"))
     arrays = {"train_x": dataset.train_x, "train_y": dataset.train_y, "val_x": val_x, "val_y": val_y,
               "test_x": dataset.test_x, "test_y": dataset.test_y}

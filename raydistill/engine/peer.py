@@ -15,7 +15,6 @@ from raydistill.distill.ema import ema_update_
 from raydistill.distill.losses import task_loss
 from raydistill.engine.hints import Hint, feature_paths, student_adapters
 from raydistill.engine.optim import learning_rate, make_optimizer
-from raydistill.errors import ConfigError
 from raydistill.methods import build_method
 from raydistill.models import build_model
 from raydistill.models.taps import FeatureTaps
@@ -47,11 +46,6 @@ def as_tensors(value, device):
     if isinstance(value, (list, tuple)):
         return [as_tensor(v, device) for v in value]
     return as_tensor(value, device)
-
-
-def check_task(config, spec) -> None:
-    if spec.task != config.task:
-        raise ConfigError("task", config.task, f"{spec.task}: data set {config.data.name} is a {spec.task} task")
 
 
 class DataView:
@@ -91,7 +85,6 @@ class Peer:
         self.data = DataView(config, arrays, self.device)
         self.method = build_method(config)
         self.view_index = self.method.view_index(index)
-        check_task(config, spec)
         self.spec = spec
         torch.manual_seed(derive_seed(config.seed, "init", "peer", index))
         self.model = build_model(self.settings.arch, spec, **self.settings.options).to(self.device)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from raydistill.engine.hints import Hint, feature_paths
-from raydistill.engine.peer import DataView, autocast, check_task, pick_device
+from raydistill.engine.peer import DataView, autocast, pick_device
 from raydistill.engine.teacher_cache import CachedTeacher
 from raydistill.errors import ConfigError
 from raydistill.methods import build_method
@@ -72,7 +72,6 @@ class Teacher:
         torch.set_num_threads(config.resources.threads_per_peer)
         self.index = index
         self.config = config
-        check_task(config, spec)
         gpus = config.resources.gpus_per_teacher or 0.0
         self.device = torch.device(device) if device else pick_device(gpus)
         self.data = DataView(config, arrays, self.device)

@@ -5,6 +5,7 @@ this process instead of actors.
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import os
@@ -221,6 +222,9 @@ def train(config=None, output=None, *, overrides=None, runtime: str = "ray", res
         if from_checkpoint is not None:
             resume_state = load_checkpoint(from_checkpoint, config.num_peers)
 
+    if config.teacher is not None and config.teacher.cache is True:
+        config = copy.deepcopy(config)           # the cache lives in the run directory
+        config.teacher.cache = str(run_dir.resolve() / "teacher_cache")
     # everything that can be refused is checked before the run directory is written
     if config.train.storage:
         resolve_storage(config.train.storage)
