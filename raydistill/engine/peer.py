@@ -260,10 +260,10 @@ class Peer:
                     ema_update_(self.ema_model, self.model, self.method.ema_momentum(self.ema_updates))
         else:
             self.optimizer.zero_grad(set_to_none=True)
-        values = torch.stack([t.detach().float() for t in terms.values()]).cpu().tolist()   # one device sync
-        metrics = dict(zip(terms, values))
+        figures = {name: value.detach().float() for name, value in terms.items()}
         if self.config.task == "classification":
-            metrics["acc"] = (logits.detach().argmax(1) == labels).float().mean().item()
+            figures["acc"] = (logits.detach().argmax(1) == labels).float().mean()
+        metrics = dict(zip(figures, torch.stack(list(figures.values())).cpu().tolist()))   # one transfer
         metrics.update(lr=lr, finite=float(finite), samples=float(len(labels)))
         return metrics
 

@@ -82,16 +82,18 @@ class Method:
         self.task = task
         self.num_peers = num_peers
         self.epochs = epochs
+        # built once: hyper() runs every step in every peer and in the coordinator
+        self.alpha_schedule = make_schedule(method_config.alpha, None, "method.alpha")
+        self.temperature_schedule = make_schedule(method_config.temperature, None, "method.temperature")
 
     # ---- knobs per epoch ---------------------------------------------------------------------------------------
     def alpha_at(self, epoch: int) -> float:
         """alpha_e = alpha(e) * exp(-decay * e): alpha's schedule (a number is constant), decayed per epoch."""
-        alpha = make_schedule(self.config.alpha, None, "method.alpha")(epoch, self.epochs)
-        return alpha * math.exp(-self.config.decay * epoch)
+        return self.alpha_schedule(epoch, self.epochs) * math.exp(-self.config.decay * epoch)
 
     def temperature_at(self, epoch: int) -> float:
         """The temperature of an epoch: a number, or a schedule (linear 4 -> 1, cosine, exponential, warm-up)."""
-        return make_schedule(self.config.temperature, None, "method.temperature")(epoch, self.epochs)
+        return self.temperature_schedule(epoch, self.epochs)
 
     def hyper(self, epoch: int) -> dict[str, float]:
         alpha = self.alpha_at(epoch)

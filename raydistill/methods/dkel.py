@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from raydistill.distill.ensembles import others_mean
-from raydistill.distill.schedules import decoupled_beta, make_schedule
+from raydistill.distill.schedules import decoupled_beta
 from raydistill.methods.base import register_method
 from raydistill.methods.pcl import PeerCollaborativeLearning
 
@@ -23,7 +23,7 @@ class DecoupledKnowledgeEnsembleLearning(PeerCollaborativeLearning):
     defaults = {**PeerCollaborativeLearning.defaults, "decay": 0.5, "teacher_init_steps": 2, "beta_floor": 0.01}
 
     def alpha_at(self, epoch):
-        return make_schedule(self.config.alpha, None, "method.alpha")(epoch, self.epochs)   # decay drives beta(e)
+        return self.alpha_schedule(epoch, self.epochs)   # decay drives beta(e), not alpha
 
     def hyper(self, epoch):
         return {**super().hyper(epoch), "beta": decoupled_beta(epoch, self.config.decay, self.config.beta_floor)}
