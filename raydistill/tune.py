@@ -327,6 +327,30 @@ def trial_run_dirs(root: Path, trial_id: str) -> list[Path]:
     return sorted(found, key=lambda p: int(SEGMENT.match(p.name).group("k") or 1))
 
 
+def append_report(root: Path, trial_id: str, record: dict) -> None:
+    """Every figure a trial reports, in order, in ``trials/TRIAL.jsonl``: the trial's own history. Tune's result
+    files are rewritten from a staged copy when a trial is paused and restored (synchronous PBT), which can drop
+    earlier rows; this file is only ever appended to."""
+    with open(Path(root) / f"{trial_id}.jsonl", "a") as f:
+        f.write(json.dumps(record, default=float) + "\n")
+
+
+def trial_history(root: Path, trial_id: str):
+    """A trial's reported epochs as a DataFrame, one row per epoch: a later report of an epoch (the trial continued
+    from a cloned or earlier checkpoint) replaces what it reported from that epoch on. None if it never reported."""
+    import pandas as pd
+
+    path = Path(root) / f"{trial_id}.jsonl"
+    if not path.exists():
+        return None
+    rows: list[dict] = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            rows = [r for r in rows if r["epoch"] < record["epoch"]] + [record]
+    return pd.DataFrame(rows) if rows else None
+
+
 def run_complete(trial_id: str, result: dict) -> bool:
     """The stopper: a run's last report comes after it finished (summary and export written); nothing to decide."""
     return result.get("epoch", 0) >= result.get("epochs", math.inf)
@@ -346,6 +370,7 @@ def run_trial(params: dict, *, base: dict, root: str) -> None:
 
     def report(record: dict, checkpoint_dir) -> None:
         record = {**record, "epochs": epochs}
+        append_report(Path(root), trial_id, record)
         if record["epoch"] >= epochs:
             last.update(record=record, checkpoint=checkpoint_dir)    # reported once the run has exported
             return
@@ -483,7 +508,7 @@ def collect_trials(output: Path, space: Space, base: dict):
     metric, rows, params_of = space.metric, [], {}
     for trial in analysis.trials:
         params = params_of[trial.trial_id] = {key: trial.config.get(key) for key in space.params}
-        history = analysis.trial_dataframes.get(trial.trial_id)
+        history = trial_history(output / TRIALS_DIR, trial.trial_id)
         scores = history[metric].tolist() if history is not None and metric in history.columns else []
         pick = max if space.mode == "max" else min
         best_at = pick(range(len(scores)), key=scores.__getitem__) if scores else None

@@ -10,7 +10,8 @@ from ray.tune import Callback, ExperimentAnalysis
 
 from raydistill.cli import main
 from raydistill.errors import ConfigError
-from raydistill.tune import clamp_to_space, load_space, max_concurrent_trials, segment_dir, trial_run_dirs, tune
+from raydistill.tune import (clamp_to_space, load_space, max_concurrent_trials, segment_dir, trial_history,
+                             trial_run_dirs, tune)
 
 
 def tiny(**train) -> dict:
@@ -150,12 +151,14 @@ def test_pbt_clones_and_perturbs_temperature(ray_session, tmp_path):
     output = tmp_path / "exp"
     tune(tiny(epochs=3), space, samples=1, output=output, max_concurrent=2, progress=False)
     analysis = ExperimentAnalysis(str(output))
-    changed = [t for t in analysis.trials if analysis.trial_dataframes[t.trial_id]["temperature"].nunique() > 1]
+    histories = {t.trial_id: trial_history(output / "trials", t.trial_id) for t in analysis.trials}
+    assert all(h["epoch"].tolist() == [1, 2, 3] for h in histories.values())     # every epoch, once, in order
+    changed = [t for t in analysis.trials if histories[t.trial_id]["temperature"].nunique() > 1]
     assert changed, "no trial's logged temperature changed"
     trial = changed[0]
     # it continued from a cloned checkpoint in a new segment of its run, with the mutated config
     assert len(trial_run_dirs(output / "trials", trial.trial_id)) >= 2
-    history = analysis.trial_dataframes[trial.trial_id]
+    history = histories[trial.trial_id]
     assert history["temperature"].iloc[-1] == pytest.approx(trial.config["method.temperature"])
     assert pd.read_parquet(output / "trials.parquet")["status"].eq("completed").all()
 
