@@ -5,6 +5,7 @@ the last epoch and of the best epoch (chosen on the validation split carved from
     python scripts/feature_results.py --out runs/feature-results [--seeds 0 1 2 3 4 --epochs 60]
     python scripts/feature_results.py --out runs/feature-results --render      # the table of finished runs
     python scripts/feature_results.py --out runs/feature-results --cifar DATA_ROOT --seeds 0 [--cifar-epochs 6]
+        [--cifar-train 5000 --cifar-test 2000 --jobs 3 --teacher-threads 2]
 
 Every student is the same small MLP (10-32-32-1, Adam, lr 0.003, 60 epochs). kd's teacher is a wide MLP
 (10-256-256-1) trained by raydistill first (method independent, seed 0, lr 0.001, weight decay 0.05: the
@@ -134,6 +135,7 @@ def cifar_sweep(args) -> None:
     out = Path(args.out)
     root = cifar_subset(args.cifar, out / "cifar10-subset", args.cifar_train, args.cifar_test)
     teacher = cifar_config(args, root, "independent", 0) | {"model": {"arch": "resnet56"}, "name": "cifar-teacher"}
+    teacher["resources"] = {**teacher["resources"], "threads_per_peer": args.teacher_threads}    # it runs alone
     print(train(teacher, out / "cifar-teacher"), flush=True)
     jobs = [(cifar_config(args, root, method, seed), out / f"cifar-{method}-s{seed}")
             for seed in args.seeds for method in CIFAR_STUDENTS]
@@ -168,6 +170,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cifar-test", type=int, default=1000, help="first N test images")
     parser.add_argument("--cifar-epochs", type=int, default=6)
     parser.add_argument("--jobs", type=int, default=2, help="CIFAR student runs side by side")
+    parser.add_argument("--teacher-threads", type=int, default=1, help="torch threads of the teacher's run (alone)")
     parser.add_argument("--gpus-per-peer", type=float, default=0.0, help="CIFAR runs on a GPU where one is at hand")
     args = parser.parse_args(argv)
     if args.cifar:
