@@ -217,6 +217,16 @@ def test_born_again_generations_restart_the_student_under_the_previous_one(tmp_p
                                                  trained["net.fc.weight"])
 
 
+def test_a_self_teachers_logits_stay_in_the_actor():
+    """The EMA teacher of `self` teaches locally: its logits never go to the coordinator (pcl's do: its targets read them)."""
+    resolved, spec, arrays = engine(tiny_dml(**{"method.name": "self", "peers": 1}))
+    peer = Peer(0, resolved, arrays, spec)
+    assert peer.ema_model is not None and set(peer.forward(0, 0)) == {"logits"}
+    assert set(peer.local_targets) == {"teacher_logits"}
+    resolved, spec, arrays = engine(tiny_dml(**{"method.name": "pcl"}))
+    assert set(Peer(0, resolved, arrays, spec).forward(0, 0)) == {"logits", "ema_logits"}
+
+
 def test_self_teacher_must_differ_from_the_student():
     with pytest.raises(ConfigError, match="method.ema_momentum"):
         load_config(tiny_dml(**{"method.name": "self", "method.ema_momentum": 0.0}))

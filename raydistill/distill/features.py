@@ -6,6 +6,8 @@ target features are detached here.
 import torch
 import torch.nn.functional as F
 
+from raydistill.distill.losses import mse_to_target
+
 
 def hint_loss(adapted_student: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
     """FitNet's hint (Romero et al. 2015, "FitNets: Hints for Thin Deep Nets"):
@@ -14,7 +16,7 @@ def hint_loss(adapted_student: torch.Tensor, teacher_features: torch.Tensor) -> 
     The paper writes 1/2 ||.||^2 summed per sample; the mean (RepDistiller's HintLoss) keeps hint_weight independent
     of the feature size.
     """
-    return F.mse_loss(adapted_student, teacher_features.detach())
+    return mse_to_target(adapted_student, teacher_features)
 
 
 def attention_map(features: torch.Tensor, p: float = 2.0, size: tuple[int, int] | None = None) -> torch.Tensor:

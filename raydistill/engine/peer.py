@@ -197,7 +197,8 @@ class Peer:
         hint = self.hint.value if self.hint is not None else None
         self._pending = (epoch, step, logits, self.data.y["train"][idx], hint)
         outputs = {"logits": logits.detach().float().cpu().numpy()}
-        if "hint" in self.method.outputs_needed("peer"):
+        needed = self.method.outputs_needed("peer")
+        if "hint" in needed:
             outputs["hint"] = hint.detach().float().cpu().numpy()
         if self.taps is not None:
             outputs["features"] = self.taps.pooled().detach().float().cpu().numpy()
@@ -207,7 +208,8 @@ class Peer:
             self.ema_model.train()
             with torch.no_grad(), autocast(self.device, self.config.train.bf16):
                 ema_logits = self.ema_model(x).float()
-            outputs["ema_logits"] = ema_logits.cpu().numpy()
+            if "ema_logits" in needed:         # a self teacher's logits stay in the actor
+                outputs["ema_logits"] = ema_logits.cpu().numpy()
         if self.method.self_teacher:
             self.local_targets = self.self_teacher_targets(x, ema_logits)
         return outputs

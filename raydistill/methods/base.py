@@ -71,6 +71,7 @@ class Method:
     defaults = {"temperature": 1.0, "alpha": 1.0, "ce_weight": 1.0, "per_peer_views": False, "decay": 0.0,
                 "min_peers": 1, "needs_teacher": False}
     uses_ema_teacher = False       # each peer keeps a temporal-mean teacher of itself (PCL, DKEL)
+    ema_targets = False            # the coordinator's targets read every peer's EMA-teacher logits (PCL, DKEL)
     self_teacher = False           # the peer holds the teacher it learns from (self-distillation)
     uses_peer_losses = False       # the coordinator adds "peer_weights" from the peers' validation losses
     # what a student's hint is compared with: "teacher" (its adapter maps it to the teacher's hint), "peers" (one
@@ -110,9 +111,12 @@ class Method:
         return self.feature_target is not None
 
     def outputs_needed(self, role: str) -> tuple[str, ...]:
-        """What a ``peer`` or ``teacher`` sends each step: logits, and its hint features only where a method needs
-        them (they are the largest thing that could leave an actor)."""
-        return ("logits", "hint") if role == "peer" and self.feature_target == "peers" else ("logits",)
+        """What a ``peer`` or ``teacher`` sends each step: logits, and its hint features or its EMA teacher's logits
+        only where a method's targets read them (the hint is the largest thing that could leave an actor)."""
+        if role != "peer":
+            return ("logits",)
+        return ("logits",) + (("hint",) if self.feature_target == "peers" else ()) + \
+            (("ema_logits",) if self.ema_targets else ())
 
     def feature_taps(self) -> list[tuple[str, str]]:
         """(module path, "input"|"output") of the features each peer sends with its logits; none by default."""

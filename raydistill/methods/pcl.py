@@ -26,6 +26,7 @@ class PeerCollaborativeLearning(Method):
                 "ensemble": "mean_logits", "rampup_epochs": 80.0, "ema_momentum": 0.999, "teacher_init_steps": 0,
                 "reference_quirks": False}
     uses_ema_teacher = True
+    ema_targets = True
 
     @classmethod
     def check_config(cls, method_config, task):
