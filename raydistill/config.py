@@ -15,7 +15,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from raydistill.errors import ConfigError
+from raydistill.errors import ConfigError, read_yaml
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "dml-digits"
@@ -225,7 +225,7 @@ def _read_mapping(path: Path) -> dict:
     except OSError as err:
         raise ConfigError("config", str(path), f"cannot be read ({err.strerror})") from None
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else read_yaml(text)
     except (yaml.YAMLError, json.JSONDecodeError) as err:
         first = str(err).splitlines()[0]
         raise ConfigError("config", str(path), f"is not valid YAML/JSON ({first})") from None
@@ -258,7 +258,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError("--set", text, "must look like key.path=value")
     key, _, raw = text.partition("=")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

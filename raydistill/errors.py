@@ -1,9 +1,50 @@
 """The one error type that reaches users: one line naming the field, the value and what is allowed."""
+from __future__ import annotations
+
+import re
+
+import yaml
 
 
 class ConfigError(ValueError):
-    """Bad input. ``str(err)`` is the single line the CLI prints before exiting non-zero."""
+    """Bad input. ``str(err)`` is the single line the CLI prints before exiting non-zero.
+
+    It survives pickling and copying (``__reduce__``), so an error raised inside a Ray actor or a Tune trial reaches
+    the user as the same one line, not as an unrelated TypeError from rebuilding it."""
 
     def __init__(self, field: str, value, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
         super().__init__(f"{field}={value!r}: {allowed}")
+
+    def __reduce__(self):
+        return (type(self), (self.field, self.value, self.allowed))
+
+
+def user_error(err: BaseException) -> ConfigError | None:
+    """The ConfigError inside an error that crossed Ray (an actor's or a trial's RayTaskError), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ConfigError):
+            return err
+        err = getattr(err, "cause", None) or err.__cause__
+    return None
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 numbers: ``1e-3``, ``5e-4`` and ``1e6`` are floats (PyYAML's YAML 1.1 reads them as strings)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str):
+    """safe_load with YAML 1.2 floats: the one YAML reader of configs, overrides and search spaces."""
+    return yaml.load(text, Loader=_Loader)

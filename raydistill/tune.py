@@ -28,7 +28,7 @@ from typing import Union, get_args, get_origin, get_type_hints
 import yaml
 
 from raydistill.config import Config, PeerConfig, apply_overrides, load_config, raw_config
-from raydistill.errors import ConfigError
+from raydistill.errors import ConfigError, read_yaml
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "randint")
 SCHEDULERS = ("asha", "pbt")
@@ -134,7 +134,7 @@ def load_space(source, base: dict, scheduler: str | None = None) -> Space:
     if not isinstance(source, dict):
         path = Path(source)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = read_yaml(path.read_text())
         except OSError as err:
             raise ConfigError("--space", str(source), f"cannot be read ({err.strerror})") from None
         except yaml.YAMLError as err:
@@ -450,7 +450,7 @@ def tune(config=None, space=None, *, samples: int | None = None, output=None, ov
         output = Path(resume).resolve()
         if not (output / SEARCH_FILE).is_file() or not ray_tune.Tuner.can_restore(str(output)):
             raise ConfigError("--resume", str(resume), "holds no raydistill Tune experiment (search.yaml and Tune state)")
-        setup = yaml.safe_load((output / SEARCH_FILE).read_text())
+        setup = read_yaml((output / SEARCH_FILE).read_text())
         base = setup["config"]
         found = load_space(setup["space"], base, setup.get("scheduler"))
     else:
@@ -464,7 +464,7 @@ def tune(config=None, space=None, *, samples: int | None = None, output=None, ov
         if output.exists() and any(output.iterdir()):
             raise ConfigError("--output", str(output), "already holds files; choose a new directory or --resume it")
         output.mkdir(parents=True, exist_ok=True)
-        raw_space = space if isinstance(space, dict) else yaml.safe_load(Path(space).read_text())
+        raw_space = space if isinstance(space, dict) else read_yaml(Path(space).read_text())
         (output / SEARCH_FILE).write_text(yaml.safe_dump(
             {"config": base, "space": raw_space, "scheduler": found.scheduler}, sort_keys=False))
     run_config = load_config(base)
