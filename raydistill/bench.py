@@ -1,14 +1,18 @@
-"""Per-step time of the Ray runtime against the in-process runtime for the same run (default: 3-peer DML, tiny MLP, CPU).
+"""Per-step time of every runtime and transport on the same run, side by side (default: 3-peer DML, tiny MLP, CPU).
 
-    python -m raydistill.bench [--steps 200] [--set KEY=VALUE ...]
+    raydistill bench [CONFIG] [--steps 200] [--repeats 3] [--set KEY=VALUE ...]
+    python -m raydistill.bench ...
 
-Both runtimes drive the very same step protocol (forward -> coordinator targets -> learn); the difference is the cost of
-the exchange through actors and the object store against plain calls. Steps are timed after a warm-up; evaluation,
-checkpoints and actor start-up are not included.
+In one run: the in-process runtime (every peer in this process, one after another), the Ray runtime with the
+object-store transport (the driver drives every step: forward, the coordinator actor's targets, learn) and with the
+collective transport (each worker runs whole calls of steps, exchanging outputs with one all_gather per step).
+Steps are timed after a warm-up; evaluation, checkpoints and start-up are excluded. The exchange column is the
+exchange alone, compute excluded: the outputs of one real forward exchanged and turned into targets, step after step.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -20,70 +24,114 @@ from raydistill.config import load_config
 DEFAULT = {"name": "bench", "data": {"name": "synthetic", "options": {"num_train": 4096, "shape": [1, 8, 8]}},
            "model": {"arch": "mlp", "options": {"hidden": [64]}}, "peers": 3, "method": {"name": "dml"},
            "train": {"epochs": 1, "batch_size": 64}}
+WARMUP = 10
+SETUPS = (("inprocess", "inprocess"), ("ray", "object_store"), ("ray", "collective"))
 
 
-def time_steps(workers, steps: int, warmup: int, in_flight: int, steps_per_epoch: int) -> list[float]:
-    """Seconds per step, measured over blocks of steps with at most `in_flight` steps outstanding."""
-    pending = deque()
-    times = []
-    for step in range(warmup + steps):
-        if step == warmup:
-            tic = time.perf_counter()
+def run_steps(workers, first: int, count: int, steps_per_epoch: int) -> None:
+    """`count` steps from global step `first`, in calls that end at epoch boundaries."""
+    step = first
+    while step < first + count:
         epoch, index = divmod(step, steps_per_epoch)
-        pending.append(workers.submit_step(epoch, index))
-        while len(pending) > in_flight:
-            workers.collect(pending.popleft())
-    while pending:
-        workers.collect(pending.popleft())
-    times.append((time.perf_counter() - tic) / steps)
-    return times
+        size = min(steps_per_epoch - index, first + count - step)
+        workers.run_steps(epoch, index, size)
+        step += size
 
 
-def measure(config, runtime: str, steps: int, repeats: int) -> dict:
+def exchange_ms(workers, steps: int) -> float:
+    """ms per step of the exchange (and targets) alone."""
+    import ray
+
+    if workers.transport == "inprocess":
+        return workers.worker.exchange_only(0, steps) / steps * 1000
+    if workers.transport == "collective":
+        return max(ray.get([w.exchange_only.remote(0, steps) for w in workers.workers], timeout=600)) / steps * 1000
+    learners = [w for w, m in zip(workers.workers, workers.members) if m.peers]
+    ray.get([w.cached_outputs.remote(0) for w in workers.workers], timeout=600)
+    pending, tic = deque(), time.perf_counter()
+    for step in range(steps):
+        outputs = [w.cached_outputs.remote(0) for w in workers.workers]
+        targets = workers.coordinator.targets.options(num_returns=len(learners)).remote(0, 0, *outputs)
+        targets = targets if len(learners) > 1 else [targets]
+        pending.append([w.accept.remote(t) for w, t in zip(learners, targets)])
+        while len(pending) > workers.config.train.steps_in_flight or (pending and step == steps - 1):
+            ray.get(pending.popleft(), timeout=600)
+    return (time.perf_counter() - tic) / steps * 1000
+
+
+def measure(config, runtime: str, transport: str, steps: int, repeats: int) -> dict:
     from raydistill.data.views import num_steps
     from raydistill.engine.data import load_run_data
 
+    config = copy.deepcopy(config)
+    config.resources.transport = transport if runtime == "ray" else config.resources.transport
     spec, arrays = load_run_data(config)
     steps_per_epoch = num_steps(len(arrays["train_y"]), config.train.batch_size)
     if runtime == "ray":
         from raydistill.runtime.driver import RayWorkers, connect
+        from raydistill.runtime.loop import Console
 
         connect(config)
-        workers = RayWorkers(config, spec, arrays)
+        workers = RayWorkers(config, spec, arrays, console=Console(False))
     else:
         from raydistill.runtime.inprocess import InProcessWorkers
 
         workers = InProcessWorkers(config, spec, arrays)
     try:
-        results = {}
-        for in_flight in sorted({1, config.train.steps_in_flight}):
-            samples = [time_steps(workers, steps, 10, in_flight, steps_per_epoch)[0] for _ in range(repeats)]
-            results[in_flight] = statistics.median(samples) * 1000
-        return results
+        run_steps(workers, 0, WARMUP, steps_per_epoch)
+        samples = []
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            run_steps(workers, WARMUP, steps, steps_per_epoch)
+            samples.append((time.perf_counter() - tic) / steps)
+        ms = statistics.median(samples) * 1000
+        return {"ms": ms, "exchange_ms": exchange_ms(workers, steps), "workers": workers.describe(),
+                "peer_samples_per_s": config.num_peers * config.train.batch_size / (ms / 1000)}
     finally:
         workers.shutdown()
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default=None, help="a preset or YAML (default: tiny 3-peer DML)")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args(argv)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raydistill bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None, help="a preset or YAML (default: tiny 3-peer DML)")
+    p.add_argument("--steps", type=int, default=200, help="timed steps per repeat (default 200)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats; the median is shown (default 3)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def run(args) -> int:
+    import ray
+
     config = load_config(args.config if args.config else DEFAULT, args.overrides)
-    inprocess = measure(config, "inprocess", args.steps, args.repeats)
-    ray_ms = measure(config, "ray", args.steps, args.repeats)
+    results = {}
+    try:
+        for runtime, transport in SETUPS:
+            results[transport] = measure(config, runtime, transport, args.steps, args.repeats)
+    finally:
+        if ray.is_initialized():
+            from raydistill.runtime import session
+
+            session.shutdown()
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
           f"{platform.python_version()}; {config.num_peers} peers, {config.peers[0].arch}, "
           f"batch {config.train.batch_size}, {args.steps} steps x {args.repeats} (median)")
-    print(f"{'runtime':<12}{'steps in flight':>16}{'ms/step':>10}{'ratio to in-process':>22}")
-    for in_flight, ms in inprocess.items():
-        print(f"{'inprocess':<12}{in_flight:>16}{ms:>10.2f}{1.0:>22.2f}")
-    base = min(inprocess.values())
-    for in_flight, ms in ray_ms.items():
-        print(f"{'ray':<12}{in_flight:>16}{ms:>10.2f}{ms / base:>22.2f}")
+    print(f"{'runtime':<10}{'transport':<14}{'ms/step':>9}{'peer-samples/s':>16}{'ratio':>7}{'exchange ms':>13}  workers")
+    base = results["inprocess"]["ms"]
+    for runtime, transport in SETUPS:
+        r = results[transport]
+        print(f"{runtime:<10}{transport:<14}{r['ms']:>9.2f}{r['peer_samples_per_s']:>16.0f}{r['ms'] / base:>7.2f}"
+              f"{r['exchange_ms']:>13.3f}  {r['workers']}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run(parser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

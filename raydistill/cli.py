@@ -5,7 +5,6 @@ import argparse
 import os
 import sys
 
-from raydistill.errors import ConfigError
 
 EXIT_BAD_INPUT = 2
 
@@ -25,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="connect to this Ray cluster (auto, ray://host:10001); sets resources.address")
     train.add_argument("--stop-after-epoch", type=int, metavar="N", help="stop (with a checkpoint) after N epochs")
     train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.add_argument("--verbose", action="store_true", help="show Ray's own log lines (else in DIR/ray.log)")
 
     evaluate = commands.add_parser("eval", help="accuracy of every exported model of a run on its test split")
     evaluate.add_argument("run_dir")
@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("presets", help="list the built-in presets")
 
+    from raydistill import bench
+
+    bench.add_arguments(commands.add_parser("bench", help="per-step time of every runtime and transport, side by side"))
+
     cluster = commands.add_parser("cluster", help="cluster YAML tools")
     cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True)
     check = cluster_commands.add_parser("check", help="validate cluster YAMLs offline, the way Ray does")
@@ -61,7 +65,7 @@ def cmd_train(args) -> int:
     if args.address:
         overrides.append(f"resources.address={args.address}")
     result = train(args.config, args.output, overrides=overrides, runtime=args.runtime, resume=args.resume,
-                   stop_after_epoch=args.stop_after_epoch, progress=not args.quiet)
+                   stop_after_epoch=args.stop_after_epoch, progress=not args.quiet, verbose=args.verbose)
     print(f"summary: {result.run_dir / 'summary.json'}")
     return 0
 
@@ -96,12 +100,22 @@ def cmd_eval(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from raydistill.config import PRESET_DIR, preset_names
+    from raydistill.config import preset_description, preset_names
 
+    import shutil
+    import textwrap
+
+    width = max(60, min(shutil.get_terminal_size().columns, 120))
     for name in preset_names():
-        first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
-        print(f"{name:<22} {first}")
+        print(textwrap.fill(preset_description(name), width=width, initial_indent=f"{name:<22} ",
+                            subsequent_indent=" " * 23))
     return 0
+
+
+def cmd_bench(args) -> int:
+    from raydistill.bench import run
+
+    return run(args)
 
 
 def cmd_cluster(args) -> int:
@@ -112,24 +126,34 @@ def cmd_cluster(args) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": cmd_train, "tune": cmd_tune, "eval": cmd_eval, "presets": cmd_presets, "cluster": cmd_cluster}[args.command]
+    handler = {"bench": cmd_bench, "train": cmd_train, "tune": cmd_tune, "eval": cmd_eval, "presets": cmd_presets, "cluster": cmd_cluster}[args.command]
     try:
         return handler(args)
-    except ConfigError as err:
-        print(f"raydistill: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("raydistill: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 — a training failure: one line, the run directory keeps what was done
-        from raydistill.runtime.loop import TrainingError
+    except Exception as err:  # noqa: BLE001 — one line; the run directory keeps what was done
+        return report_error(err)
 
-        if isinstance(err, TrainingError) or os.environ.get("RAYDISTILL_TRACEBACK") is None:
-            print(f"raydistill: {type(err).__name__}: {err}", file=sys.stderr)
-            if not isinstance(err, TrainingError):
-                print("raydistill: set RAYDISTILL_TRACEBACK=1 for the traceback", file=sys.stderr)
-            return 1
-        raise
+
+def report_error(err: Exception) -> int:
+    """Bad input (also when raised inside a Ray actor or a Tune trial): one line, exit 2. A training failure: one
+    line, exit 1 (the traceback with RAYDISTILL_TRACEBACK=1)."""
+    from raydistill.errors import user_error
+
+    bad_input = user_error(err)
+    if bad_input is not None:
+        print(f"raydistill: error: {bad_input}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from raydistill.runtime.loop import TrainingError
+
+    if os.environ.get("RAYDISTILL_TRACEBACK"):
+        raise err
+    print(f"raydistill: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
+          file=sys.stderr)
+    if not isinstance(err, TrainingError):
+        print("raydistill: set RAYDISTILL_TRACEBACK=1 for the traceback", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

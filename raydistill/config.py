@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -20,6 +21,7 @@ from raydistill.errors import ConfigError, read_yaml
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "dml-digits"
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+TRANSPORTS = ("auto", "collective", "object_store")
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 TASKS = ("classification", "regression")
@@ -98,7 +100,9 @@ class TrainConfig:
     milestones: list = field(default_factory=list)   # epochs, for schedule "step"
     gamma: float = 0.1
     warmup_epochs: float = 0.0          # linear learning-rate warm-up
-    steps_in_flight: int = 2            # how many steps the driver lets run ahead before it collects metrics
+    steps_in_flight: int = 2            # object-store transport: steps the driver lets run ahead of their metrics
+    steps_per_call: Union[int, None] = None   # steps a worker runs per call (null: to the epoch's end or the next
+                                              # checkpoint_every_steps point); rollback points fall on call boundaries
     checkpoint_every: int = 1           # epochs between checkpoints
     checkpoint_every_steps: Union[int, None] = None   # also keep an in-memory rollback point every N steps
     keep_checkpoints: int = 2
@@ -117,6 +121,9 @@ class ResourcesConfig:
     strategy: str = "PACK"
     address: Union[str, None] = None    # null: a local Ray started for the run (or the one already connected)
     threads_per_peer: int = 1           # torch intra-op threads in each actor; the same in both runtimes
+    transport: str = "auto"             # how a step's outputs travel: auto | collective | object_store
+    peers_per_worker: Union[int, None] = None   # peers (and teachers) one worker process hosts (null: auto)
+    collective_timeout_s: float = 60.0  # a collective that waits longer fails, and the run recovers
     max_restarts: int = 3               # how often Ray restarts a dead peer/teacher/coordinator before the run stops
     node_wait_s: float = 300.0          # how long a run waits for a lost actor (or node) to come back
 
@@ -219,6 +226,16 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def preset_description(name: str) -> str:
+    """A preset's leading comment, whole (it may run over several lines)."""
+    lines = []
+    for line in (PRESET_DIR / f"{name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").strip())
+    return " ".join(lines)
+
+
 def _read_mapping(path: Path) -> dict:
     try:
         text = path.read_text()
@@ -300,9 +317,25 @@ def load_config(source=None, overrides=None) -> Config:
     """The public loader: preset name / file / run dir / dict, plus overrides, resolved and validated."""
     from raydistill.methods import method_defaults   # methods sit above config in the layering only by data
 
-    data = apply_overrides(raw_config(source), overrides)
+    data = apply_overrides(inherited_peers(raw_config(source)), overrides)
     config = _build(Config, data, "")
     return resolve(config, method_defaults)
+
+
+def inherited_peers(data: dict) -> dict:
+    """A resolved config (a run's config.yaml, a Tune best.json) lists every peer's arch, options and lr; a value
+    equal to its run-wide default (model.arch, model.options, train.lr) is the default, and follows an override of
+    it (``--resume DIR --set train.lr=0.01`` changes every peer that had train.lr)."""
+    peers = data.get("peers")
+    if not isinstance(peers, list):
+        return data
+    model, train = data.get("model") or {}, data.get("train") or {}
+    defaults = {"arch": model.get("arch", ModelConfig.arch), "options": model.get("options", {}),
+                "lr": train.get("lr", TrainConfig.lr)}
+    data = copy.deepcopy(data)
+    data["peers"] = [{k: v for k, v in peer.items() if not (k in defaults and v == defaults[k])}
+                     if isinstance(peer, dict) else peer for peer in peers]
+    return data
 
 
 # ---- resolution and validation ------------------------------------------------------------------------------------
@@ -344,15 +377,34 @@ def resolve(config: Config, method_defaults) -> Config:
 
 
 def validate(config: Config, defaults: dict) -> None:
-    from raydistill.data import dataset_names
-    from raydistill.models import check_arch
+    """Every range and combination a run depends on, in named parts; the first problem raises a ConfigError."""
+    _check_run(config)
+    _check_archs(config)
+    _check_method(config, defaults)
+    _check_train(config)
+    _check_resources(config)
 
+
+NAME_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _check_run(config: Config) -> None:
+    from raydistill.data import dataset_names
+
+    if not isinstance(config.name, str) or not NAME_CHARS.match(config.name) or ".." in config.name:
+        raise ConfigError("name", config.name, "letters, digits, '.', '_' and '-' only (it names the run directory "
+                          "under runs/; use --output for a path)")
     if config.task not in TASKS:
         raise ConfigError("task", config.task, f"one of: {', '.join(TASKS)}")
     if config.data.name not in dataset_names():
         raise ConfigError("data.name", config.data.name, f"one of: {', '.join(dataset_names())}")
-    if not 0.0 <= config.data.val_fraction < 1.0:
+    if not (math.isfinite(config.data.val_fraction) and 0.0 <= config.data.val_fraction < 1.0):
         raise ConfigError("data.val_fraction", config.data.val_fraction, "must be in [0, 1)")
+
+
+def _check_archs(config: Config) -> None:
+    from raydistill.models import check_arch
+
     archs = [("model", config.model.arch, config.model.options)]
     archs += [(f"peers.{i}", p.arch, p.options) for i, p in enumerate(config.peers)]
     if config.teacher is not None:
@@ -363,6 +415,9 @@ def validate(config: Config, defaults: dict) -> None:
         except ConfigError as err:           # name the place in this config: peers.1.arch, teacher.options.x, ...
             field = f"{where}.arch" if err.field == "model.arch" else f"{where}.options.{err.field.split('.', 1)[1]}"
             raise ConfigError(field, err.value, err.allowed) from None
+
+
+def _check_method(config: Config, defaults: dict) -> None:
     m = config.method
     temperatures = _schedule_values(m.temperature, "method.temperature", config.train.epochs)
     if not all(math.isfinite(t) and t > 0 for t in temperatures):
@@ -373,10 +428,10 @@ def validate(config: Config, defaults: dict) -> None:
     if m.ce_weight == "complement":
         if max(alphas) > 1:
             raise ConfigError("method.alpha", m.alpha, "must be in [0, 1] when method.ce_weight is complement")
-    elif isinstance(m.ce_weight, str) or m.ce_weight < 0:
+    elif isinstance(m.ce_weight, str) or not math.isfinite(m.ce_weight) or m.ce_weight < 0:
         raise ConfigError("method.ce_weight", m.ce_weight, "must be a number >= 0 or 'complement'")
-    if m.decay < 0:
-        raise ConfigError("method.decay", m.decay, "must be >= 0")
+    if not (math.isfinite(m.decay) and m.decay >= 0):
+        raise ConfigError("method.decay", m.decay, "must be a number >= 0")
     if config.num_peers < defaults["min_peers"]:
         raise ConfigError("peers", config.num_peers,
                           f"method {m.name} needs at least {defaults['min_peers']} peers")
@@ -386,42 +441,82 @@ def validate(config: Config, defaults: dict) -> None:
                               f"method {m.name} needs a teacher: {{arch, checkpoint}} (a run directory or a .pt file)")
         if not Path(config.teacher.checkpoint).exists():
             raise ConfigError("teacher.checkpoint", config.teacher.checkpoint, "does not exist")
+    elif config.teacher is not None:
+        raise ConfigError("teacher", config.teacher.arch, f"none for method {m.name}: only "
+                          f"{', '.join(_methods_needing_teacher())} train from a teacher")
     if m.generations is not None and m.generations > config.train.epochs:
         raise ConfigError("method.generations", m.generations, f"at most train.epochs ({config.train.epochs}): "
                           "each generation trains for train.epochs / generations epochs")
-    if m.name == "self" and config.teacher is not None:
-        raise ConfigError("teacher", config.teacher.arch, "none for method self: its teacher is the network itself "
-                          "(an EMA, or the previous generation)")
+
+
+def _methods_needing_teacher() -> list[str]:
+    from raydistill.methods import method_defaults, method_names
+
+    return [name for name in method_names() if method_defaults(name)["needs_teacher"]]
+
+
+def _positive(value) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def _check_train(config: Config) -> None:
     t = config.train
-    if t.grad_clip is not None and not (math.isfinite(t.grad_clip) and t.grad_clip > 0):
+    if t.grad_clip is not None and not _positive(t.grad_clip):
         raise ConfigError("train.grad_clip", t.grad_clip, "must be a number > 0, or null for no clipping")
     for name in ("epochs", "batch_size", "steps_in_flight", "checkpoint_every", "keep_checkpoints",
                  "accumulate_steps"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}", getattr(t, name), "must be >= 1")
-    if t.lr <= 0 or any(p.lr <= 0 for p in config.peers):
-        raise ConfigError("train.lr", t.lr, "must be > 0")
+    for name in ("steps_per_call", "checkpoint_every_steps"):
+        if getattr(t, name) is not None and getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}", getattr(t, name), "must be >= 1 or null")
+    if not _positive(t.lr):
+        raise ConfigError("train.lr", t.lr, "must be a finite number > 0")
+    for i, peer in enumerate(config.peers):
+        if not _positive(peer.lr):
+            raise ConfigError(f"peers.{i}.lr", peer.lr, "must be a finite number > 0")
+    for name in ("momentum", "weight_decay", "warmup_epochs"):
+        value = getattr(t, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"train.{name}", value, "must be a finite number >= 0")
+    if t.momentum >= 1:
+        raise ConfigError("train.momentum", t.momentum, "must be in [0, 1)")
+    if not (math.isfinite(t.gamma) and t.gamma > 0):
+        raise ConfigError("train.gamma", t.gamma, "must be a finite number > 0")
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in t.milestones):
+        raise ConfigError("train.milestones", t.milestones, "must be a list of epochs (integers >= 0)")
     if t.schedule not in SCHEDULES:
         raise ConfigError("train.schedule", t.schedule, f"one of: {', '.join(SCHEDULES)}")
     if t.optimizer not in OPTIMIZERS:
         raise ConfigError("train.optimizer", t.optimizer, f"one of: {', '.join(OPTIMIZERS)}")
+
+
+def _check_resources(config: Config) -> None:
     r = config.resources
     if r.strategy not in STRATEGIES:
         raise ConfigError("resources.strategy", r.strategy, f"one of: {', '.join(STRATEGIES)}")
+    if r.transport not in TRANSPORTS:
+        raise ConfigError("resources.transport", r.transport, f"one of: {', '.join(TRANSPORTS)}")
     for name in ("gpus_per_peer", "gpus_per_teacher"):
         value = getattr(r, name)
-        if value is not None and (value < 0 or (value > 1 and value != int(value))):
+        if value is not None and (not math.isfinite(value) or value < 0 or (value > 1 and value != int(value))):
             raise ConfigError(f"resources.{name}", value, "must be >= 0: a fraction of one GPU or a whole number")
-    if r.cpus_per_peer <= 0 or r.cpus_per_coordinator <= 0:
-        raise ConfigError("resources.cpus_per_peer", r.cpus_per_peer, "must be > 0")
-    if t.checkpoint_every_steps is not None and t.checkpoint_every_steps < 1:
-        raise ConfigError("train.checkpoint_every_steps", t.checkpoint_every_steps, "must be >= 1 or null")
+    for name in ("cpus_per_peer", "cpus_per_coordinator", "node_wait_s", "collective_timeout_s"):
+        if not _positive(getattr(r, name)):
+            raise ConfigError(f"resources.{name}", getattr(r, name), "must be a number > 0")
     if r.max_restarts < 0:
         raise ConfigError("resources.max_restarts", r.max_restarts, "must be >= 0")
-    if r.node_wait_s <= 0:
-        raise ConfigError("resources.node_wait_s", r.node_wait_s, "must be > 0 seconds")
     if r.threads_per_peer < 1:
         raise ConfigError("resources.threads_per_peer", r.threads_per_peer, "must be >= 1")
+    if r.peers_per_worker is not None and r.peers_per_worker < 1:
+        raise ConfigError("resources.peers_per_worker", r.peers_per_worker, "must be >= 1, or null (auto)")
+
+
+def check_data_fits(config: Config, num_train: int) -> None:
+    """Checks that need the data set's size (the driver calls it once the data is loaded)."""
+    if config.train.batch_size > num_train:
+        raise ConfigError("train.batch_size", config.train.batch_size,
+                          f"at most the {num_train:,} training samples of data set {config.data.name}")
 
 
 def _schedule_values(spec, field: str, epochs: int) -> list[float]:

@@ -20,12 +20,18 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def save_checkpoint(run_dir: Path, epoch: int, state: dict, keep: int) -> Path:
-    """state: {"peers": [...], "coordinator": {...}, "loop": {json-able}}. epoch = the number of epochs completed."""
+    """state: {"peers": [...], "coordinator": {...}, "loop": {json-able}}. epoch = the number of epochs completed.
+
+    Written to a temporary folder and renamed. A checkpoint of the same epoch (a rerun after a rollback) is first
+    renamed aside, never removed before the new one is in place: a crash at any moment leaves a whole checkpoint
+    of every epoch that had one (list_checkpoints puts a set-aside folder back)."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".epoch_*.tmp"):          # what a crash in the middle of writing left
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"epoch_{epoch:04d}"
     tmp = root / f".epoch_{epoch:04d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    aside = root / f".epoch_{epoch:04d}.old"
     tmp.mkdir()
     for i, peer_state in enumerate(state["peers"]):
         torch.save(peer_state, tmp / f"peer_{i}.pt")
@@ -33,17 +39,24 @@ def save_checkpoint(run_dir: Path, epoch: int, state: dict, keep: int) -> Path:
     (tmp / "loop.json").write_text(json.dumps(state["loop"]))
     _fsync_dir(tmp)
     if final.exists():                         # a rerun of the same epoch after a rollback
-        shutil.rmtree(final)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
     os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoint folders, oldest first (a folder set aside by a save that crashed is put back first)."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
+    for aside in root.glob(".epoch_*.old"):
+        final = root / aside.name[1:-len(".old")]
+        if not final.exists():
+            os.replace(aside, final)
     found = [p for p in root.iterdir() if p.is_dir() and PATTERN.match(p.name)]
     return sorted(found, key=lambda p: int(PATTERN.match(p.name).group(1)))
 
@@ -54,11 +67,41 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, num_peers: int) -> dict:
+    """One checkpoint folder; an unreadable or incomplete one raises a ConfigError that names its file."""
+    from raydistill.errors import ConfigError
+
     path = Path(path)
-    return {"peers": [torch.load(path / f"peer_{i}.pt", map_location="cpu", weights_only=True)
-                      for i in range(num_peers)],
-            "coordinator": torch.load(path / "coordinator.pt", map_location="cpu", weights_only=True),
-            "loop": json.loads((path / "loop.json").read_text())}
+
+    def read(name: str):
+        try:
+            if name.endswith(".json"):
+                return json.loads((path / name).read_text())
+            return torch.load(path / name, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 — a truncated, corrupt or missing file: the same one-line answer
+            raise ConfigError("checkpoint", str(path / name), f"cannot be read ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else 'empty'})") from None
+
+    return {"peers": [read(f"peer_{i}.pt") for i in range(num_peers)], "coordinator": read("coordinator.pt"),
+            "loop": read("loop.json")}
+
+
+def load_latest_checkpoint(path: Path, num_peers: int, single: bool = False) -> tuple[dict | None, list]:
+    """The newest readable checkpoint of a run directory (or, with ``single``, the checkpoint folder ``path``):
+    (state or None, [(folder, why it was skipped)...]). An unreadable newest checkpoint falls back to the one before."""
+    from raydistill.errors import ConfigError
+
+    if single:
+        return load_checkpoint(path, num_peers), []
+    skipped = []
+    for folder in reversed(list_checkpoints(path)):
+        try:
+            return load_checkpoint(folder, num_peers), skipped
+        except ConfigError as err:
+            skipped.append((folder, err.allowed))
+    if skipped:
+        raise ConfigError("--resume", str(path), f"no checkpoint can be read: {skipped[0][0].name} "
+                          f"{skipped[0][1]}")
+    return None, skipped
 
 
 def _fsync_dir(path: Path) -> None:

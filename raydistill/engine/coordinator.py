@@ -104,7 +104,7 @@ class Coordinator:
         task, labels = self.config.task, self.labels[split]
         peer_outputs = [out if isinstance(out, dict) else {"logits": out} for out in outputs[:self.num_peers]]
         peers = [out["logits"] for out in peer_outputs]
-        teachers = outputs[self.num_peers:]
+        teachers = [out["logits"] if isinstance(out, dict) else out for out in outputs[self.num_peers:]]
         result = {"peers": [score(task, out, labels) for out in peers],
                   "ema_teachers": [score(task, out["ema_logits"], labels) for out in peer_outputs
                                    if "ema_logits" in out],

@@ -111,8 +111,7 @@ class Peer:
 
     def make_optimizer(self):
         """One optimizer over the model and the adapters the student owns."""
-        parameters = [*self.model.parameters(), *self.adapters.parameters()]
-        return make_optimizer(self.config.train, parameters, self.settings.lr)
+        return make_optimizer(self.config.train, self.parameters(), self.settings.lr)
 
     def make_ema_teacher(self) -> torch.nn.Module:
         """A copy of the student's initial weights, then ``method.teacher_init_steps`` CE steps at lr / 100 on this
@@ -214,6 +213,10 @@ class Peer:
             self.local_targets = self.self_teacher_targets(x, ema_logits)
         return outputs
 
+    def discard_step(self) -> None:
+        """Drops the graph of a forward that will not learn (benchmarks)."""
+        self._pending = None
+
     def student_outputs(self, logits: torch.Tensor, hint: torch.Tensor | None) -> dict:
         """What the method's loss reads of the student: logits, and its hint with the adapters applied."""
         outputs = {"logits": logits.float()}
@@ -253,8 +256,7 @@ class Peer:
             (loss / accumulate if accumulate > 1 else loss).backward()    # the mean gradient of the batches
             if self.optimizer_step_due(step):
                 if self.config.train.grad_clip is not None:
-                    parameters = [*self.model.parameters(), *self.adapters.parameters()]
-                    torch.nn.utils.clip_grad_norm_(parameters, self.config.train.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(self.parameters(), self.config.train.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema_model is not None:
@@ -277,8 +279,15 @@ class Peer:
             outputs["ema_logits"] = self.data.predict(self.ema_model, split)
         return outputs
 
+    def parameters(self) -> list:
+        """What the optimizer trains: the model and the adapters the student owns."""
+        return [*self.model.parameters(), *self.adapters.parameters()]
+
     def state_dict(self) -> dict:
         state = {"model": _cpu_state(self.model), "optimizer": _to_cpu(self.optimizer.state_dict())}
+        grads = [p.grad for p in self.parameters()]
+        if any(g is not None for g in grads):       # between two optimizer steps of gradient accumulation
+            state["accumulated_grads"] = [None if g is None else g.detach().to("cpu", copy=True) for g in grads]
         if self.ema_model is not None:
             state.update(ema_teacher=_cpu_state(self.ema_model), ema_updates=self.ema_updates)
         if len(self.adapters):
@@ -297,7 +306,11 @@ class Peer:
         if len(self.adapters):
             self.adapters.load_state_dict(state["adapters"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.optimizer.zero_grad(set_to_none=True)      # no partly accumulated gradient survives a rollback
+        self.optimizer.zero_grad(set_to_none=True)
+        # a rollback point between two optimizer steps of gradient accumulation keeps what was accumulated so far
+        for parameter, grad in zip(self.parameters(), state.get("accumulated_grads") or []):
+            if grad is not None:
+                parameter.grad = grad.to(parameter.device, copy=True)
         if self.ema_model is not None:
             if "ema_teacher" not in state:
                 raise ValueError(f"peer {self.index}: the checkpoint holds no EMA teacher, but method "

@@ -19,7 +19,10 @@ class Recorder:
         if resume_epoch is not None and self.metrics_path.exists():
             frame = pd.read_parquet(self.metrics_path)
             self.rows = frame[frame["epoch"] <= resume_epoch].to_dict("records")
-        self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        # a resumed run records again the epochs after its checkpoint: TensorBoard drops what the old files hold
+        # from there on, so no epoch shows twice
+        purge = resume_epoch + 1 if resume_epoch is not None else None
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
 
     def log_epoch(self, epoch: int, rows: list[dict], scalars: dict[str, float]) -> None:
         """epoch: numbered from 1; rows: one per model (peers, ensemble, teachers); scalars: TensorBoard tag -> value."""

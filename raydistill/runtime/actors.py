@@ -1,4 +1,4 @@
-"""Thin Ray shells around the engine's Peer, Teacher and Coordinator: every method forwards; nothing else lives here."""
+"""Thin Ray shells around the engine's Worker and Coordinator: every method forwards; nothing else lives here."""
 from __future__ import annotations
 
 import os
@@ -6,66 +6,96 @@ import os
 import ray
 
 from raydistill.engine.coordinator import Coordinator
-from raydistill.engine.peer import Peer
-from raydistill.engine.teacher import Teacher
-
-
-def _node() -> str:
-    return ray.get_runtime_context().get_node_id()
+from raydistill.engine.worker import Worker
+from raydistill.runtime.collective import GlooExchange, free_port
 
 
 class _Shell:
     def node(self) -> str:
-        return _node()
+        return ray.get_runtime_context().get_node_id()
 
     def pid(self) -> int:
         """The actor's process id (failure drills kill it)."""
         return os.getpid()
 
 
-class PeerShell(_Shell):
-    def __init__(self, index, config, arrays, spec):
-        self.peer = Peer(index, config, arrays, spec)
+class WorkerShell(_Shell):
+    def __init__(self, config, spec, members, coordinator: bool):
+        """Light: the data arrive with ``setup``. Ray restarts a lost actor by running this again, and a restartable
+        actor whose constructor took an object-store argument would make Ray warn at every start."""
+        self.args = (config, spec, members, coordinator)
+        self.worker = None
+
+    def setup(self, arrays) -> str:
+        """Builds the engine worker over the run's arrays (once; after a restart, again). Returns the node id."""
+        if self.worker is None:
+            config, spec, members, coordinator = self.args
+            self.worker = Worker(config, arrays, spec, members, coordinator=coordinator)
+        return self.node()
+
+    def address(self) -> tuple[str, int]:
+        """Where this worker, as rank 0, hosts the group: its node's address and a free port."""
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join_group(self, rank: int, world: int, address: str, port: int, timeout_s: float) -> None:
+        self.worker.set_exchange(GlooExchange(rank, world, address, port, timeout_s))
+
+    def leave_group(self) -> None:
+        self.worker.set_exchange(None)
+
+    def run_steps(self, epoch, first, count):
+        return self.worker.run_steps(epoch, first, count)
 
     def forward(self, epoch, step):
-        return self.peer.forward(epoch, step)
+        return self.worker.forward(epoch, step)
 
     def learn(self, epoch, step, targets):
-        return self.peer.learn(epoch, step, targets)
+        return self.worker.learn(epoch, step, targets)
+
+    def exchange_only(self, epoch, count):
+        return self.worker.exchange_only(epoch, count)
+
+    def cached_outputs(self, epoch):
+        return self.worker.cached_outputs(epoch)
+
+    def accept(self, targets):
+        """Receives targets and does nothing with them (the object-store exchange benchmark)."""
+        return len(targets)
+
+    def prepare_epoch(self, epoch):
+        self.worker.prepare_epoch(epoch)
 
     def evaluate(self, split):
-        return self.peer.evaluate(split)
+        return self.worker.evaluate(split)
+
+    def evaluate_outputs(self, split):
+        return self.worker.evaluate_outputs(split)
 
     def state_dict(self):
-        return self.peer.state_dict()
+        return self.worker.state_dict()
 
     def load_state_dict(self, state):
-        self.peer.load_state_dict(state)
+        self.worker.load_state_dict(state)
 
     def export(self):
-        return self.peer.export()
-
-
-class TeacherShell(_Shell):
-    def __init__(self, index, config, arrays, spec):
-        self.teacher = Teacher(index, config, arrays, spec)
-
-    def forward(self, epoch, step):
-        return self.teacher.forward(epoch, step)
-
-    def evaluate(self, split):
-        return self.teacher.evaluate(split)
+        return self.worker.export()
 
 
 class CoordinatorShell(_Shell):
-    def __init__(self, config, labels, spec):
+    """The object-store transport's coordinator: targets per worker, as one return value per worker."""
+
+    def __init__(self, config, labels, spec, members):
         self.coordinator = Coordinator(config, labels, spec)
+        self.members = members
 
-    def targets(self, epoch, step, *outputs):
-        return self.coordinator.targets(epoch, step, *outputs)
+    def targets(self, epoch, step, *worker_outputs):
+        outputs = [member for outputs in worker_outputs for member in outputs]
+        targets = self.coordinator.targets(epoch, step, *outputs)
+        per_worker = [[targets[i] for i in m.peers] for m in self.members]
+        return per_worker if len(per_worker) > 1 else per_worker[0]    # num_returns=1 returns the value itself
 
-    def evaluate(self, split, *outputs):
-        return self.coordinator.evaluate(split, *outputs)
+    def evaluate(self, split, *worker_outputs):
+        return self.coordinator.evaluate(split, *[member for outputs in worker_outputs for member in outputs])
 
     def state_dict(self):
         return self.coordinator.state_dict()
@@ -74,6 +104,5 @@ class CoordinatorShell(_Shell):
         self.coordinator.load_state_dict(state)
 
 
-PeerActor = ray.remote(PeerShell)
-TeacherActor = ray.remote(TeacherShell)
+WorkerActor = ray.remote(WorkerShell)
 CoordinatorActor = ray.remote(CoordinatorShell)

@@ -1,58 +1,51 @@
-"""The driver: connects to Ray, reserves one placement group for the run, starts the actors, runs the loop.
+"""The driver: connects to Ray, reserves one placement group for the run, starts the workers, runs the loop.
 
 ``train()`` is the one entry the CLI, Tune and notebooks call; ``runtime="inprocess"`` runs the same engine objects in
 this process instead of actors.
+
+Ray keeps placement, lifecycle, failures, checkpoints and metrics; it leaves the step loop. Each worker actor runs a
+whole call of steps (``run_steps``), exchanging its members' outputs with the other workers through a torch.distributed
+group (the collective transport), so a step costs no Ray call at all. The object-store transport, the reference and
+the fallback, drives every step from here: forward on every worker, the coordinator actor's targets, learn.
 """
 from __future__ import annotations
 
 import copy
 import datetime
-import logging
 import os
 import shutil
 import time
+from collections import deque
 from pathlib import Path
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raydistill.config import Config, dump_config, load_config
-from raydistill.engine.checkpoint import check_compatible, latest_checkpoint, load_checkpoint
+from raydistill.config import Config, check_data_fits, dump_config, load_config
+from raydistill.engine.checkpoint import check_compatible, load_latest_checkpoint
 from raydistill.engine.data import load_run_data
 from raydistill.engine.storage import resolve_storage
 from raydistill.engine.teacher import load_teacher_weights
-from raydistill.errors import ConfigError
-from raydistill.runtime import placement
-from raydistill.runtime.actors import CoordinatorActor, PeerActor, TeacherActor
-from raydistill.runtime.inprocess import InProcessWorkers, labels_of
+from raydistill.engine.worker import CallReport, labels_of
+from raydistill.errors import ConfigError, user_error
+from raydistill.runtime import placement, session
+from raydistill.runtime.actors import CoordinatorActor, WorkerActor
+from raydistill.runtime.collective import CollectiveError
+from raydistill.runtime.inprocess import InProcessWorkers
 from raydistill.runtime.loop import Console, Run, RunResult, WorkerLost
-from raydistill.runtime.transport import ObjectStoreTransport
 
 RUNTIMES = ("ray", "inprocess")
 PLACEMENT_TIMEOUT_S = 60.0
-
-
-def connect(config) -> bool:
-    """Connects to resources.address, or starts a local Ray for the run. Returns True when this call started Ray."""
-    if ray.is_initialized():
-        return False
-    address = config.resources.address
-    quiet = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
-    if address:
-        try:
-            ray.init(address=address, **({} if address.startswith("ray://") else quiet))
-        except (ConnectionError, RuntimeError, ValueError) as err:
-            raise ConfigError("resources.address", address, f"cannot connect to a Ray cluster there ({err})") from None
-        return True
-    # A local cluster for this run: enough logical CPUs for every bundle even on a small laptop.
-    cpus = max(os.cpu_count() or 1, placement.local_cpus_needed(config))
-    ray.init(address="local", num_cpus=cpus, **quiet)       # a new local cluster, never a stranger's
-    return True
-
+READY_TIMEOUT_S = 600.0          # workers import torch and build their models: minutes on a loaded small machine
 
 LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError,
         ray.exceptions.OwnerDiedError)
+
+
+def connect(config, console: Console | None = None, verbose: bool = False) -> bool:
+    """Connects to resources.address, or starts a local Ray for the run. Returns True when this call started Ray."""
+    return session.connect(config, console or Console(False), verbose)
 
 
 def actor_name(config, role: str) -> str:
@@ -60,100 +53,232 @@ def actor_name(config, role: str) -> str:
     return f"raydistill/{config.name}/{os.getpid()}/{role}"
 
 
-class RayWorkers:
-    """The peers, teachers and coordinator as Ray actors in one placement group; the step as chained refs."""
+def _cause(err: BaseException) -> BaseException:
+    return getattr(err, "cause", None) or err
 
-    def __init__(self, config, spec, arrays, group=None):
-        """group: an existing placement group laid out as placement.layout() (a Tune trial's); None: reserve one."""
+
+def classify(err: BaseException) -> str:
+    """What a failed call means for the run: "user" (bad input), "lost" (a process or node died, or the group broke
+    because one did), or "error" (anything else: raised as it is)."""
+    if user_error(err) is not None:
+        return "user"
+    if isinstance(err, LOST) or isinstance(_cause(err), (*LOST, CollectiveError)):
+        return "lost"
+    return "error"
+
+
+class RayWorkers:
+    """The run's workers (and, for the object-store transport, its coordinator) as Ray actors in one placement group."""
+
+    def __init__(self, config, spec, arrays, group=None, driver_cpus: float = 0.0, console: Console | None = None):
+        """group: an existing placement group laid out as placement.layout(config, driver_cpus) (a Tune trial's);
+        None: reserve one."""
         self.config = config
-        self.layout = placement.layout(config)
+        self.console = console or Console(False)
+        self.transport = placement.resolve_transport(config)
+        self.layout = placement.layout(config, self.transport, driver_cpus)
+        self.members = self.layout.members
+        self.num_teachers = 1 if config.teacher is not None else 0
         self.owns_group = group is None
+        tic = time.perf_counter()
         if group is None:
             placement.check_capacity(config, ray.cluster_resources(), [n for n in ray.nodes() if n["Alive"]])
             group = placement_group(self.layout.bundles, strategy=config.resources.strategy,
                                     name=f"raydistill-{config.name}-{os.getpid()}")
         self.group = group
+        self.workers, self.coordinator = [], None
+        try:
+            self._wait_placed()
+            self._start(spec, arrays)
+            self.setup()
+            self.form_group()
+        except BaseException:
+            self.shutdown()
+            raise
+        self.console.line(f"{len(self.workers)} workers ready in {time.perf_counter() - tic:.1f}s "
+                          f"({self.describe()})")
+
+    def describe(self) -> str:
+        hosted = ", ".join("+".join([f"peer{i}" for i in m.peers] + [f"teacher{i}" for i in m.teachers])
+                           for m in self.members)
+        return f"transport {self.transport}; workers: {hosted}"
+
+    def _wait_placed(self) -> None:
         ready, _ = ray.wait([self.group.ready()], timeout=PLACEMENT_TIMEOUT_S)
         if not ready:
-            if self.owns_group:
-                remove_placement_group(self.group)
-            raise ConfigError("resources", placement.required(config),
+            raise ConfigError("resources", placement.required(self.config),
                               f"the cluster could not place the run's bundles {self.layout.bundles} with "
-                              f"strategy {config.resources.strategy} within {PLACEMENT_TIMEOUT_S:.0f}s; "
+                              f"strategy {self.config.resources.strategy} within {PLACEMENT_TIMEOUT_S:.0f}s; "
                               f"available: {ray.available_resources()}")
-        r = config.resources
+
+    def _start(self, spec, arrays) -> None:
+        r = self.config.resources
         # once: every actor on a node maps the same arrays. Held for the whole run: a restarted actor is built
         # again from its constructor arguments, so they must stay in the object store.
-        self.data_ref = data_ref = ray.put(arrays)
+        self.data_ref = ray.put(arrays)
         restartable = {"max_restarts": r.max_restarts, "max_task_retries": 0}
-        self.peers = [PeerActor.options(num_cpus=r.cpus_per_peer, num_gpus=r.gpus_per_peer,
-                                        scheduling_strategy=self._bundle(self.layout.peers[i]),
-                                        name=actor_name(config, f"peer{i}"), **restartable)
-                      .remote(i, config, data_ref, spec) for i in range(config.num_peers)]
-        self.teachers = [TeacherActor.options(num_cpus=r.cpus_per_peer, num_gpus=r.gpus_per_teacher or 0,
-                                              scheduling_strategy=self._bundle(self.layout.teachers[0]),
-                                              name=actor_name(config, "teacher0"), **restartable)
-                         .remote(0, config, data_ref, spec)] if config.teacher is not None else []
-        # the coordinator needs no GPU; Ray no longer hides GPUs from 0-GPU actors, so hide them here
-        self.coordinator = CoordinatorActor.options(
-            num_cpus=r.cpus_per_coordinator, num_gpus=0, scheduling_strategy=self._bundle(self.layout.coordinator),
-            name=actor_name(config, "coordinator"), runtime_env={"env_vars": {"CUDA_VISIBLE_DEVICES": ""}},
-            **restartable).remote(config, labels_of(arrays), spec)
-        self.transport = ObjectStoreTransport(self.coordinator, config.num_peers)
-        self.num_teachers = len(self.teachers)
-        self._nodes = ray.get([a.node.remote() for a in self._actors()])   # also waits for every __init__
+        replicas = self.transport == "collective"
+        for rank, (members, bundle) in enumerate(zip(self.members, self.layout.workers)):
+            need = placement.worker_bundle(self.config, members)
+            self.workers.append(WorkerActor.options(
+                num_cpus=need["CPU"], num_gpus=need.get("GPU", 0), scheduling_strategy=self._bundle(bundle),
+                name=actor_name(self.config, f"worker{rank}"), runtime_env=self._hide_gpus(need), **restartable)
+                .remote(self.config, spec, members, replicas))
+        if not replicas:
+            # the coordinator needs no GPU; Ray no longer hides GPUs from 0-GPU actors, so hide them here
+            self.coordinator = CoordinatorActor.options(
+                num_cpus=r.cpus_per_coordinator, num_gpus=0, scheduling_strategy=self._bundle(self.layout.head),
+                name=actor_name(self.config, "coordinator"), runtime_env=self._hide_gpus({}), **restartable,
+            ).remote(self.config, labels_of(arrays), spec, [m for m in self.members if m.peers])
+
+    def setup(self) -> None:
+        """Every worker builds its peers and teachers over the run's arrays (a restarted one builds them again)."""
+        self._nodes = self._get_all([w.setup.remote(self.data_ref) for w in self.workers], READY_TIMEOUT_S)
+
+    def _hide_gpus(self, need: dict) -> dict | None:
+        """A CPU-only actor sees no GPU (Ray no longer hides them from 0-GPU actors); on a cluster without GPUs there
+        is nothing to hide, and an actor without a runtime_env can take one of Ray's idle workers."""
+        if need.get("GPU") or not ray.cluster_resources().get("GPU"):
+            return None
+        return {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
 
     def _bundle(self, index: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=index)
 
     def _actors(self) -> list:
-        return [*self.peers, *self.teachers, self.coordinator]
+        return [*self.workers, *([self.coordinator] if self.coordinator is not None else [])]
+
+    # ---- calls ----------------------------------------------------------------------------------------------------
+    def _get_all(self, refs: list, timeout: float | None = None) -> list:
+        """Every call's result, after every call has ended (none is left running into a broken group): a ConfigError
+        raised in an actor as itself, a lost actor or broken group as WorkerLost, anything else as it was raised."""
+        pending, deadline = list(refs), None if timeout is None else time.monotonic() + timeout
+        failures = []
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not done:
+                break
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except Exception as err:  # noqa: BLE001 — sorted below
+                    failures.append(err)
+                    if deadline is None:      # the others end within the collective timeout once one has failed
+                        deadline = time.monotonic() + self.config.resources.collective_timeout_s + 30.0
+        if pending:                           # calls that never ended: their worker hangs; restart it
+            self._restart_hung(refs, pending)
+            failures.append(WorkerLost(f"{len(pending)} calls did not end"))
+        if failures:
+            self._raise(failures)
+        return ray.get(refs)
+
+    def _restart_hung(self, refs: list, pending: list) -> None:
+        for ref in pending:
+            index = refs.index(ref)
+            if index < len(self.workers):
+                ray.kill(self.workers[index], no_restart=False)
 
     @staticmethod
-    def _get(refs):
-        """ray.get, with a lost actor (dead process or node) turned into WorkerLost for the loop to recover from."""
+    def _raise(failures: list) -> None:
+        kinds = [classify(err) for err in failures]
+        for kind, err in zip(kinds, failures):
+            if kind == "user":
+                raise user_error(err) from None
+        for kind, err in zip(kinds, failures):
+            if kind == "error":
+                raise err
+        lost = failures[0]
+        raise WorkerLost(type(_cause(lost)).__name__) from lost
+
+    # ---- the group ------------------------------------------------------------------------------------------------
+    def form_group(self) -> None:
+        """A new torch.distributed group over the workers on a new port (a restarted rank cannot rejoin an old one)."""
+        if self.transport != "collective" or len(self.workers) < 2:
+            return
+        timeout = self.config.resources.collective_timeout_s
+        address, port = ray.get(self.workers[0].address.remote(), timeout=READY_TIMEOUT_S)
+        self._get_all([w.join_group.remote(rank, len(self.workers), address, port, timeout)
+                       for rank, w in enumerate(self.workers)], timeout + 30.0)
+
+    def leave_group(self) -> None:
+        if self.transport != "collective" or len(self.workers) < 2:
+            return
+        refs = [w.leave_group.remote() for w in self.workers]
+        ray.wait(refs, num_returns=len(refs), timeout=30.0)
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:  # noqa: BLE001 — a dead or restarting worker has no group to leave
+                pass
+
+    # ---- the loop's protocol ----------------------------------------------------------------------------------------
+    def run_steps(self, epoch: int, first: int, count: int) -> CallReport:
+        if self.transport == "collective":
+            reports = self._get_all([w.run_steps.remote(epoch, first, count) for w in self.workers])
+            return _merge(reports)
+        return self._drive_steps(epoch, first, count)
+
+    def _drive_steps(self, epoch: int, first: int, count: int) -> CallReport:
+        """The object-store transport: three rounds of calls per step, at most train.steps_in_flight outstanding."""
+        report, pending = CallReport(), deque()
+        learners = [w for w, m in zip(self.workers, self.members) if m.peers]
         try:
-            return ray.get(refs)
-        except LOST as err:
-            raise WorkerLost(type(err).__name__) from err
-        except ray.exceptions.RayTaskError as err:
-            if isinstance(err.cause, LOST):
-                raise WorkerLost(type(err.cause).__name__) from err
+            for step in range(first, first + count):
+                outputs = [w.forward.remote(epoch, step) for w in self.workers]
+                targets = self.coordinator.targets.options(num_returns=len(learners)).remote(epoch, step, *outputs)
+                targets = targets if len(learners) > 1 else [targets]
+                pending.append((step, [w.learn.remote(epoch, step, t) for w, t in zip(learners, targets)]))
+                while len(pending) > self.config.train.steps_in_flight or (pending and step == first + count - 1):
+                    done_step, refs = pending.popleft()
+                    parts = self._get_all(refs)
+                    report.add_step(epoch, done_step, {i: m for part in parts for i, m in part.items()})
+        except BaseException:
+            _drain([ref for _, refs in pending for ref in refs])
             raise
+        return report
 
-    # ---- the step protocol: three rounds of calls, no waiting ------------------------------------------------------
-    def submit_step(self, epoch: int, step: int) -> list:
-        outputs = [p.forward.remote(epoch, step) for p in self.peers]
-        outputs += [t.forward.remote(epoch, step) for t in self.teachers]
-        targets = self.transport.exchange(epoch, step, outputs)
-        return [p.learn.remote(epoch, step, t) for p, t in zip(self.peers, targets)]
-
-    def collect(self, handle: list) -> list[dict]:
-        return self._get(handle)
+    def prepare_epoch(self, epoch: int) -> None:
+        if self.num_teachers and self.config.teacher.cache:
+            self._get_all([w.prepare_epoch.remote(epoch) for w in self.workers])
 
     def evaluate(self, split: str) -> dict:
-        outputs = [a.evaluate.remote(split) for a in (*self.peers, *self.teachers)]
-        return self._get(self.coordinator.evaluate.remote(split, *outputs))
+        if self.transport == "collective":
+            return self._get_all([w.evaluate.remote(split) for w in self.workers])[0]
+        outputs = [w.evaluate_outputs.remote(split) for w in self.workers]
+        return self._get_all([self.coordinator.evaluate.remote(split, *outputs)])[0]
 
     def get_state(self) -> dict:
-        peers = self._get([p.state_dict.remote() for p in self.peers])
-        return {"peers": peers, "coordinator": self._get(self.coordinator.state_dict.remote())}
+        states = self._get_all([w.state_dict.remote() for w in self.workers])
+        peers = {i: s for state in states for i, s in state["peers"].items()}
+        coordinator = (states[0]["coordinator"] if self.coordinator is None
+                       else self._get_all([self.coordinator.state_dict.remote()])[0])
+        return {"peers": [peers[i] for i in range(self.config.num_peers)], "coordinator": coordinator}
 
     def set_state(self, state: dict) -> None:
-        calls = [p.load_state_dict.remote(s) for p, s in zip(self.peers, state["peers"])]
-        calls.append(self.coordinator.load_state_dict.remote(state["coordinator"]))
-        self._get(calls)
+        replica = state["coordinator"] if self.coordinator is None else None
+        calls = [w.load_state_dict.remote({"peers": {i: state["peers"][i] for i in m.peers}, "coordinator": replica})
+                 for w, m in zip(self.workers, self.members)]
+        if self.coordinator is not None:
+            calls.append(self.coordinator.load_state_dict.remote(state["coordinator"]))
+        self._get_all(calls)
 
     def export(self) -> dict:
-        parts = self._get([p.export.remote() for p in self.peers])
+        parts = self._get_all([w.export.remote() for w in self.workers])
         return {name: entry for part in parts for name, entry in part.items()}
 
+    def recover(self, timeout: float) -> None:
+        """After a lost worker: the old group closed on every survivor, every actor answering again (Ray restarts a
+        dead one, on a replacement node if its node is gone), a new group formed."""
+        self.leave_group()
+        self.wait_ready(timeout)
+        self.setup()
+        self.form_group()
+
     def wait_ready(self, timeout: float) -> None:
-        """Waits until every actor answers again (Ray restarts it, on a replacement node if its node is gone)."""
+        """Waits until every actor answers again, or raises TimeoutError."""
         deadline = time.monotonic() + timeout
-        names = [f"peer{i}" for i in range(len(self.peers))] + [f"teacher{i}" for i in range(self.num_teachers)]
-        names.append("coordinator")
-        nodes = []
+        names = [f"worker{i}" for i in range(len(self.workers))] + (["coordinator"] if self.coordinator else [])
         for name, actor in zip(names, self._actors()):
             while True:
                 left = deadline - time.monotonic()
@@ -161,55 +286,97 @@ class RayWorkers:
                     raise TimeoutError(f"{name} did not come back within resources.node_wait_s={timeout:g}s "
                                        "(no node with room for its bundle, or past resources.max_restarts)")
                 try:
-                    nodes.append(ray.get(actor.node.remote(), timeout=min(left, 10.0)))
+                    ray.get(actor.node.remote(), timeout=min(left, 10.0))
                     break
                 except ray.exceptions.GetTimeoutError:
                     continue
-                except LOST:                # still restarting, or past resources.max_restarts: the deadline decides
-                    time.sleep(0.5)
-        self._nodes = nodes
+                except LOST:                # still restarting, or past max_restarts: the deadline decides
+                    time.sleep(min(left, 0.5))
 
     def nodes(self) -> dict:
-        n = self.config.num_peers
-        return {"peers": self._nodes[:n], "teachers": self._nodes[n:n + self.num_teachers],
-                "coordinator": self._nodes[-1]}
+        by_peer, by_teacher = {}, {}
+        for node, members in zip(self._nodes, self.members):
+            by_peer.update({i: node for i in members.peers})
+            by_teacher.update({i: node for i in members.teachers})
+        return {"peers": [by_peer[i] for i in range(self.config.num_peers)],
+                "teachers": [by_teacher[i] for i in range(self.num_teachers)],
+                "workers": list(self._nodes)}
 
     def shutdown(self) -> None:
         for actor in self._actors():
             ray.kill(actor, no_restart=True)
-        if self.owns_group:
+        if self.owns_group and getattr(self, "group", None) is not None:
             remove_placement_group(self.group)
 
 
+def _merge(reports: list[CallReport]) -> CallReport:
+    merged = CallReport()
+    for report in reports:
+        merged.merge(report)
+    merged.nonfinite.sort()
+    return merged
+
+
+def _drain(refs: list) -> None:
+    """Waits (briefly) for calls that are no longer wanted and reads their errors, so none is reported as unhandled."""
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=30.0)
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:  # noqa: BLE001 — the failure that mattered is being handled already
+                pass
+
+
+# ---- train() -----------------------------------------------------------------------------------------------------
 def default_run_dir(config) -> Path:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{config.name}-{stamp}"
 
 
+def check_writable(run_dir: Path) -> None:
+    """The run directory, or the nearest folder above it that exists, must be writable: found before Ray starts."""
+    probe = Path(run_dir).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError("--output", str(run_dir), f"cannot be written ({probe} is not a writable folder)")
+
+
+def _resume_state(run_dir: Path, config, console: Console):
+    """The newest readable checkpoint of a run directory (an unreadable one is skipped, and said so), or None."""
+    state, skipped = load_latest_checkpoint(run_dir, config.num_peers)
+    for path, reason in skipped:
+        console.line(f"checkpoint {path.name} cannot be read ({reason}); using an earlier one")
+    return state
+
+
 def train(config=None, output=None, *, overrides=None, runtime: str = "ray", resume=None,
           stop_after_epoch: int | None = None, progress: bool = True, from_checkpoint=None, on_epoch=None,
-          placement_group=None) -> RunResult:
+          placement_group=None, verbose: bool = False) -> RunResult:
     """Trains a run and returns its summary.
 
     config: a Config, a preset name, a YAML/JSON path or a dict (None: the default job, DML on digits);
-    output: the run directory (default runs/NAME-TIMESTAMP); resume: a run directory to continue from its last checkpoint
-    (overrides may extend train.epochs); stop_after_epoch: stop (with a checkpoint) after that many epochs in all.
+    output: the run directory (default runs/NAME-TIMESTAMP); resume: a run directory to continue from its last readable
+    checkpoint (overrides may change it, e.g. extend train.epochs or lower train.lr; a directory with no checkpoint yet
+    starts again from the beginning); stop_after_epoch: stop (with a checkpoint) after that many epochs in all.
     For Tune: from_checkpoint continues a checkpoint directory under this (possibly mutated) config in a new run
-    directory; on_epoch(record, checkpoint_dir) is called after every epoch; placement_group is the trial's group.
+    directory; on_epoch(record, checkpoint_dir) is called after every epoch; placement_group is the trial's group,
+    laid out as placement.bundles(config, driver_cpus=1). verbose: show Ray's own log lines.
     """
     if runtime not in RUNTIMES:
         raise ConfigError("--runtime", runtime, f"one of: {', '.join(RUNTIMES)}")
-    resume_state = None
+    console = Console(progress)
+    resume_state, restart = None, False
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError("--resume", str(resume), "is not a run directory (no config.yaml)")
         config = load_config(run_dir, overrides)
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise ConfigError("--resume", str(resume), "holds no checkpoint yet; start the run again instead")
-        resume_state = load_checkpoint(checkpoint, config.num_peers)
-        if resume_state["loop"]["epochs_completed"] >= config.train.epochs:
+        resume_state = _resume_state(run_dir, config, console)
+        if resume_state is None:
+            restart = True
+        elif resume_state["loop"]["epochs_completed"] >= config.train.epochs:
             raise ConfigError("train.epochs", config.train.epochs,
                               f"the run already completed {resume_state['loop']['epochs_completed']} epochs; "
                               "raise train.epochs to train further")
@@ -220,15 +387,17 @@ def train(config=None, output=None, *, overrides=None, runtime: str = "ray", res
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError("--output", str(run_dir), "already holds files; choose a new directory or --resume it")
         if from_checkpoint is not None:
-            resume_state = load_checkpoint(from_checkpoint, config.num_peers)
+            resume_state, _ = load_latest_checkpoint(from_checkpoint, config.num_peers, single=True)
 
     if config.teacher is not None and config.teacher.cache is True:
         config = copy.deepcopy(config)           # the cache lives in the run directory
         config.teacher.cache = str(run_dir.resolve() / "teacher_cache")
-    # everything that can be refused is checked before the run directory is written
+    # everything that can be refused is checked before Ray starts and before the run directory is written
+    check_writable(run_dir)
     if config.train.storage:
         resolve_storage(config.train.storage)
     spec, arrays = load_run_data(config)
+    check_data_fits(config, len(arrays["train_y"]))
     if resume_state is not None:
         check_compatible(config, spec, resume_state, str(resume or from_checkpoint))
     if config.teacher is not None:
@@ -238,26 +407,45 @@ def train(config=None, output=None, *, overrides=None, runtime: str = "ray", res
                              config.teacher.checkpoint, config.teacher.arch)
     started = False
     if runtime == "ray":
-        started = connect(config)
+        started = connect(config, console, verbose)
         try:
-            workers = RayWorkers(config, spec, arrays, group=placement_group)
+            workers = RayWorkers(config, spec, arrays, group=placement_group,
+                                 driver_cpus=1.0 if placement_group is not None else 0.0, console=console)
         except BaseException:
             if started:
-                ray.shutdown()
+                session.shutdown()
             raise
     else:
         workers = InProcessWorkers(config, spec, arrays)
     created = not run_dir.exists()
     try:
+        if restart:
+            console.line(f"{run_dir} holds no checkpoint yet: starting it again from the beginning")
+            _clear_records(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, run_dir / "config.yaml")
-        run = Run(config, spec, arrays, workers, run_dir, runtime, Console(progress), on_epoch=on_epoch)
+        dump_config(config, run_dir / "config.yaml")       # on --resume too: the values it trains with now
+        if started:
+            session.log_to(run_dir)
+        run = Run(config, spec, arrays, workers, run_dir, runtime, console, on_epoch=on_epoch)
         return run.train(resume_state, stop_after_epoch)
     except KeyboardInterrupt:
-        if created and not any(run_dir.glob("checkpoints/epoch_*")):
-            shutil.rmtree(run_dir, ignore_errors=True)      # nothing worth keeping yet
+        if not any(run_dir.glob("checkpoints/epoch_*")):
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)      # nothing worth keeping yet
+        else:
+            console.line(f"interrupted: continue with `raydistill train --resume {run_dir}`")
         raise
     finally:
         workers.shutdown()
         if started:
-            ray.shutdown()
+            session.shutdown()
+
+
+def _clear_records(run_dir: Path) -> None:
+    """A run started again in its own directory: the records of the attempt that left no checkpoint go."""
+    for name in ("tb", "metrics.parquet", "summary.json", "export"):
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()

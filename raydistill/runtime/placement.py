@@ -1,56 +1,106 @@
-"""Bundles and strategies: one placement group per run; which bundle holds the coordinator, each peer, each teacher.
+"""Workers, bundles and strategies: one placement group per run; which worker hosts which peers and teachers.
 
-Layout: bundle 0 holds the coordinator (and, in a Tune trial, the trainable itself), then one bundle per peer, then one
-per teacher. Under STRICT_SPREAD (one bundle per node) the coordinator shares peer 0's bundle instead, so N peers need
-N nodes, not N + 1.
+A worker is one process on one device bundle. Members (peers 0..N-1, then teachers) go to workers in contiguous runs,
+so the workers' outputs, concatenated in rank order, are in member order. How many members share a worker:
+``resources.peers_per_worker``, or automatically: peers that share one GPU (a fractional ``gpus_per_peer``) share a
+worker (NCCL refuses two ranks on one GPU, and in one process they exchange without a copy); on CPUs, no more workers
+than the machine has cores, because more busy processes than cores make every collective slow (a gloo all_gather
+among 3 processes on 2 cores costs ~4x what it costs between 2).
+
+Bundles: an optional head bundle (the coordinator actor of the object-store transport, and a Tune trial's driver),
+then one bundle per worker. Under STRICT_SPREAD (one bundle per node) the head shares worker 0's bundle instead, so N
+workers need N nodes, not N + 1.
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
+from raydistill.engine.worker import Members
 from raydistill.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class Layout:
-    bundles: list
-    coordinator: int
-    peers: list
-    teachers: list
+    bundles: list              # resource dicts, in placement-group order
+    head: int | None           # bundle of the coordinator actor (object-store transport) and a Tune trial's driver
+    workers: list              # bundle index of each worker
+    members: list              # Members of each worker
 
 
-def _peer_bundle(config) -> dict:
+def local_cores() -> int:
+    """Cores this process may use (the machine a local Ray runs on)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:                      # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def members_per_worker(config) -> int:
     r = config.resources
-    return {"CPU": r.cpus_per_peer, **({"GPU": r.gpus_per_peer} if r.gpus_per_peer > 0 else {})}
+    total = config.num_peers + (1 if config.teacher is not None else 0)
+    if r.peers_per_worker is not None:
+        return r.peers_per_worker
+    if r.gpus_per_peer > 0:
+        return max(1, math.floor(1.0 / r.gpus_per_peer + 1e-6)) if r.gpus_per_peer < 1 else 1
+    if r.address:                                # a cluster: its nodes' cores are not this machine's
+        return 1
+    return math.ceil(total / min(total, local_cores()))
 
 
-def _teacher_bundle(config) -> dict:
-    gpus = config.resources.gpus_per_teacher or 0.0
-    return {"CPU": config.resources.cpus_per_peer, **({"GPU": gpus} if gpus > 0 else {})}
+def worker_members(config) -> list[Members]:
+    """Contiguous runs of members. GPU peers never share a worker with the teacher (it has its own GPU share)."""
+    per = members_per_worker(config)
+    peers = list(range(config.num_peers))
+    teachers = [0] if config.teacher is not None else []
+    gpu = config.resources.gpus_per_peer > 0 or (config.resources.gpus_per_teacher or 0) > 0
+    if gpu and config.resources.peers_per_worker is None:
+        groups = [Members(tuple(peers[i:i + per])) for i in range(0, len(peers), per)]
+        return groups + [Members((), (t,)) for t in teachers]
+    everyone = [("peer", i) for i in peers] + [("teacher", t) for t in teachers]
+    groups = []
+    for start in range(0, len(everyone), per):
+        chunk = everyone[start:start + per]
+        groups.append(Members(tuple(i for kind, i in chunk if kind == "peer"),
+                              tuple(i for kind, i in chunk if kind == "teacher")))
+    return groups
 
 
-def layout(config, driver_cpus: float = 0.0) -> Layout:
-    """driver_cpus: what the driver itself reserves in bundle 0 (a Tune trial's trainable runs there)."""
+def worker_bundle(config, members: Members) -> dict:
     r = config.resources
-    peers = [_peer_bundle(config) for _ in range(config.num_peers)]
-    teachers = [_teacher_bundle(config)] if config.teacher is not None else []
-    head = r.cpus_per_coordinator + driver_cpus
+    cpus = r.cpus_per_peer * (len(members.peers) + len(members.teachers))
+    gpus = r.gpus_per_peer * len(members.peers) + (r.gpus_per_teacher or 0.0) * len(members.teachers)
+    return {"CPU": cpus, **({"GPU": round(gpus, 6)} if gpus > 0 else {})}
+
+
+def layout(config, transport: str, driver_cpus: float = 0.0) -> Layout:
+    """transport: the one that runs (collective or object_store); driver_cpus: what a Tune trial's driver reserves."""
+    r = config.resources
+    members = worker_members(config)
+    bundles = [worker_bundle(config, m) for m in members]
+    head = (r.cpus_per_coordinator if transport == "object_store" else 0.0) + driver_cpus
+    if head == 0:
+        return Layout(bundles, None, list(range(len(bundles))), members)
     if r.strategy == "STRICT_SPREAD":
-        peers[0]["CPU"] += head
-        return Layout(peers + teachers, 0, list(range(len(peers))),
-                      list(range(len(peers), len(peers) + len(teachers))))
-    return Layout([{"CPU": head}] + peers + teachers, 0, list(range(1, len(peers) + 1)),
-                  list(range(len(peers) + 1, len(peers) + 1 + len(teachers))))
+        bundles[0]["CPU"] += head
+        return Layout(bundles, 0, list(range(len(bundles))), members)
+    return Layout([{"CPU": head}] + bundles, 0, list(range(1, len(bundles) + 1)), members)
 
 
-def bundles(config, driver_cpus: float = 0.0) -> list[dict]:
-    return layout(config, driver_cpus).bundles
+def bundles(config, driver_cpus: float = 0.0, transport: str | None = None) -> list[dict]:
+    return layout(config, transport or resolve_transport(config), driver_cpus).bundles
 
 
-def required(config) -> dict[str, float]:
+def resolve_transport(config) -> str:
+    """auto: the collective wherever there is more than one worker to exchange between, and also for one worker
+    (which then exchanges with itself, no copy); the object store only when asked for."""
+    return "object_store" if config.resources.transport == "object_store" else "collective"
+
+
+def required(config, driver_cpus: float = 0.0) -> dict[str, float]:
     total: dict[str, float] = {}
-    for bundle in bundles(config):
+    for bundle in bundles(config, driver_cpus):
         for key, value in bundle.items():
             total[key] = total.get(key, 0.0) + value
     return total
@@ -60,20 +110,21 @@ def check_capacity(config, cluster: dict[str, float], nodes: list[dict] | None =
     """Fails before anything starts when the cluster cannot hold the run; says what is missing."""
     need = required(config)
     r = config.resources
+    found = bundles(config)
     if need.get("GPU", 0) > cluster.get("GPU", 0) + 1e-9:
         holders = config.num_peers + (1 if config.teacher is not None else 0)
         raise ConfigError("resources.gpus_per_peer", r.gpus_per_peer,
-                          f"the run needs {need['GPU']:g} GPUs ({holders} actors); the cluster has "
+                          f"the run needs {need['GPU']:g} GPUs ({holders} peers and teachers); the cluster has "
                           f"{cluster.get('GPU', 0):g}")
     if need["CPU"] > cluster.get("CPU", 0) + 1e-9:
         raise ConfigError("resources.cpus_per_peer", r.cpus_per_peer,
                           f"the run needs {need['CPU']:g} CPUs; the cluster has {cluster.get('CPU', 0):g}")
-    if nodes is not None and r.strategy == "STRICT_SPREAD" and len(bundles(config)) > len(nodes):
+    if nodes is not None and r.strategy == "STRICT_SPREAD" and len(found) > len(nodes):
         raise ConfigError("resources.strategy", r.strategy,
-                          f"puts each of {len(bundles(config))} bundles on its own node; the cluster has "
+                          f"puts each of {len(found)} bundles on its own node; the cluster has "
                           f"{len(nodes)} alive nodes")
     if nodes is not None:
-        for bundle in bundles(config):
+        for bundle in found:
             if not any(all(n["Resources"].get(k, 0) + 1e-9 >= v for k, v in bundle.items()) for n in nodes):
                 raise ConfigError("resources", bundle, "no node of the cluster can hold this bundle "
                                   f"(nodes offer {[_offer(n) for n in nodes]})")

@@ -1,0 +1,179 @@
+"""A worker: the peers and teachers one process hosts, and the steps they run together. No Ray.
+
+One training step, whatever the transport: every member (peer or teacher) runs forward on its view of the step's batch;
+the members' outputs are exchanged (``Exchange.gather``: every worker ends with every member's outputs, in member order:
+peers 0..N-1, then teachers); the coordinator's target logic turns them into one target per peer; each local peer
+learns. With a collective exchange (or in one process) every worker holds a replica of the coordinator and computes
+the same targets from the same gathered outputs, bitwise, so a whole call of steps runs without leaving the worker:
+``run_steps``. With the object-store transport the driver drives the two halves of each step (``forward``, ``learn``)
+and one coordinator actor computes the targets in between.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from raydistill.engine.coordinator import Coordinator
+from raydistill.engine.peer import Peer
+from raydistill.engine.teacher import Teacher
+
+
+@dataclass(frozen=True)
+class Members:
+    """Which peers and teachers a worker hosts (global indices)."""
+    peers: tuple = ()
+    teachers: tuple = ()
+
+
+class LocalExchange:
+    """A worker that hosts every member: its own outputs are all the outputs. No copy."""
+
+    def gather(self, tag: str, local: list) -> list:
+        return local
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class PeerFigures:
+    """One peer's step figures summed over steps, each weighted by the step's samples."""
+    sums: dict = field(default_factory=dict)
+    samples: float = 0.0
+
+    def add(self, metrics: dict) -> None:
+        n = metrics["samples"]
+        for key, value in metrics.items():
+            if key not in ("samples", "finite"):
+                self.sums[key] = self.sums.get(key, 0.0) + value * n
+        self.samples += n
+
+    def merge(self, other: "PeerFigures") -> None:
+        for key, value in other.sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.samples += other.samples
+
+    def means(self) -> dict:
+        return {key: value / self.samples for key, value in self.sums.items()}
+
+
+@dataclass
+class CallReport:
+    """What a call of steps returns: each local peer's summed figures, and where a loss was not finite."""
+    peers: dict = field(default_factory=dict)            # peer index -> PeerFigures
+    nonfinite: list = field(default_factory=list)        # (epoch, step, peer index), in step order
+
+    def add_step(self, epoch: int, step: int, metrics: dict) -> None:
+        """metrics: peer index -> that peer's step metrics (Peer.learn)."""
+        for index, m in metrics.items():
+            self.peers.setdefault(index, PeerFigures()).add(m)
+            if not m["finite"]:
+                self.nonfinite.append((epoch, step, index))
+
+    def merge(self, other: "CallReport") -> "CallReport":
+        for index, figures in other.peers.items():
+            self.peers.setdefault(index, PeerFigures()).merge(figures)
+        self.nonfinite.extend(other.nonfinite)
+        return self
+
+    def copy(self) -> "CallReport":
+        return CallReport({i: dataclasses.replace(f, sums=dict(f.sums)) for i, f in self.peers.items()},
+                          list(self.nonfinite))
+
+
+def labels_of(arrays: dict) -> dict:
+    return {split: arrays[f"{split}_y"] for split in ("train", "val", "test")}
+
+
+class Worker:
+    def __init__(self, config, arrays: dict, spec, members: Members, coordinator: bool = True, exchange=None):
+        """coordinator: hold a replica of the coordinator (collective exchange, one process); False where a
+        coordinator actor computes the targets (object-store transport)."""
+        self.config = config
+        self.members = members
+        self.peers = [Peer(i, config, arrays, spec) for i in members.peers]
+        self.teachers = [Teacher(j, config, arrays, spec) for j in members.teachers]
+        self.coordinator = Coordinator(config, labels_of(arrays), spec) if coordinator else None
+        self.exchange = exchange or LocalExchange()
+
+    # ---- the two halves of a step (the object-store transport drives them one by one) ------------------------------
+    def forward(self, epoch: int, step: int) -> list[dict]:
+        """The local members' outputs: each peer's dict of arrays, then each teacher's."""
+        return [p.forward(epoch, step) for p in self.peers] + [t.forward(epoch, step) for t in self.teachers]
+
+    def learn(self, epoch: int, step: int, targets: list[dict]) -> dict[int, dict]:
+        """targets: one dict per local peer, in order. Returns each local peer's step metrics by peer index."""
+        return {p.index: p.learn(epoch, step, t) for p, t in zip(self.peers, targets)}
+
+    # ---- whole calls (a collective exchange, or one process) -------------------------------------------------------
+    def run_steps(self, epoch: int, first: int, count: int) -> CallReport:
+        """Steps first..first+count-1 of an epoch: forward, exchange, targets, learn; figures come back once."""
+        report = CallReport()
+        for step in range(first, first + count):
+            outputs = self.exchange.gather("step", self.forward(epoch, step))
+            targets = self.coordinator.targets(epoch, step, *outputs)
+            report.add_step(epoch, step, self.learn(epoch, step, [targets[p.index] for p in self.peers]))
+        return report
+
+    def exchange_only(self, epoch: int, count: int) -> float:
+        """Seconds for ``count`` steps of exchange and targets alone, over the outputs of one real forward (the
+        benchmark's measure of a transport, compute excluded)."""
+        import time
+
+        outputs = self.forward(epoch, 0)
+        for peer in self.peers:
+            peer.discard_step()
+        tic = time.perf_counter()
+        for step in range(count):
+            self.coordinator.targets(epoch, 0, *self.exchange.gather("step", outputs))
+        return time.perf_counter() - tic
+
+    def cached_outputs(self, epoch: int) -> list[dict]:
+        """The outputs of one real forward, kept for the object-store exchange benchmark."""
+        if getattr(self, "_cached", None) is None:
+            self._cached = self.forward(epoch, 0)
+            for peer in self.peers:
+                peer.discard_step()
+        return self._cached
+
+    def prepare_epoch(self, epoch: int) -> None:
+        """Work that must not sit between two collectives: a cached teacher's outputs for the epoch."""
+        for teacher in self.teachers:
+            if teacher.cache is not None:
+                teacher.cache.precompute([epoch])
+
+    # ---- evaluation ------------------------------------------------------------------------------------------------
+    def evaluate_outputs(self, split: str) -> list[dict]:
+        """The local members' outputs on a split: each peer's {logits[, ema_logits]}, each teacher's {logits}."""
+        return [p.evaluate(split) for p in self.peers] + [{"logits": t.evaluate(split)} for t in self.teachers]
+
+    def evaluate(self, split: str) -> dict:
+        """The figures of every member and the ensemble, computed by this worker's coordinator replica."""
+        outputs = self.exchange.gather(f"eval-{split}", self.evaluate_outputs(split))
+        return self.coordinator.evaluate(split, *outputs)
+
+    # ---- state -----------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"peers": {p.index: p.state_dict() for p in self.peers},
+                "coordinator": self.coordinator.state_dict() if self.coordinator is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """state: {"peers": {index: peer state} (this worker's at least), "coordinator": state or None}."""
+        for peer in self.peers:
+            peer.load_state_dict(state["peers"][peer.index])
+        if self.coordinator is not None and state.get("coordinator") is not None:
+            self.coordinator.load_state_dict(state["coordinator"])
+
+    def export(self) -> dict:
+        return {name: entry for p in self.peers for name, entry in p.export().items()}
+
+    def set_exchange(self, exchange) -> None:
+        self.exchange.close()
+        self.exchange = exchange or LocalExchange()
+
+
+def as_arrays(outputs: dict) -> dict:
+    """Outputs as contiguous float32 arrays (what every exchange carries)."""
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in outputs.items()}

@@ -1,0 +1,276 @@
+"""What a run reports, as functions of its history: epoch records, metrics rows and TensorBoard scalars, the Tune
+report, the summary, the console's epoch line and final table, and the exported models. Runtime-agnostic, no Ray.
+
+The models of a run, in one list (``models()``): peers, their EMA teachers (pcl, dkel), frozen teachers, and the
+peers' ensemble, each named once (``model_name``): peer0, peer0_ema, teacher0, ensemble. Best epochs and the
+deployable model are chosen on the validation split; with no validation split (``data.val_fraction: 0``) nothing is
+chosen by a held-out figure: no best epoch is reported, and the deployable model is the candidate with the lowest
+last-epoch training loss, which the summary says.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raydistill.engine.evaluation import primary_metric
+from raydistill.engine.recorder import write_json
+
+MANIFEST = "manifest.json"
+EXPORT_DIR = "export"
+
+
+@dataclass
+class LoopState:
+    """The loop's state: what a checkpoint's loop.json holds."""
+    epochs_completed: int = 0
+    history: list = field(default_factory=list)       # one epoch record per completed epoch (epoch_record)
+    train_s: float = 0.0
+    samples: int = 0
+    wall_s: float = 0.0
+    restarts: int = 0
+    steps_redone: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LoopState":
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+@dataclass(frozen=True)
+class Model:
+    kind: str           # peer | ema_teacher | teacher | ensemble
+    index: int
+    arch: str
+
+    @property
+    def name(self) -> str:
+        return model_name(self.kind, self.index)
+
+
+def model_name(kind: str, index: int) -> str:
+    """The name of a model in records, summary and export: peer0, peer0_ema, teacher0, ensemble."""
+    if kind == "ensemble":
+        return "ensemble"
+    return f"peer{index}_ema" if kind == "ema_teacher" else f"{kind}{index}"
+
+
+def figures(evaluation: dict | None, kind: str, index: int) -> dict:
+    """One model's figures in an evaluation (Coordinator.evaluate's result)."""
+    if not evaluation:
+        return {}
+    if kind == "ensemble":
+        return evaluation.get("ensemble", {})
+    return evaluation[f"{kind}s"][index]
+
+
+class Reports:
+    def __init__(self, config, method, spec, has_val: bool, num_teachers: int):
+        self.config = config
+        self.method = method
+        self.spec = spec
+        self.has_val = has_val
+        self.num_teachers = num_teachers
+        self.metric, self.mode = primary_metric(config.task)
+
+    # ---- the models and the choices made among them ------------------------------------------------------------
+    def models(self) -> list[Model]:
+        models = [Model("peer", i, p.arch) for i, p in enumerate(self.config.peers)]
+        if self.method.uses_ema_teacher:
+            models += [Model("ema_teacher", i, p.arch) for i, p in enumerate(self.config.peers)]
+        models += [Model("teacher", i, self.config.teacher.arch) for i in range(self.num_teachers)]
+        if self.config.num_peers > 1:
+            models.append(Model("ensemble", 0, "ensemble"))
+        return models
+
+    def deploy_candidates(self) -> list[tuple[str, int]]:
+        """The models one of which is meant for deployment: the EMA teachers (pcl, dkel) or the peers."""
+        return [(self.method.deploy_kind, i) for i in range(self.config.num_peers)]
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.mode == "max" else a < b
+
+    def best_epoch(self, history: list, kind: str, index: int) -> int | None:
+        """The history index of a model's best epoch by validation; None without a validation split."""
+        if not self.has_val:
+            return None
+        best = None
+        for e, record in enumerate(history):
+            score = figures(record["val"], kind, index).get(self.metric, math.nan)
+            if not math.isnan(score) and (best is None or self.better(score, best[1])):
+                best = (e, score)
+        return best[0] if best is not None else len(history) - 1
+
+    def deploy(self, history: list) -> dict:
+        """Among the deploy candidates, the best last-epoch validation figure (the exported weights are the last
+        epoch's); with no validation split, the lowest last-epoch training loss of the candidates' peers."""
+        last = history[-1]
+        candidates = self.deploy_candidates()
+        if self.has_val:
+            scores = [figures(last["val"], kind, i).get(self.metric, math.nan) for kind, i in candidates]
+            chosen_by = f"last-epoch val {self.metric}"
+            sign = 1 if self.mode == "max" else -1
+        else:
+            scores = [last["train"][i]["task"] for _, i in candidates]
+            chosen_by = "last-epoch training loss (no validation split: the test split never chooses)"
+            sign = -1
+        pick = max(range(len(scores)), key=lambda c: sign * scores[c] if not math.isnan(scores[c]) else -math.inf)
+        kind, index = candidates[pick]
+        return {"kind": kind, "index": index, "name": model_name(kind, index), "chosen_by": chosen_by}
+
+    # ---- per epoch ---------------------------------------------------------------------------------------------
+    def epoch_record(self, epoch: int, train: list[dict], evaluation: dict, seconds: float, samples: int) -> dict:
+        return {"epoch": epoch, "hyper": self.method.hyper(epoch), "train": train, "val": evaluation["val"],
+                "test": evaluation["test"], "seconds": seconds, "samples_per_s": samples / max(seconds, 1e-9)}
+
+    def rows_and_scalars(self, record: dict) -> tuple[list[dict], dict]:
+        """metrics.parquet rows and TensorBoard scalars of an epoch (numbered from 1 there, as on the console)."""
+        common = {"epoch": record["epoch"] + 1, **record["hyper"], "samples_per_s": record["samples_per_s"]}
+        val, test = record["val"] or {}, record["test"]
+        if "consistency" in test:
+            common["consistency"] = (val or test).get("consistency", test["consistency"])
+        rows, scalars = [], {f"hyper/{k}": v for k, v in record["hyper"].items()}
+        scalars["throughput/samples_per_s"] = record["samples_per_s"]
+        if "consistency" in common:
+            scalars["consistency"] = common["consistency"]
+        for model in self.models():
+            row = {**common, "model": model.name, "kind": model.kind, "index": model.index, "arch": model.arch}
+            if model.kind == "peer":
+                row.update({f"train_{k}": v for k, v in record["train"][model.index].items()})
+            for split, evaluation in (("val", val), ("test", test)):
+                row.update({f"{split}_{k}": v for k, v in figures(evaluation, model.kind, model.index).items()})
+            rows.append(row)
+            for key, value in row.items():
+                if key.startswith(("train_", "val_", "test_")):
+                    scalars[f"{model.name}/{key.replace('_', '/', 1)}"] = value
+        return rows, scalars
+
+    def epoch_report(self, record: dict) -> dict:
+        """Flat figures of an epoch (what Tune reports): per model val/test figures, the deploy candidates' best
+        figure under `val_<metric>`, hyper-parameters, epoch, samples/s."""
+        report = {"epoch": record["epoch"] + 1, "samples_per_s": record["samples_per_s"], **record["hyper"]}
+        for split in ("val", "test"):
+            evaluation = record[split]
+            if not evaluation:
+                continue
+            for model in self.models():
+                if model.kind != "ensemble":
+                    report.update({f"{model.name}_{split}_{k}": v
+                                   for k, v in figures(evaluation, model.kind, model.index).items()})
+            report.update({f"ensemble_{split}_{k}": v for k, v in evaluation.get("ensemble", {}).items()})
+            if "consistency" in evaluation:
+                report[f"{split}_consistency"] = evaluation["consistency"]
+            scores = [figures(evaluation, kind, i).get(self.metric) for kind, i in self.deploy_candidates()]
+            report[f"{split}_{self.metric}"] = max(scores) if self.mode == "max" else min(scores)
+        report["train_loss"] = sum(t["loss"] for t in record["train"]) / len(record["train"])
+        return report
+
+    # ---- the summary -------------------------------------------------------------------------------------------
+    def model_summary(self, history: list, kind: str, index: int) -> dict:
+        best = self.best_epoch(history, kind, index)
+        metric = self.metric
+        last = history[-1]
+        return {f"val_{metric}": figures(last["val"], kind, index).get(metric),
+                f"best_val_{metric}": None if best is None else figures(history[best]["val"], kind, index).get(metric),
+                "best_epoch": None if best is None else history[best]["epoch"] + 1,
+                f"test_{metric}": figures(last["test"], kind, index).get(metric),
+                f"test_{metric}_at_best_epoch": None if best is None else
+                figures(history[best]["test"], kind, index).get(metric)}
+
+    def summary(self, state: LoopState, runtime: str, transport: str, nodes: dict) -> dict:
+        history = state.history
+        peers = [{"index": i, "arch": p.arch, "node": nodes["peers"][i], **self.model_summary(history, "peer", i)}
+                 for i, p in enumerate(self.config.peers)]
+        ema_teachers = [{"index": i, "name": model_name("ema_teacher", i), "arch": p.arch,
+                         "node": nodes["peers"][i], **self.model_summary(history, "ema_teacher", i)}
+                        for i, p in enumerate(self.config.peers)] if self.method.uses_ema_teacher else []
+        teachers = [{"index": i, "arch": self.config.teacher.arch, "node": nodes["teachers"][i],
+                     **self.model_summary(history, "teacher", i)} for i in range(self.num_teachers)]
+        summary = {"name": self.config.name, "method": self.config.method.name, "dataset": self.config.data.name,
+                   "task": self.config.task, "runtime": runtime, "transport": transport,
+                   "epochs_completed": state.epochs_completed, "epochs": self.config.train.epochs,
+                   "selection": "val" if self.has_val else None,
+                   "peers": peers, "ema_teachers": ema_teachers, "teachers": teachers,
+                   "worker_nodes": nodes.get("workers", [])}
+        if self.config.num_peers > 1:
+            summary.update({f"ensemble_{k}": v for k, v in self.model_summary(history, "ensemble", 0).items()})
+            last = history[-1]["val"] or history[-1]["test"]
+            summary["consistency"] = last.get("consistency")
+        train_s = max(state.train_s, 1e-9)
+        summary.update(wall_s=state.wall_s, train_samples_per_s=state.samples / train_s,
+                       peer_samples_per_s=self.config.num_peers * state.samples / train_s,
+                       restarts=state.restarts, steps_redone=state.steps_redone)
+        return summary
+
+    # ---- export ------------------------------------------------------------------------------------------------
+    def write_export(self, run_dir: Path, states: dict, deploy: dict) -> None:
+        """Writes export/ (models loadable without Ray: state dicts and a manifest), atomically."""
+        import torch
+
+        tmp, final = Path(run_dir) / ".export.tmp", Path(run_dir) / EXPORT_DIR
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        models = {}
+        for name, entry in states.items():
+            settings = self.config.peers[entry["index"]]
+            torch.save(entry["state"], tmp / f"{name}.pt")
+            models[name] = {"kind": entry["kind"], "index": entry["index"], "arch": settings.arch,
+                            "options": settings.options, "file": f"{name}.pt"}
+        manifest = {"spec": dataclasses.asdict(self.spec), "task": self.config.task, "models": models,
+                    "deploy": deploy, "input": "float images in [0, 1], NCHW (normalization is inside the model)"}
+        write_json(tmp / MANIFEST, manifest)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+
+    # ---- console -----------------------------------------------------------------------------------------------
+    def epoch_line(self, record: dict) -> str:
+        split = "val" if self.has_val else "test"
+        evaluation = record[split]
+        metric = self.metric
+        peers = " ".join(f"{p[metric]:.4f}" for p in evaluation["peers"])
+        loss = sum(t["loss"] for t in record["train"]) / len(record["train"])
+        parts = [f"epoch {record['epoch'] + 1:>3}/{self.config.train.epochs}", f"loss {loss:.4f}",
+                 f"{split} {metric} {peers}"]
+        if evaluation.get("ema_teachers"):
+            parts.append("ema " + " ".join(f"{t[metric]:.4f}" for t in evaluation["ema_teachers"]))
+        if evaluation.get("ensemble"):
+            parts.append(f"ensemble {evaluation['ensemble'][metric]:.4f}")
+        if "consistency" in evaluation:
+            parts.append(f"consistency {evaluation['consistency']:.4f}")
+        if evaluation.get("teachers"):
+            parts.append("teacher " + " ".join(f"{t[metric]:.4f}" for t in evaluation["teachers"]))
+        parts.append(f"{record['samples_per_s']:.0f} samples/s")
+        parts.append(f"{record['seconds']:.1f}s")
+        return " | ".join(parts)
+
+    def final_table(self, summary: dict, run_dir: Path) -> str:
+        metric = self.metric
+        rows = [("model", "arch", f"val {metric}", f"best val {metric}", "best epoch", f"test {metric}",
+                 f"test {metric} @best")]
+        entries = [(f"peer{p['index']}", p) for p in summary["peers"]]
+        entries += [(t["name"], t) for t in summary.get("ema_teachers", [])]
+        entries += [(f"teacher{t['index']}", t) for t in summary["teachers"]]
+        if f"ensemble_val_{metric}" in summary:
+            entries.append(("ensemble", {k[len("ensemble_"):]: v for k, v in summary.items()
+                                         if k.startswith("ensemble_")} | {"arch": "-"}))
+
+        def fmt(value):
+            return "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+
+        for name, e in entries:
+            rows.append((name, e["arch"], fmt(e[f"val_{metric}"]), fmt(e[f"best_val_{metric}"]),
+                         fmt(e["best_epoch"]), fmt(e[f"test_{metric}"]), fmt(e[f"test_{metric}_at_best_epoch"])))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
+        deploy = summary.get("deploy")
+        tail = [f"deploy: {deploy['name']} ({deploy['chosen_by']})"] if deploy else []
+        if not self.has_val:
+            tail.append("no validation split (data.val_fraction: 0): no best epoch is chosen")
+        tail.append(f"{summary['epochs_completed']} epochs in {summary['wall_s']:.1f}s, "
+                    f"{summary['train_samples_per_s']:.0f} samples/s; run directory: {run_dir}")
+        return "\n".join(lines + tail)

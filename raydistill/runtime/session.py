@@ -1,0 +1,108 @@
+"""The Ray session of a run: joining a cluster or starting a local one, quietly, and leaving nothing behind.
+
+A local cluster that raydistill starts lives exactly as long as the run: a watcher process (``runtime/reaper.py``)
+ends every process of it if the driver is killed outright, which Ray alone does not do (its agents outlive a
+SIGKILLed driver). Ray's own log lines go to ``ray.log`` in the run directory; ``--verbose`` shows them.
+"""
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ray
+
+from raydistill.errors import ConfigError
+
+AUTH_MODE = "RAY_AUTH_MODE"
+_state: dict = {}
+
+
+def _ray_logger() -> logging.Logger:
+    return logging.getLogger("ray")
+
+
+def connect(config, console, verbose: bool = False) -> bool:
+    """Connects to resources.address, or starts a local Ray for the run. Returns True when this call started Ray."""
+    if ray.is_initialized():
+        return False
+    from raydistill.runtime import placement
+
+    _hold_ray_logs(verbose)
+    level = logging.INFO if verbose else logging.ERROR
+    quiet = {"include_dashboard": False, "logging_level": level, "log_to_driver": verbose}
+    address = config.resources.address
+    if address:
+        console.line(f"connecting to Ray at {address}…")
+        try:
+            ray.init(address=address, **({} if address.startswith("ray://") else quiet))
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise ConfigError("resources.address", address, f"cannot connect to a Ray cluster there ({err})") from None
+        return True
+    # A local cluster for this run: enough logical CPUs for every bundle even on a small laptop.
+    cpus = max(os.cpu_count() or 1, placement.local_cpus_needed(config))
+    auth = os.environ.get(AUTH_MODE)
+    if auth is None:
+        os.environ[AUTH_MODE] = auth = "token"      # Ray's default, said in our line instead of its warning
+    console.line(f"starting Ray (local, {cpus} CPUs, token authentication {'on' if auth == 'token' else auth})…")
+    ray.init(address="local", num_cpus=cpus, **quiet)       # a new local cluster, never a stranger's
+    _state["reaper"] = _start_reaper()
+    return True
+
+
+def _hold_ray_logs(verbose: bool) -> None:
+    """Ray's log records wait in memory until the run directory exists (``log_to``); on the console only if verbose."""
+    logger = _ray_logger()
+    buffer = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
+    buffer.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.addHandler(buffer)
+    _state["buffer"] = buffer
+    if not verbose:
+        _state["propagate"] = logger.propagate
+        for handler in logger.handlers:
+            if handler is not buffer and isinstance(handler, logging.StreamHandler):
+                _state.setdefault("muted", []).append((handler, handler.level))
+                handler.setLevel(logging.CRITICAL + 1)
+
+
+def log_to(run_dir: Path) -> None:
+    """From now on Ray's log records of this session go to RUN_DIR/ray.log (with what was held so far)."""
+    buffer = _state.get("buffer")
+    handler = logging.FileHandler(Path(run_dir) / "ray.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if buffer is not None:
+        buffer.setTarget(handler)
+        buffer.flush()
+        _ray_logger().removeHandler(buffer)
+    _ray_logger().addHandler(handler)
+    _state["file"] = handler
+
+
+def shutdown() -> None:
+    """Ends the session this process started (and its watcher), and gives Ray's logger back its handlers."""
+    ray.shutdown()
+    reaper = _state.pop("reaper", None)
+    if reaper is not None:
+        reaper.terminate()
+        try:
+            reaper.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            reaper.kill()
+    logger = _ray_logger()
+    for key in ("buffer", "file"):
+        handler = _state.pop(key, None)
+        if handler is not None:
+            logger.removeHandler(handler)
+            handler.close()
+    for handler, level in _state.pop("muted", []):
+        handler.setLevel(level)
+
+
+def _start_reaper() -> subprocess.Popen:
+    """A watcher in its own session: when this process dies, it ends the processes this process started."""
+    return subprocess.Popen([sys.executable, "-m", "raydistill.runtime.reaper", str(os.getpid())],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, close_fds=True)
