@@ -390,8 +390,9 @@ _AWS_EXAMPLE_ACCOUNT = "123456789012"
 _GCP_PROJECT_ID = re.compile(r"[a-z][a-z0-9-]{4,28}[a-z0-9]")
 _GCP_EXAMPLE_PROJECT = re.compile(r"^(?:my|your)-|example|project-?id")
 _GCP_PROJECT_IN_PATH = re.compile(r"\bprojects/([^/\s]+)/")
+# RFC 5737 (IPv4) and RFC 3849 (IPv6) documentation ranges
 _DOCUMENTATION_NETWORKS = tuple(ipaddress.ip_network(net) for net in
-                                ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"))  # RFC 5737, 3849
+                                ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"))
 _EXAMPLE_DOMAIN = re.compile(r"(?:^|\.)(?:example\.(?:com|net|org)|example)$")                            # RFC 2606
 _HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
                         r"[A-Za-z0-9])?)*")

@@ -211,7 +211,8 @@ def test_summaries_of_the_other_shipped_files(capsys):
 AWS_EXAMPLE_IDS = {"ImageId": "ami-0123456789abcdef0", "SecurityGroupIds[0]": "sg-0123456789abcdef0",
                    "SubnetIds[0]": "subnet-0123456789abcdef0"}
 # ids of the shape AWS hands out (17 random hex digits), as a user fills them in
-AWS_REAL_LOOKING_IDS = {"ami-0123456789abcdef0": "ami-0b5e7c1f9d3a8e2c4", "sg-0123456789abcdef0": "sg-07f3c9e1a5b2d8e46",
+AWS_REAL_LOOKING_IDS = {"ami-0123456789abcdef0": "ami-0b5e7c1f9d3a8e2c4",
+                        "sg-0123456789abcdef0": "sg-07f3c9e1a5b2d8e46",
                         "subnet-0123456789abcdef0": "subnet-0c4e8a2f6b1d9e3a7"}
 
 

@@ -19,7 +19,6 @@ from raydistill.engine.peer import Peer
 from raydistill.engine.teacher import Teacher
 from raydistill.errors import ConfigError
 from raydistill.methods import build_method
-from raydistill.models import build_model
 from raydistill.runtime.inprocess import labels_of
 from tests.conftest import tiny_dml
 from tests.test_runtime import assert_same_parameters, final_parameters
@@ -178,8 +177,8 @@ def test_performance_weights_reach_each_peers_targets_from_the_validation_losses
     """Validation MSEs 0.25, 1 and 4 (hand-computed weights below): the weakest peer takes the most, and every peer
     takes more from a stronger peer than from a weaker one; DML's uniform weights (1/2 each) satisfy neither."""
     coordinator, config, arrays = performance_coordinator([0.5, 1.0, 2.0])
-    assert [history for history in coordinator.val_losses] == [[pytest.approx(0.25)], [pytest.approx(1.0)],
-                                                                [pytest.approx(4.0)]]
+    assert coordinator.val_losses == [[pytest.approx(0.25)], [pytest.approx(1.0)],
+                                      [pytest.approx(4.0)]]
     batch = np.random.default_rng(0).normal(size=(3, config.train.batch_size, 1)).astype(np.float32)
     targets = coordinator.targets(0, 0, *[{"logits": batch[i]} for i in range(3)])
     mean = (0.25 + 1 + 4) / 3
