@@ -9,13 +9,19 @@ A KubeRay `RayCluster` manifest has no validator in Ray; its structure is checke
 On top, raydistill's own rules: whole GPUs per node type, raydistill installed on the nodes, Ray pinned to the version
 installed here, token authentication on every `ray start`, and the dashboard (8265) and GCS (6379) kept off the public
 internet.
+
+Apart from problems, the check warns about placeholders: values that only stand in for the user's own (AWS's
+documentation ids, example GCP project ids, documentation addresses and domains). Ray accepts them offline and
+`ray up` fails on them later, in the cloud; they are warnings, so the shipped files check with exit 0.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import difflib
 import io
+import ipaddress
 import json
 import logging
 import re
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-# A problem is (field, message); printed as "<path>: <field>: <message>".
+# A problem is (field, message); printed as "<path>: <field>: <message>". A placeholder warning has the same shape.
 Problem = tuple[str, str]
 
 _RAY_START = re.compile(r"\bray\s+start\b")
@@ -39,29 +45,48 @@ _GPU_RESOURCE_K8S = "nvidia.com/gpu"
 _KUBERAY_API = "ray.io/v1"
 
 
+@dataclasses.dataclass
+class Report:
+    """What the check found in one file."""
+
+    problems: list[Problem]       # the file fails at `ray up` / `kubectl apply`, or breaks a rule of raydistill's
+    placeholders: list[Problem]   # values still to fill in; a warning, not a failure
+    summary: str = ""
+
+
 def check_cluster_file(path) -> list[str]:
     """Problems of a cluster file as "<field>: <problem>" lines; an empty list means it is fine."""
-    problems, _ = _inspect(path)
-    return [f"{field}: {message}" for field, message in problems]
+    return [f"{field}: {message}" for field, message in _inspect(path).problems]
+
+
+def placeholder_warnings(path) -> list[str]:
+    """Placeholders of a cluster file as "<field>: <warning>" lines (values only the user can fill in)."""
+    return [f"{field}: {message}" for field, message in _inspect(path).placeholders]
 
 
 def main_check(path) -> int:
-    """`raydistill cluster check FILE`: one "ok" line, or one line per problem; 0 when fine, 1 otherwise."""
-    problems, summary = _inspect(path)
-    for field, message in problems:
+    """`raydistill cluster check FILE`: one line per problem and per placeholder, then "ok" when there is no problem;
+    1 when there is a problem, else 0 (placeholders only warn)."""
+    report = _inspect(path)
+    for field, message in report.problems:
         print(f"{path}: {field}: {message}")
-    if not problems:
-        print(f"ok: {path} ({summary})")
-    return 1 if problems else 0
+    for field, message in report.placeholders:
+        print(f"{path}: warning: {field}: {message}")
+    if report.problems:
+        return 1
+    count = len(report.placeholders)
+    todo = f"; {count} placeholder{'s' if count > 1 else ''} to fill in" if count else ""
+    print(f"ok: {path} ({report.summary}){todo}")
+    return 0
 
 
-def _inspect(path) -> tuple[list[Problem], str]:
+def _inspect(path) -> Report:
     config, problem = _read_yaml(Path(path))
     if problem:
-        return [problem], ""
+        return Report([problem], [])
     if "apiVersion" in config or config.get("kind") == "RayCluster":
-        return _kuberay_problems(config), _kuberay_summary(config)
-    return _launcher_problems(config)
+        return Report(_kuberay_problems(config), _kuberay_placeholders(config), _kuberay_summary(config))
+    return _launcher_report(config)
 
 
 def _read_yaml(path: Path) -> tuple[dict, Problem | None]:
@@ -80,10 +105,11 @@ def _read_yaml(path: Path) -> tuple[dict, Problem | None]:
 # Ray cluster-launcher YAMLs
 
 
-def _launcher_problems(config: dict) -> tuple[list[Problem], str]:
+def _launcher_report(config: dict) -> Report:
     provider = config.get("provider")
     if not isinstance(provider, dict) or not isinstance(provider.get("type"), str):
-        return [("provider.type", "missing: every cluster-launcher file names its provider (local, aws, gcp, ...)")], ""
+        return Report([("provider.type", "missing: every cluster-launcher file names its provider (local, aws, gcp, "
+                                         "...)")], [])
     prepared, ray_problems = _ray_prepare_and_validate(config)
     view = prepared if prepared is not None else _merged_setup(config)
     own = [
@@ -97,7 +123,7 @@ def _launcher_problems(config: dict) -> tuple[list[Problem], str]:
     # Ray's line for a field that raydistill already explains (a fractional GPU, an unknown key) adds nothing.
     own_fields = {field for field, _ in own}
     problems = own + [problem for problem in ray_problems if problem[0] not in own_fields]
-    return problems, _launcher_summary(view)
+    return Report(problems, _launcher_placeholders(config), _launcher_summary(view))
 
 
 def _ray_prepare_and_validate(config: dict) -> tuple[dict | None, list[Problem]]:
@@ -350,6 +376,108 @@ def _launcher_summary(view: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Placeholders: values that only stand in for the user's own. Ray accepts them offline; the cloud refuses them later.
+
+# The node_config keys that hold AWS ids: (prefix, what the user puts there). An id is the prefix, 8 or 17 hex digits.
+_AWS_ID_FIELDS = {"ImageId": ("ami", "AMI id"), "SecurityGroupIds": ("sg", "security-group id"),
+                  "Groups": ("sg", "security-group id"), "SubnetIds": ("subnet", "subnet id"),
+                  "SubnetId": ("subnet", "subnet id")}
+_AWS_ID_DIGITS = re.compile(r"[0-9a-f]{8}|[0-9a-f]{17}")
+# AWS's documentation writes ids as runs of hex digits (ami-0123456789abcdef0, sg-12345678, ami-0abcdef1234567890);
+# eight in a row do not happen in a real, random id.
+_HEX_RUNS = ("0123456789abcdef" * 2, "1234567890" * 2)
+_AWS_EXAMPLE_ACCOUNT = "123456789012"
+_GCP_PROJECT_ID = re.compile(r"[a-z][a-z0-9-]{4,28}[a-z0-9]")
+_GCP_EXAMPLE_PROJECT = re.compile(r"^(?:my|your)-|example|project-?id")
+_GCP_PROJECT_IN_PATH = re.compile(r"\bprojects/([^/\s]+)/")
+# RFC 5737 (IPv4) and RFC 3849 (IPv6) documentation ranges
+_DOCUMENTATION_NETWORKS = tuple(ipaddress.ip_network(net) for net in
+                                ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"))
+_EXAMPLE_DOMAIN = re.compile(r"(?:^|\.)(?:example\.(?:com|net|org)|example)$")                            # RFC 2606
+_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+                        r"[A-Za-z0-9])?)*")
+
+
+def _launcher_placeholders(config: dict) -> list[Problem]:
+    provider = config["provider"]
+    found = []
+    if provider["type"] == "aws":
+        for name, node_type in _node_types(config).items():
+            node_config = node_type.get("node_config") if isinstance(node_type, dict) else None
+            for field, key, value in _strings(f"available_node_types.{name}.node_config", node_config):
+                found.append(_aws_placeholder(field, key, value))
+    if provider["type"] == "gcp":
+        found.append(_gcp_project_placeholder("provider.project_id", provider.get("project_id")))
+        for name, node_type in _node_types(config).items():
+            node_config = node_type.get("node_config") if isinstance(node_type, dict) else None
+            for field, _, value in _strings(f"available_node_types.{name}.node_config", node_config):
+                found += [_gcp_project_placeholder(field, value, project)
+                          for project in _GCP_PROJECT_IN_PATH.findall(value)]
+    if provider["type"] == "local":
+        hosts = [("provider.head_ip", provider.get("head_ip"))]
+        worker_ips = provider.get("worker_ips")
+        hosts += [(f"provider.worker_ips[{i}]", host) for i, host in enumerate(worker_ips)] \
+            if isinstance(worker_ips, list) else []
+        found += [_host_placeholder(field, host) for field, host in hosts if host is not None]
+    return [warning for warning in found if warning]
+
+
+def _strings(field: str, node, key: str | None = None):
+    """(field path, the mapping key it sits under, value) of every string in a YAML tree."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            yield from _strings(f"{field}.{name}", value, str(name))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _strings(f"{field}[{index}]", value, key)
+    elif isinstance(node, str):
+        yield field, key, node
+
+
+def _aws_placeholder(field: str, key: str | None, value: str) -> Problem | None:
+    if key in _AWS_ID_FIELDS and not (key == "ImageId" and value.lower() == "latest_dlami"):  # Ray's own keyword
+        prefix, what = _AWS_ID_FIELDS[key]
+        digits = value[len(prefix) + 1:] if value.startswith(f"{prefix}-") else ""
+        if not _AWS_ID_DIGITS.fullmatch(digits):
+            return field, (f"{value!r} is not an AWS {what} ({prefix}- and 8 or 17 hex digits): a placeholder; "
+                           f"put your {what} here")
+        if len(set(digits)) == 1 or any(digits[i:i + 8] in run for run in _HEX_RUNS for i in range(len(digits) - 7)):
+            return field, f"{value!r} is a placeholder (an example id from AWS's documentation); put your {what} here"
+    if f":{_AWS_EXAMPLE_ACCOUNT}:" in value:
+        return field, (f"{value!r} names AWS's example account {_AWS_EXAMPLE_ACCOUNT}: a placeholder; "
+                       "put your account id here")
+    return None
+
+
+def _gcp_project_placeholder(field: str, value, project=None) -> Problem | None:
+    """`project` is the project id named inside `value` (a resource path); by default the value is the id."""
+    if value is None:
+        return None
+    project = str(value) if project is None else project
+    if not _GCP_PROJECT_ID.fullmatch(project):
+        return field, (f"{value!r}: {project!r} is not a GCP project id (6 to 30 lowercase letters, digits and "
+                       "hyphens): a placeholder; put your project id here")
+    if _GCP_EXAMPLE_PROJECT.search(project):
+        return field, f"{value!r} is a placeholder (an example project id); put your project id here"
+    return None
+
+
+def _host_placeholder(field: str, host) -> Problem | None:
+    host = str(host)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if _EXAMPLE_DOMAIN.search(host.lower()):
+            return field, f"{host!r} is a placeholder (a documentation domain, RFC 2606); put your host here"
+        if not _HOST_NAME.fullmatch(host):
+            return field, f"{host!r} is not an IP address or a host name: a placeholder; put your host here"
+        return None
+    if any(address.version == net.version and address in net for net in _DOCUMENTATION_NETWORKS):
+        return field, f"{host!r} is a placeholder (a documentation address, RFC 5737); put your host's address here"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # KubeRay RayCluster manifests
 
 
@@ -391,6 +519,23 @@ def _kuberay_problems(manifest: dict) -> list[Problem]:
                                      f"{gpus!r}: Kubernetes gives a pod whole GPUs; peers share a GPU through "
                                      "gpus_per_peer in the raydistill config"))
     return problems
+
+
+def _kuberay_placeholders(manifest: dict) -> list[Problem]:
+    """Container images pulled from a documentation domain (registry.example.com/...)."""
+    spec = manifest.get("spec")
+    if not isinstance(spec, dict):
+        return []
+    found = []
+    for field, group in _kuberay_groups(spec, []):
+        for index, container in enumerate(_containers(group)):
+            image = str(container.get("image", ""))
+            registry = image.split("/")[0] if "/" in image else ""
+            if _EXAMPLE_DOMAIN.search(registry.split(":")[0].lower()):
+                found.append((f"{field}.template.spec.containers[{index}].image",
+                              f"{image!r} is a placeholder (a documentation domain, RFC 2606); put the image you "
+                              "pushed here"))
+    return found
 
 
 def _kuberay_groups(spec: dict, problems: list) -> list[tuple[str, dict]]:

@@ -8,18 +8,21 @@ from raydistill.config import load_config
 from raydistill.data.views import to_float
 from raydistill.engine.data import load_run_data
 from raydistill.engine.evaluation import ensemble_outputs, score
-from raydistill.export import exported_models, load_model
+from raydistill.errors import ConfigError
+from raydistill.export import exported_models, load_model, read_manifest
 
 
 @torch.no_grad()
 def evaluate_run(run_dir, data: str | None = None, data_root: str | None = None, batch: int = 512) -> dict:
+    """{model name: figures} on the test split of the run's data set, or of ``data`` (read from ``data_root``)."""
     overrides = {}
     if data is not None:
         overrides["data.name"] = data
     if data_root is not None:
         overrides["data.root"] = data_root
     config = load_config(run_dir, overrides)
-    _, arrays = load_run_data(config)
+    spec, arrays = load_run_data(config)
+    _check_same_shape(read_manifest(run_dir)["spec"], spec, config.data.name)
     x, y = torch.from_numpy(arrays["test_x"]), arrays["test_y"]
     results, students = {}, []
     for name, kind in exported_models(run_dir).items():
@@ -28,7 +31,14 @@ def evaluate_run(run_dir, data: str | None = None, data_root: str | None = None,
         results[name] = score(config.task, out, y)
         if kind == "peer":                     # the ensemble is the students', as during training
             students.append(out)
-    outputs = students
-    if len(outputs) > 1:
-        results["ensemble"] = score(config.task, ensemble_outputs(config.task, outputs), np.asarray(y))
+    if len(students) > 1:
+        results["ensemble"] = score(config.task, ensemble_outputs(config.task, students), np.asarray(y))
     return results
+
+
+def _check_same_shape(trained: dict, spec, name: str) -> None:
+    """The models take the input shape and give the outputs they were trained for; another data set must match."""
+    trained_shape, trained_outputs = tuple(trained["input_shape"]), trained["num_classes"]
+    if (tuple(spec.input_shape), spec.num_classes) != (trained_shape, trained_outputs):
+        raise ConfigError("data.name", name, f"its samples are {tuple(spec.input_shape)} with {spec.num_classes} "
+                                             f"outputs; the run's models take {trained_shape} with {trained_outputs}")

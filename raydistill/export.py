@@ -21,20 +21,28 @@ def read_manifest(run_dir) -> dict:
 def load_model(run_dir, peer: int | None = None, name: str | None = None, device: str = "cpu") -> torch.nn.Module:
     """The deployable model of a run (default), peer ``peer``, or the exported model called ``name``.
 
-    The module normalizes inside: give it float tensors in [0, 1] (images NCHW, tabular [N, F]).
+    The module normalizes inside: give it float tensors in [0, 1] (images NCHW, tabular [N, F]). It comes in eval mode
+    with its parameters frozen (``requires_grad=False``): its outputs carry no autograd history, so inference keeps no
+    graph alive; call ``requires_grad_(True)`` on it to fine-tune.
     """
     manifest = read_manifest(run_dir)
     models = manifest["models"]
-    if name is None:
-        name = manifest["deploy"]["name"] if peer is None else f"peer{peer}"
+    if peer is not None and name is not None:
+        raise ConfigError("peer", peer, f"give peer or name, not both (name={name!r})")
+    if peer is not None:
+        peers = sorted(entry["index"] for entry in models.values() if entry["kind"] == "peer")
+        if f"peer{peer}" not in models:
+            raise ConfigError("peer", peer, f"one of: {', '.join(map(str, peers))}")
+        name = f"peer{peer}"
+    name = manifest["deploy"]["name"] if name is None else name
     if name not in models:
-        raise ConfigError("model", name, f"one of: {', '.join(models)}")
+        raise ConfigError("name", name, f"one of: {', '.join(models)}")
     entry = models[name]
     spec = DataSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["spec"].items()})
     model = build_model(entry["arch"], spec, **entry["options"])
     state = torch.load(Path(run_dir) / "export" / entry["file"], map_location="cpu", weights_only=True)
     model.load_state_dict(state)
-    return model.to(device).eval()
+    return model.requires_grad_(False).to(device).eval()
 
 
 def exported_models(run_dir) -> dict[str, str]:

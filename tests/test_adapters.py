@@ -80,7 +80,7 @@ def test_adapter_kinds():
     torch.testing.assert_close(resize(torch.arange(16.0).reshape(1, 1, 4, 4)),
                                torch.tensor([[[[2.5, 4.5], [10.5, 12.5]]]]))
     assert Resize((8, 8))(torch.ones(1, 2, 4, 4)).shape == (1, 2, 8, 8)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"^student feature shape=\(3, 4\): \[features\] or \[channels, height"):
         build_adapter((3, 4), (3,))
 
 

@@ -1,7 +1,9 @@
-"""`raydistill cluster check`: the shipped cluster files pass, broken ones fail with the line that names the problem.
+"""`raydistill cluster check`: the shipped cluster files pass with a warning per placeholder still to fill in, broken
+ones fail with the line that names the problem; the command's exit code is the worst file's.
 
 Launcher YAMLs go through the installed Ray's own prepare_config + validate_config, offline; no Ray is started.
 """
+import re
 import socket
 import subprocess
 import sys
@@ -10,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raydistill.cluster import check_cluster_file, main_check
+from raydistill.cli import main as cli
+from raydistill.cluster import check_cluster_file, main_check, placeholder_warnings
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = sorted((ROOT / "clusters").glob("*.yaml"))
@@ -183,23 +186,148 @@ def test_a_node_types_own_setup_list_must_install_raydistill_too(tmp_path):
         f"available_node_types.worker.gpu8.worker_setup_commands: {INSTALL_LINE}"]
 
 
-def test_main_check_prints_ok_or_one_line_per_problem(capsys):
-    assert main_check(ROOT / "clusters" / "aws-gpu.yaml") == 0
-    assert capsys.readouterr().out == (
-        f"ok: {ROOT / 'clusters' / 'aws-gpu.yaml'} (provider aws, 3 node types, 8 GPUs max per node)\n")
+def test_main_check_prints_ok_or_one_line_per_problem(tmp_path, capsys):
+    filled = filled_in_aws(tmp_path)
+    assert main_check(filled) == 0
+    assert capsys.readouterr().out == f"ok: {filled} (provider aws, 3 node types, 8 GPUs max per node)\n"
     broken = BROKEN / "missing_raydistill.yaml"
     assert main_check(broken) == 1
-    assert capsys.readouterr().out.splitlines() == [f"{broken}: {line}" for line in EXPECTED[broken.name]]
+    problems = [line for line in capsys.readouterr().out.splitlines() if ": warning: " not in line]
+    assert problems == [f"{broken}: {line}" for line in EXPECTED[broken.name]]
 
 
 def test_summaries_of_the_other_shipped_files(capsys):
     for name in ("onprem.yaml", "gcp-gpu.yaml", "kuberay-raycluster.yaml"):
         main_check(ROOT / "clusters" / name)
-    assert [line.split(" (")[1] for line in capsys.readouterr().out.splitlines()] == [
-        "provider local, 3 hosts, GPUs detected by Ray on each host)",
-        "provider gcp, 3 node types, 4 GPUs max per node)",
-        "KubeRay RayCluster, 3 groups, 8 GPUs max per pod)",
+    oks = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ok: ")]
+    assert [line.split(" (", 1)[1] for line in oks] == [
+        "provider local, 3 hosts, GPUs detected by Ray on each host); 3 placeholders to fill in",
+        "provider gcp, 3 node types, 4 GPUs max per node); 1 placeholder to fill in",
+        "KubeRay RayCluster, 3 groups, 8 GPUs max per pod); 3 placeholders to fill in",
     ]
+
+
+# ---- placeholders: a warning naming the key path and the value; the exit code stays 0 ---------------------------
+AWS_EXAMPLE_IDS = {"ImageId": "ami-0123456789abcdef0", "SecurityGroupIds[0]": "sg-0123456789abcdef0",
+                   "SubnetIds[0]": "subnet-0123456789abcdef0"}
+# ids of the shape AWS hands out (17 random hex digits), as a user fills them in
+AWS_REAL_LOOKING_IDS = {"ami-0123456789abcdef0": "ami-0b5e7c1f9d3a8e2c4",
+                        "sg-0123456789abcdef0": "sg-07f3c9e1a5b2d8e46",
+                        "subnet-0123456789abcdef0": "subnet-0c4e8a2f6b1d9e3a7"}
+
+
+def filled_in_aws(tmp_path):
+    """The shipped AWS file with its three placeholders replaced, as a user would edit it."""
+    text = (ROOT / "clusters" / "aws-gpu.yaml").read_text()
+    for placeholder, value in AWS_REAL_LOOKING_IDS.items():
+        assert placeholder in text
+        text = text.replace(placeholder, value)
+    return _write(tmp_path, text, "aws-filled.yaml")
+
+
+def warned(path) -> list[tuple[str, str]]:
+    """(field, quoted value) of each placeholder warning."""
+    return [re.match(r"(\S+): ('[^']*')", line).groups() for line in placeholder_warnings(path)]
+
+
+def test_every_shipped_placeholder_is_named_with_its_key_path_and_value():
+    aws_nodes = ("head.cpu", "worker.gpu1", "worker.gpu8")
+    assert warned(ROOT / "clusters" / "aws-gpu.yaml") == [
+        (f"available_node_types.{node}.node_config.{key}", repr(value))
+        for node in aws_nodes for key, value in AWS_EXAMPLE_IDS.items()]
+    assert warned(ROOT / "clusters" / "gcp-gpu.yaml") == [("provider.project_id", "'my-gcp-project'")]
+    assert warned(ROOT / "clusters" / "onprem.yaml") == [
+        ("provider.head_ip", "'192.0.2.10'"), ("provider.worker_ips[0]", "'192.0.2.11'"),
+        ("provider.worker_ips[1]", "'192.0.2.12'")]
+    image = "'registry.example.com/raydistill:0.1.0'"
+    assert warned(ROOT / "clusters" / "kuberay-raycluster.yaml") == [
+        (f"spec.{group}.template.spec.containers[0].image", image)
+        for group in ("headGroupSpec", "workerGroupSpecs[0]", "workerGroupSpecs[1]")]
+
+
+def test_cli_exit_code_is_0_for_good_and_placeholder_files_1_for_broken_ones_and_the_worst_of_several(
+        tmp_path, capsys):
+    good, shipped, broken = filled_in_aws(tmp_path), ROOT / "clusters" / "aws-gpu.yaml", BROKEN / "no_token_auth.yaml"
+    assert cli(["cluster", "check", str(good)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"ok: {good} (provider aws, 3 node types, 8 GPUs max per node)"]
+
+    assert cli(["cluster", "check", str(shipped)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == f"ok: {shipped} (provider aws, 3 node types, 8 GPUs max per node); 9 placeholders to fill in"
+    assert lines[0] == (f"{shipped}: warning: available_node_types.head.cpu.node_config.ImageId: "
+                        "'ami-0123456789abcdef0' is a placeholder (an example id from AWS's documentation); "
+                        "put your AMI id here")
+    assert len(lines) == 10 and all(line.startswith(f"{shipped}: warning: ") for line in lines[:-1])
+
+    assert cli(["cluster", "check", str(broken)]) == 1
+    assert f"{broken}: worker_start_ray_commands: {TOKEN_LINE}" in capsys.readouterr().out.splitlines()
+
+    assert cli(["cluster", "check", str(good), str(shipped)]) == 0
+    assert cli(["cluster", "check", str(good), str(broken), str(shipped)]) == 1
+    out = capsys.readouterr().out
+    assert f"ok: {good} " in out and f"ok: {shipped} " in out and f"ok: {broken}" not in out  # every file is checked
+
+
+@pytest.mark.parametrize("field, value, placeholder", [
+    ("ImageId", "ami-0123456789abcdef0", True),            # AWS's documentation ids: runs of hex digits
+    ("ImageId", "ami-0abcdef1234567890", True),
+    ("SecurityGroupIds", ["sg-12345678"], True),
+    ("SubnetIds", ["subnet-ffffffff"], True),
+    ("SecurityGroupIds", ["SG_ID"], True),                # not an id at all: the header's own name for it
+    ("ImageId", "ami-<your AMI>", True),
+    ("ImageId", "ami-0b5e7c1f9d3a8e2c4", False),           # ids of the shape AWS hands out
+    ("SecurityGroupIds", ["sg-4f9a2c1e"], False),
+    ("ImageId", "latest_dlami", False),                    # Ray's own keyword for its default AMI
+    ("IamInstanceProfile", {"Arn": "arn:aws:iam::123456789012:instance-profile/ray"}, True),
+    ("IamInstanceProfile", {"Arn": "arn:aws:iam::480913275561:instance-profile/ray"}, False),
+])
+def test_aws_placeholder_rules(tmp_path, field, value, placeholder):
+    config = yaml.safe_load(filled_in_aws(tmp_path).read_text())
+    config["available_node_types"]["worker.gpu1"]["node_config"][field] = value
+    path = _write(tmp_path, config)
+    assert check_cluster_file(path) == []
+    expected_field = f"available_node_types.worker.gpu1.node_config.{field}"
+    expected_field += {"SecurityGroupIds": "[0]", "SubnetIds": "[0]", "IamInstanceProfile": ".Arn"}.get(field, "")
+    quoted = repr(value["Arn"] if isinstance(value, dict) else value[0] if isinstance(value, list) else value)
+    assert warned(path) == ([(expected_field, quoted)] if placeholder else [])
+
+
+@pytest.mark.parametrize("project, placeholder", [
+    ("my-gcp-project", True), ("your-project-id", True), ("PROJECT_ID", True), ("example-ml", True),
+    ("acme-ml-training", False), ("rd-prod-4512", False)])
+def test_gcp_project_placeholder_rules(tmp_path, project, placeholder):
+    config = yaml.safe_load((ROOT / "clusters" / "gcp-gpu.yaml").read_text())
+    config["provider"]["project_id"] = project
+    path = _write(tmp_path, config)
+    assert check_cluster_file(path) == []
+    assert warned(path) == ([("provider.project_id", repr(project))] if placeholder else [])
+
+
+def test_gcp_resource_paths_naming_a_placeholder_project_are_warned(tmp_path):
+    config = yaml.safe_load((ROOT / "clusters" / "gcp-gpu.yaml").read_text())
+    config["provider"]["project_id"] = "acme-ml-training"
+    config["available_node_types"]["worker_gpu1"]["node_config"]["disks"] = [{
+        "boot": True, "initializeParams": {"sourceImage": "projects/my-project/global/images/ray-gpu"}}]
+    assert warned(_write(tmp_path, config)) == [
+        ("available_node_types.worker_gpu1.node_config.disks[0].initializeParams.sourceImage",
+         "'projects/my-project/global/images/ray-gpu'")]   # the shipped deeplearning-platform-release image passes
+
+
+@pytest.mark.parametrize("host, placeholder", [
+    ("198.51.100.7", True), ("203.0.113.250", True), ("2001:db8::5", True), ("gpu1.example.com", True),
+    ("<worker ip>", True), ("10.0.3.17", False), ("gpu1.lab.internal", False), ("fd00::17", False)])
+def test_onprem_host_placeholder_rules(tmp_path, host, placeholder):
+    config = _onprem()
+    config["provider"]["head_ip"], config["provider"]["worker_ips"] = "10.0.3.16", ["10.0.3.18", host]
+    path = _write(tmp_path, config)
+    assert check_cluster_file(path) == []
+    assert warned(path) == ([("provider.worker_ips[1]", repr(host))] if placeholder else [])
+
+
+def test_kuberay_images_from_a_real_registry_are_not_placeholders(tmp_path):
+    text = (ROOT / "clusters" / "kuberay-raycluster.yaml").read_text()
+    path = _write(tmp_path, text.replace("registry.example.com/", "ghcr.io/acme/"), "kuberay.yaml")
+    assert check_cluster_file(path) == [] and placeholder_warnings(path) == []
 
 
 def test_the_check_never_opens_a_connection(monkeypatch):
@@ -224,7 +352,8 @@ def test_the_check_imports_no_cloud_provider_code():
         " 'ray.autoscaler._private.gcp')\n"
         "print(sorted(m for m in sys.modules if m.startswith(prefixes)))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         timeout=120).stdout
     assert out.strip() == "[]"
 
 
@@ -247,8 +376,6 @@ def test_security_group_rules_that_open_ray_ports_to_the_internet(tmp_path):
 
 def test_the_readme_cluster_commands_name_shipped_files_and_their_shared_storage():
     """The README's cluster section uses the files under clusters/ and the shared mount those files set up."""
-    import re
-
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
     section = readme[readme.index("## Running on a cluster"):]

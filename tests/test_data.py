@@ -187,7 +187,7 @@ def test_cifar_missing_files_is_a_config_error(tmp_path):
     assert err.value.field == "data.root"
     with pytest.raises(ConfigError, match="cifar-100-python"):
         load_dataset("cifar100", str(tmp_path / "absent"))
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError, match=r"^data\.root=None: no CIFAR-10 python batches there") as err:
         load_dataset("cifar10", None)
     assert err.value.field == "data.root"
 
@@ -234,7 +234,7 @@ def test_imagefolder_both_val_layouts(tmp_path, tiny_imagenet_val):
 def test_imagefolder_resizes_to_default_size_and_checks_layout(tmp_path):
     _image_tree(tmp_path, False)
     assert load_dataset("imagefolder", str(tmp_path)).train_x.shape == (3, 3, 64, 64)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError, match=r"^data\.root='.*absent': expected train/<class>/ and val/") as err:
         load_dataset("imagefolder", str(tmp_path / "absent"))
     assert err.value.field == "data.root"
     _png(tmp_path / "val/zebra/z.png", (0, 0, 0))
@@ -266,16 +266,16 @@ def test_synthetic_images_and_tabular():
 
 def test_names_options_and_defaults():
     assert dataset_names() == ["cifar10", "cifar100", "diabetes", "digits", "imagefolder", "synthetic", "tabular"]
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError, match=r"^data\.name='mnist': one of: ") as err:
         load_dataset("mnist")
     assert err.value.field == "data.name" and "cifar10" in str(err.value)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError, match=r"^data\.num_samples=3: options of synthetic: ") as err:
         load_dataset("synthetic", num_samples=3)
     assert err.value.field == "data.num_samples" and "num_train" in str(err.value)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError, match=r"^data\.image_size=8: options of digits: none$") as err:
         load_dataset("digits", image_size=8)
     assert err.value.field == "data.image_size"
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError, match=r"^data\.shape=\[3, 4\]: \[features\] for tabular data or") as err:
         load_dataset("synthetic", shape=[3, 4])
     assert err.value.field == "data.shape"
     assert default_augment("cifar10") == {"crop_pad": 4, "flip": True}
@@ -297,7 +297,7 @@ def test_split_validation_is_deterministic_and_disjoint():
 
     rest, val_x, val_y = ds.split_validation(0.0, seed=5)
     assert val_x.shape == (0, 2, 3, 3) and val_y.shape == (0,) and len(rest.train_x) == 100
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"^data\.val_fraction=1\.0: a fraction in \[0, 1\)$"):
         ds.split_validation(1.0, seed=5)
 
 
@@ -314,7 +314,7 @@ def test_indices_are_seeded_permutations():
     steps = [batch_indices(3, 0, s, 50, 16) for s in range(3)]
     assert torch.equal(torch.cat(steps), perm[:48])
     assert torch.equal(batch_indices(3, 0, 0, 50, 64), perm)  # batch larger than the set: one step of all
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"^step=3: a step of the epoch, 0\.\.2$"):
         batch_indices(3, 0, 3, 50, 16)
 
 

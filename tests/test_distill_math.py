@@ -2,6 +2,7 @@
 
 import copy
 import math
+import re
 
 import numpy as np
 import pytest
@@ -109,7 +110,7 @@ def test_ensemble_dispatches_by_name_and_rejects_unknown_names():
     close(ensemble("mean_probs", peers, LABELS, temperature=2.0), mean_probs(peers, 2.0))
     close(ensemble("minlogit", peers, LABELS), minlogit(peers, LABELS))
     close(ensemble("best", peers, LABELS), best_peer(peers, LABELS))
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(ConfigError, match=r"^method\.ensemble='median': one of: ") as error:
         ensemble("median", peers, LABELS)
     assert error.value.field == "method.ensemble"
     assert "minlogit" in str(error.value)
@@ -129,7 +130,7 @@ def test_others_mean_with_three_peers_by_hand():
 
 
 def test_others_mean_needs_two_peers():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="others_mean needs at least 2 peers, got 1"):
         others_mean([PEER_A])
 
 
@@ -217,14 +218,14 @@ def test_make_schedule_from_mappings():
     ],
 )
 def test_make_schedule_rejects_bad_specs_naming_the_field(spec, field):
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(ConfigError, match=rf"^{re.escape(field)}=") as error:
         make_schedule(spec, 1.0, "method.alpha")
     assert error.value.field == field
 
 
 def test_make_schedule_needs_a_length_for_linear_without_epochs():
     schedule = make_schedule({"kind": "linear", "start": 1, "end": 0}, 1.0, "method.alpha")
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(ConfigError, match=r"^method\.alpha\.epochs=None: required for kind linear") as error:
         schedule(3)
     assert error.value.field == "method.alpha.epochs"
 
@@ -241,7 +242,7 @@ def test_ema_momentum_warms_up_from_one_half_and_caps_at_the_momentum():
     assert ema_momentum(1, 0.999) == 0.5
     assert ema_momentum(2, 0.999) == pytest.approx(2 / 3)
     assert ema_momentum(10_000, 0.999) == 0.999
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ema step counts updates from 1, got 0"):
         ema_momentum(0, 0.999)
 
 
@@ -285,7 +286,7 @@ def test_quirk_momentum_at_step_zero_overwrites_the_teacher_with_the_student():
 
 
 def test_ema_update_rejects_a_different_architecture():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"ema parameter weight: teacher \(2, 3\) != student \(4, 3\)"):
         ema_update_(nn.Linear(3, 2), nn.Linear(3, 4), 0.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ema teacher and student have different parameters"):
         ema_update_(nn.Linear(3, 2), nn.Sequential(nn.Linear(3, 2)), 0.5)

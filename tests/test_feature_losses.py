@@ -44,7 +44,7 @@ def test_attention_transfer_loss_by_hand_and_across_channel_counts():
     small = torch.ones(2, 5, 2, 2)
     assert attention_transfer_loss(big, small).item() == pytest.approx(0.0, abs=1e-6)
     assert attention_transfer_loss(small, big).item() == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"feature maps \[B, C, H, W\], got shape \(2, 3\)"):
         attention_map(torch.ones(2, 3))
 
 
@@ -53,7 +53,7 @@ def test_peer_alignment_is_the_mean_over_other_peers():
     others = [torch.full((2, 3), 2.0), torch.ones(2, 3)]
     assert peer_alignment_loss(mine, others).item() == pytest.approx((4.0 + 0.0) / 2)
     assert peer_alignment_loss([], []).item() == 0.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="2 adapted features for 1 peers"):
         peer_alignment_loss(mine, others[:1])
 
 

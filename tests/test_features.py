@@ -12,12 +12,14 @@ import torch.nn.functional as F
 
 import raydistill
 from raydistill.config import load_config
+from raydistill.engine.checkpoint import latest_checkpoint, load_checkpoint
+from raydistill.engine.coordinator import Coordinator
 from raydistill.engine.data import load_run_data
 from raydistill.engine.peer import Peer
 from raydistill.engine.teacher import Teacher
 from raydistill.errors import ConfigError
 from raydistill.methods import build_method
-from raydistill.models import build_model
+from raydistill.runtime.inprocess import labels_of
 from tests.conftest import tiny_dml
 from tests.test_runtime import assert_same_parameters, final_parameters
 
@@ -160,11 +162,71 @@ def test_regression_dml_on_diabetes_beats_the_mean_and_reports_mse_mae_r2(tmp_pa
     assert row["test_r2"] > 0.2 and row["train_kd"] > 0
 
 
-def test_regression_performance_weighted_dml_and_self(tmp_path):
-    weighted = raydistill.train({**REGRESSION, "name": "w", "peers": 2,
-                                 "method": {"name": "dml", "peer_weighting": "performance"}},
-                                tmp_path / "w", runtime="inprocess", progress=False)
-    assert all(p["test_mse"] < 0.8 for p in weighted.summary["peers"])
+def performance_coordinator(val_offsets):
+    """A regression dml coordinator with performance weights, after one validation pass in which peer i predicted
+    every validation target off by val_offsets[i]: its validation MSE is val_offsets[i] ** 2."""
+    config, spec, arrays = engine({**REGRESSION, "peers": len(val_offsets),
+                                   "method": {"name": "dml", "peer_weighting": "performance"}})
+    coordinator = Coordinator(config, labels_of(arrays), spec)
+    val_y = arrays["val_y"].reshape(-1, 1)
+    coordinator.evaluate("val", *[{"logits": val_y + offset} for offset in val_offsets])
+    return coordinator, config, arrays
+
+
+def test_performance_weights_reach_each_peers_targets_from_the_validation_losses():
+    """Validation MSEs 0.25, 1 and 4 (hand-computed weights below): the weakest peer takes the most, and every peer
+    takes more from a stronger peer than from a weaker one; DML's uniform weights (1/2 each) satisfy neither."""
+    coordinator, config, arrays = performance_coordinator([0.5, 1.0, 2.0])
+    assert coordinator.val_losses == [[pytest.approx(0.25)], [pytest.approx(1.0)],
+                                      [pytest.approx(4.0)]]
+    batch = np.random.default_rng(0).normal(size=(3, config.train.batch_size, 1)).astype(np.float32)
+    targets = coordinator.targets(0, 0, *[{"logits": batch[i]} for i in range(3)])
+    mean = (0.25 + 1 + 4) / 3
+    # W[i, j] = (L_i / mean L) * (1/L_j) / sum_{k != i} 1/L_k, over the other peers j in order
+    expected = [[0.25 / mean * 1 / (1 + 1 / 4), 0.25 / mean * (1 / 4) / (1 + 1 / 4)],
+                [1 / mean * 4 / (4 + 1 / 4), 1 / mean * (1 / 4) / (4 + 1 / 4)],
+                [4 / mean * 4 / (4 + 1), 4 / mean * 1 / (4 + 1)]]
+    for i, target in enumerate(targets):
+        np.testing.assert_allclose(target["peer_weights"], expected[i], rtol=1e-5)
+        np.testing.assert_array_equal(target["peer_logits"], np.delete(batch, i, axis=0))
+    weights = [target["peer_weights"] for target in targets]
+    assert weights[2].sum() > weights[1].sum() > weights[0].sum()          # the weaker, the more it distils
+    assert weights[0][0] > weights[0][1] and weights[2][0] > weights[2][1]   # from the stronger peer above all
+
+    # the peer's loss sums its distillation terms with these weights, not DML's mean
+    method = build_method(config)
+    hyper = method.hyper(0)
+    labels = torch.from_numpy(arrays["train_y"][:config.train.batch_size])
+    z = torch.from_numpy(batch[2])
+    _, terms = method.loss(hyper, {"logits": z}, labels, {k: torch.from_numpy(v) for k, v in targets[2].items()})
+    by_hand = sum(w * ((batch[2] - other) ** 2).mean() for w, other in zip(expected[2], batch[:2]))
+    assert terms["kd"].item() == pytest.approx(by_hand, rel=1e-5)
+    uniform = sum(((batch[2] - other) ** 2).mean() for other in batch[:2]) / 2
+    assert abs(by_hand - uniform) > 0.1 * uniform
+
+
+def test_performance_weighting_in_a_run_starts_as_dml_and_departs_from_it_once_validation_losses_exist(tmp_path):
+    """Epoch 1 has no validation loss yet (uniform weights: DML exactly); from epoch 2 the weights follow the peers'
+    recorded validation MSEs, which the coordinator keeps in its checkpoint."""
+    def run(weighting):
+        config = {**REGRESSION, "name": weighting, "peers": 2, "train": {**REGRESSION["train"], "epochs": 2},
+                  "method": {"name": "dml", "peer_weighting": weighting}}
+        return raydistill.train(config, tmp_path / weighting, runtime="inprocess", progress=False)
+
+    weighted, uniform = run("performance"), run("uniform")
+    first_epoch = [[p["model"] for p in load_checkpoint(r.run_dir / "checkpoints" / "epoch_0001", 2)["peers"]]
+                   for r in (weighted, uniform)]
+    assert_same_parameters(*first_epoch, tol=0.0)
+    weighted_final, uniform_final = final_parameters(weighted.run_dir, 2), final_parameters(uniform.run_dir, 2)
+    # the same first epoch bit for bit, so any difference after the second comes from the weights
+    assert any(not torch.equal(weighted_final[i][k], uniform_final[i][k]) for i in (0, 1) for k in uniform_final[i])
+    metrics = pd.read_parquet(weighted.run_dir / "metrics.parquet")
+    recorded = [metrics[metrics.model == f"peer{i}"].sort_values("epoch")["val_mse"].tolist() for i in (0, 1)]
+    coordinator = load_checkpoint(latest_checkpoint(weighted.run_dir), 2)["coordinator"]
+    np.testing.assert_allclose(coordinator["val_losses"], recorded, rtol=1e-6)
+
+
+def test_regression_self_distillation_beats_the_mean_and_deploys_its_student(tmp_path):
     self_run = raydistill.train({**REGRESSION, "name": "s", "peers": 1, "method": {"name": "self",
                                                                                    "hidden_weight": 1.0}},
                                 tmp_path / "s", runtime="inprocess", progress=False)

@@ -154,7 +154,7 @@ def test_grey_torchvision_model_equals_the_rgb_model_on_the_repeated_image():
 
 
 def test_unknown_arch_names_the_field_and_the_choices():
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError, match=r"^model\.arch='resnet21': one of: ") as err:
         build_model("resnet21", CIFAR)
     message = str(err.value)
     assert message.startswith("model.arch='resnet21'")
