@@ -7,7 +7,7 @@ import ray
 
 from raydistill.engine.coordinator import Coordinator
 from raydistill.engine.worker import Worker
-from raydistill.runtime.collective import GlooExchange, free_port
+from raydistill.runtime.collective import GroupExchange, free_port
 
 
 class _Shell:
@@ -37,8 +37,8 @@ class WorkerShell(_Shell):
         """Where this worker, as rank 0, hosts the group: its node's address and a free port."""
         return ray.util.get_node_ip_address(), free_port()
 
-    def join_group(self, rank: int, world: int, address: str, port: int, timeout_s: float) -> None:
-        self.worker.set_exchange(GlooExchange(rank, world, address, port, timeout_s))
+    def join_group(self, rank: int, world: int, address: str, port: int, timeout_s: float, one_node: bool) -> None:
+        self.worker.set_exchange(GroupExchange(rank, world, address, port, timeout_s, one_node))
 
     def leave_group(self) -> None:
         self.worker.set_exchange(None)

@@ -198,7 +198,8 @@ class RayWorkers:
             return
         timeout = self.config.resources.collective_timeout_s
         address, port = ray.get(self.workers[0].address.remote(), timeout=READY_TIMEOUT_S)
-        self._get_all([w.join_group.remote(rank, len(self.workers), address, port, timeout)
+        one_node = len(set(self._nodes)) == 1          # then the step's data go through shared memory
+        self._get_all([w.join_group.remote(rank, len(self.workers), address, port, timeout, one_node)
                        for rank, w in enumerate(self.workers)], timeout + 30.0)
 
     def leave_group(self) -> None:
