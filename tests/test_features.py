@@ -248,10 +248,10 @@ def test_born_again_generations_restart_the_student_under_the_previous_one(tmp_p
         peer.forward(0, step)
         peer.learn(0, step, {})
     trained = {k: v.clone() for k, v in peer.model.state_dict().items()}
-    assert peer.method.hyper(0)["alpha"] == 0.0 and peer.snapshot is None
+    assert peer.method.hyper(0)["alpha"] == 0.0 and peer.self_teacher.snapshot is None
     peer.forward(1, 0)                               # generation 2 starts: the trained student becomes the teacher
-    assert peer.generation == 1 and peer.method.hyper(1)["alpha"] == 1.0
-    for key, value in peer.snapshot.state_dict().items():
+    assert peer.self_teacher.generation == 1 and peer.method.hyper(1)["alpha"] == 1.0
+    for key, value in peer.self_teacher.snapshot.state_dict().items():
         assert torch.equal(value, trained[key])
     torch.manual_seed(0)
     assert not torch.equal(peer.model.state_dict()["net.fc.weight"], trained["net.fc.weight"])   # a fresh student
@@ -262,7 +262,7 @@ def test_born_again_generations_restart_the_student_under_the_previous_one(tmp_p
     state = peer.state_dict()
     again = Peer(0, resolved, arrays, spec)
     again.load_state_dict(state)
-    assert again.generation == 1 and torch.equal(again.snapshot.state_dict()["net.fc.weight"],
+    assert again.self_teacher.generation == 1 and torch.equal(again.self_teacher.snapshot.state_dict()["net.fc.weight"],
                                                  trained["net.fc.weight"])
 
 
@@ -270,7 +270,7 @@ def test_a_self_teachers_logits_stay_in_the_actor():
     """The EMA teacher of `self` teaches locally: its logits never go to the coordinator (pcl's do: its targets read them)."""
     resolved, spec, arrays = engine(tiny_dml(**{"method.name": "self", "peers": 1}))
     peer = Peer(0, resolved, arrays, spec)
-    assert peer.ema_model is not None and set(peer.forward(0, 0)) == {"logits"}
+    assert peer.self_teacher.model is not None and set(peer.forward(0, 0)) == {"logits"}
     assert set(peer.local_targets) == {"teacher_logits"}
     resolved, spec, arrays = engine(tiny_dml(**{"method.name": "pcl"}))
     assert set(Peer(0, resolved, arrays, spec).forward(0, 0)) == {"logits", "ema_logits"}

@@ -180,14 +180,14 @@ def one_step(peer):
 def test_ema_teacher_init_survives_the_first_update():
     peer = make_peer()
     student0 = {k: v.clone() for k, v in peer.model.state_dict().items()}
-    teacher0 = {k: v.clone() for k, v in peer.ema_model.state_dict().items()}
+    teacher0 = {k: v.clone() for k, v in peer.self_teacher.model.state_dict().items()}
     assert not torch.equal(teacher0["net.fc.weight"], student0["net.fc.weight"])     # 2 CE steps at lr / 100
     moved = (teacher0["net.fc.weight"] - student0["net.fc.weight"]).abs().max().item()
     assert moved < 0.01                                                               # small ones
     one_step(peer)
     student1 = peer.model.state_dict()["net.fc.weight"]
     expected = 0.5 * teacher0["net.fc.weight"] + 0.5 * student1                       # m_1 = 0.5: blended
-    torch.testing.assert_close(peer.ema_model.state_dict()["net.fc.weight"], expected)
+    torch.testing.assert_close(peer.self_teacher.model.state_dict()["net.fc.weight"], expected)
     assert peer.state_dict()["ema_updates"] == 1
 
 
@@ -195,14 +195,14 @@ def test_reference_quirks_erase_the_teacher_init_at_the_first_update():
     peer = make_peer(reference_quirks=True)
     one_step(peer)
     for name, value in peer.model.named_parameters():                                 # momentum 0: a copy
-        assert torch.equal(peer.ema_model.get_parameter(name), value.detach()), name
+        assert torch.equal(peer.self_teacher.model.get_parameter(name), value.detach()), name
 
 
 def test_ema_teacher_keeps_its_own_batchnorm_statistics():
     config = load_config(tiny_dml(**{"method.name": "pcl", "model.arch": "cnn_small", "model.options": {}}))
     spec, arrays = load_run_data(config)
     peer = Peer(0, config, arrays, spec)
-    student_bn, teacher_bn = peer.model.net.layer1[1], peer.ema_model.net.layer1[1]
+    student_bn, teacher_bn = peer.model.net.layer1[1], peer.self_teacher.model.net.layer1[1]
     outputs = peer.forward(0, 0)
     assert outputs["ema_logits"].shape == outputs["logits"].shape
     assert teacher_bn.num_batches_tracked.item() == 1                 # its own forward in train mode

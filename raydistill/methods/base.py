@@ -123,6 +123,11 @@ class Method:
         return []
 
     @property
+    def self_teacher_kind(self) -> str | None:
+        """The teacher each peer keeps of itself (engine/self_teacher.py): "ema", "generations", or None."""
+        return "ema" if self.uses_ema_teacher else None
+
+    @property
     def deploy_kind(self) -> str:
         """Which model a run of this method is meant to deploy: the EMA teacher where there is one (PCL, DKEL)."""
         return "ema_teacher" if self.uses_ema_teacher else "peer"

@@ -40,6 +40,10 @@ class SelfDistillation(Method):
         return self.config.generations == 1
 
     @property
+    def self_teacher_kind(self) -> str:
+        return "ema" if self.config.generations == 1 else "generations"
+
+    @property
     def deploy_kind(self) -> str:
         return "peer"                   # the student is the model; its teacher is a means of training it
 
