@@ -91,7 +91,12 @@ class RayWorkers:
             self._wait_placed()
             self._start(spec, arrays)
             self.setup()
-            self.form_group()
+            try:
+                self.form_group()
+            except WorkerLost as err:
+                raise ConfigError("resources.transport", config.resources.transport,
+                                  f"the workers could not form a collective group ({err.__cause__ or err}); "
+                                  "set resources.transport=object_store") from None
         except BaseException:
             self.shutdown()
             raise
