@@ -159,14 +159,26 @@ DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0  # fixed, not the run seed: every run evaluates on the same test set
 
 
+def _sklearn_table(name: str, **kwargs) -> np.ndarray:
+    """One of the tables scikit-learn ships (sklearn/datasets/data), read as its loaders read it, without importing
+    scikit-learn (whose import costs seconds, scipy with it)."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("data.name", name.split("_")[0].split(".")[0], "needs scikit-learn installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / name
+    with gzip.open(path, mode="rt", encoding="utf-8") as f:
+        return np.loadtxt(f, **kwargs)
+
+
 @_source("digits")
 def load_digits_dataset(root=None) -> Dataset:
     """scikit-learn's 1,797 8x8 grey digits (values 0..16, scaled to uint8 0..255), 20% held out as a fixed test set."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
-    y = digits.target.astype(np.int64)
+    data = _sklearn_table("digits.csv.gz", delimiter=",")
+    x = np.round(data[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    y = data[:, -1].astype(np.int64)
     perm = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(x))
     n_test = int(round(DIGITS_TEST_FRACTION * len(x)))
     test_idx, train_idx = np.sort(perm[:n_test]), np.sort(perm[n_test:])
@@ -426,11 +438,8 @@ def load_diabetes_dataset(root=None, standardize_target=True) -> Dataset:
     Targets are standardized with the train split's mean and std by default (``standardize_target: false`` keeps the
     raw scale, about 25..346), so MSE is in units of the target's variance: a model predicting the mean scores ~1.
     """
-    from sklearn.datasets import load_diabetes
-
-    bunch = load_diabetes(scaled=False)
-    x = bunch.data.astype(np.float32)
-    y = bunch.target.astype(np.float32)
+    x = _sklearn_table("diabetes_data_raw.csv.gz").astype(np.float32)
+    y = _sklearn_table("diabetes_target.csv.gz").astype(np.float32)
     test_idx, train_idx = fixed_split(len(x))
     train_y, test_y = y[train_idx], y[test_idx]
     if standardize_target:

@@ -6,7 +6,8 @@ import math
 import os
 from pathlib import Path
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 class Recorder:
@@ -17,8 +18,8 @@ class Recorder:
         self.metrics_path = self.run_dir / "metrics.parquet"
         self.rows: list[dict] = []
         if resume_epoch is not None and self.metrics_path.exists():
-            frame = pd.read_parquet(self.metrics_path)
-            self.rows = frame[frame["epoch"] <= resume_epoch].to_dict("records")
+            rows = pq.read_table(self.metrics_path).to_pylist()
+            self.rows = [row for row in rows if row["epoch"] <= resume_epoch]
         # a resumed run records again the epochs after its checkpoint: TensorBoard drops what the old files hold
         # from there on, so no epoch shows twice
         purge = resume_epoch + 1 if resume_epoch is not None else None
@@ -32,7 +33,9 @@ class Recorder:
         self.writer.flush()
         self.rows.extend(rows)
         tmp = self.metrics_path.with_suffix(".parquet.tmp")
-        pd.DataFrame(self.rows).to_parquet(tmp, index=False)
+        columns = list(dict.fromkeys(key for row in self.rows for key in row))   # every key of any row, in order
+        table = pa.table({key: [row.get(key) for row in self.rows] for key in columns})
+        pq.write_table(table, tmp)             # pyarrow alone: pandas costs a second to import
         os.replace(tmp, self.metrics_path)
 
     def write_summary(self, summary: dict) -> None:
