@@ -197,6 +197,10 @@ def search_metric(config: Config, metric: str | None, mode: str | None) -> tuple
                           "a search selects on the validation split carved from the training data; set it > 0")
     if "test" in metric.split("_"):
         raise ConfigError("metric", metric, "choose a validation figure (val_*); the test split never selects a model")
+    other = "acc" if primary == "mse" else "mse"
+    if metric.endswith(f"_{other}"):
+        raise ConfigError("metric", metric, f"a {config.task} run reports *_{primary}, not *_{other} (default: "
+                                            f"val_{primary}; leave metric out of the space)")
     return metric, mode
 
 

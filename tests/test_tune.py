@@ -3,14 +3,17 @@ experiment resumes; each trial is a real raydistill run on digits."""
 import json
 import os
 import signal
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from ray.tune import Callback, ExperimentAnalysis
 
 from raydistill.cli import main
+from raydistill.config import apply_overrides, load_config, preset_names, raw_config
 from raydistill.errors import ConfigError
-from raydistill.tune import (clamp_to_space, load_space, max_concurrent_trials, segment_dir, trial_history,
+from raydistill.tune import (SETTINGS, clamp_to_space, load_space, max_concurrent_trials, segment_dir, trial_history,
                              trial_run_dirs, tune)
 
 
@@ -30,6 +33,7 @@ def tiny(**train) -> dict:
     ({"method": {"uniform": [0, 1]}}, "method", "is a section"),
     ({"train.lr": {"choice": []}}, "train.lr", "non-empty list"),
     ({"method.alpha": {"uniform": [0, 1]}, "metric": "test_acc"}, "metric", "never selects"),
+    ({"method.alpha": {"uniform": [0, 1]}, "metric": "val_mse"}, "metric", "reports *_acc, not *_mse"),
     ({"method.alpha": {"uniform": [0, 1]}, "scheduler": "hyperband"}, "scheduler", "one of: asha, pbt"),
     ({"train.lr": {"uniform": [0.1, 0.2]}, "scheduler": "pbt"}, "scheduler.mutate", "method.temperature"),
 ])
@@ -59,17 +63,31 @@ def test_optuna_missing_or_misused_is_one_line():
             load_space({"train.lr": {"uniform": [0.1, 0.2]}, "search": "optuna"}, tiny())
 
 
-def test_every_shipped_space_loads_against_its_method():
-    folder = os.path.join(os.path.dirname(__file__), os.pardir, "tune_spaces")
-    names = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
-    assert {"dml", "kd", "kdcl", "pcl", "dkel", "fitnet"} <= set(names)
-    space = load_space(os.path.join(folder, "dml.yaml"), tiny())
-    assert space.metric == "val_acc" and space.mode == "max" and space.scheduler == "asha"
-    assert space.params["method.temperature"] == ("loguniform", [1, 10])
+def test_every_shipped_space_loads_against_every_preset_of_its_method(tmp_path):
+    """Each file of tune_spaces/ against each preset of its method (a teacher checkpoint where the method needs one):
+    the keys and distributions as written, and the preset's own selection figure (val_mse for regression)."""
+    folder = Path(__file__).parent.parent / "tune_spaces"
+    files = sorted(folder.glob("*.yaml"))
+    assert {"dml", "kd", "kdcl", "pcl", "dkel", "fitnet"} <= {f.stem for f in files}
+    checked = []
+    for path in files:
+        written = yaml.safe_load(path.read_text())
+        presets = [p for p in preset_names() if p.split("-")[0] == path.stem]
+        assert presets, f"{path.name}: no preset of method {path.stem} to check it against"
+        for preset in presets:
+            base = raw_config(preset)
+            if base.get("teacher"):
+                base = apply_overrides(base, [f"teacher.checkpoint={tmp_path}"])
+            space = load_space(path, base)
+            assert space.params == {key: tuple(spec.items())[0] for key, spec in written.items()
+                                    if key not in SETTINGS}, (path.name, preset)
+            regression = load_config(base).task == "regression"
+            assert (space.metric, space.mode) == (("val_mse", "min") if regression else ("val_acc", "max"))
+            checked.append((path.stem, preset))
+    assert len({stem for stem, _ in checked}) == len(files)
 
 
 def test_concurrency_counts_whole_runs():
-    from raydistill.config import load_config
 
     config = load_config(tiny())            # bundles: coordinator+trial 2 CPU, 2 peers x 1 CPU -> 4 CPU per trial
     assert max_concurrent_trials(config, {"CPU": 8}) == 2
@@ -124,7 +142,6 @@ def test_asha_search_writes_best_json_and_trials_parquet(asha_search):
     for run_dir in trials["run_dir"]:
         assert run_dir.startswith(str(output / "trials")) and any((output / "trials").glob("*/tb/events.*"))
     # the best config trains as it is
-    from raydistill.config import load_config
 
     assert load_config(output / "best.json").method.temperature == pytest.approx(written["config"]["method"]
                                                                                  ["temperature"])
