@@ -360,6 +360,8 @@ class CtrlC(Callback):
 
     def press(self):
         if not self.pressed:
+            # without Tune's handler the signal would end pytest itself: fail the test instead
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler, "Tune does not catch Ctrl+C"
             self.pressed = True
             os.kill(os.getpid(), signal.SIGINT)
 
