@@ -8,17 +8,22 @@ hyper-parameters.
 
 The experiment directory holds Tune's own state, ``search.yaml`` (what was searched, for ``--resume``), ``trials/`` (one
 raydistill run directory per trial segment: TensorBoard, metrics.parquet, checkpoints), and at the end ``best.json`` and
-``trials.parquet``.
+``trials.parquet``. Samples are drawn from the config's ``seed``, so a search interrupted and resumed any number of
+times tries the same trials, and ends with the same rows, as the same search run straight through.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
+import io
 import json
+import logging
 import math
 import os
 import re
+import shutil
 import sys
 import types
 from dataclasses import dataclass
@@ -26,20 +31,23 @@ from pathlib import Path
 from typing import Union, get_args, get_origin, get_type_hints
 
 import yaml
+from ray.tune.stopper import Stopper, TimeoutStopper
 
 from raydistill.config import Config, PeerConfig, apply_overrides, load_config, raw_config
-from raydistill.errors import ConfigError, read_yaml
+from raydistill.errors import ConfigError, read_yaml, user_error
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "randint")
 SCHEDULERS = ("asha", "pbt")
 SEARCHES = ("random", "optuna")
-SETTINGS = ("metric", "mode", "scheduler", "search")
+SETTINGS = ("metric", "mode", "scheduler", "search", "time_budget_s")
 SCHEDULER_OPTIONS = {"asha": ("grace_period", "reduction_factor"),
                      "pbt": ("perturbation_interval", "quantile_fraction", "resample_probability", "synch", "mutate")}
 PBT_MUTATES = ("method.temperature", "method.alpha")
 SEARCH_FILE = "search.yaml"
+BUDGET_SPENT = "time_budget_spent"          # marks an experiment whose time budget ended it
 TRIALS_DIR = "trials"
 SEGMENT = re.compile(r"^(?P<trial>[^.]+)(\.(?P<k>\d+)_from_epoch_\d+)?$")
+FINISHED = ("completed", "stopped early")   # the statuses of a trial that needs nothing more
 
 
 # ---- the search space --------------------------------------------------------------------------------------------
@@ -51,6 +59,7 @@ class Space:
     scheduler: str
     scheduler_options: dict
     search: str
+    time_budget_s: float | None = None      # the whole search's wall-clock budget, counted across --resume
 
     def bounds(self) -> dict[str, tuple[float, float]]:
         """[low, high] of the continuous keys: PBT's perturbations stay inside them."""
@@ -163,7 +172,10 @@ def load_space(source, base: dict, scheduler: str | None = None) -> Space:
     search = data.get("search", "random")
     if search not in SEARCHES:
         raise ConfigError("search", search, f"one of: {', '.join(SEARCHES)}")
-    space = Space(params, metric, mode, name, options, search)
+    budget = data.get("time_budget_s")
+    if budget is not None and not (_number(budget) and budget > 0):
+        raise ConfigError("time_budget_s", budget, "seconds the whole search may run (across --resume), a number > 0")
+    space = Space(params, metric, mode, name, options, search, budget)
     _check_combination(space)
     return space
 
@@ -197,6 +209,10 @@ def search_metric(config: Config, metric: str | None, mode: str | None) -> tuple
                           "a search selects on the validation split carved from the training data; set it > 0")
     if "test" in metric.split("_"):
         raise ConfigError("metric", metric, "choose a validation figure (val_*); the test split never selects a model")
+    other = "acc" if primary == "mse" else "mse"
+    if metric.endswith(f"_{other}"):
+        raise ConfigError("metric", metric, f"a {config.task} run reports *_{primary}, not *_{other} (default: "
+                                            f"val_{primary}; leave metric out of the space)")
     return metric, mode
 
 
@@ -267,12 +283,21 @@ def checkpoints_to_keep(space: Space) -> int:
     return 4 if space.scheduler == "pbt" else 2
 
 
-def build_search(space: Space):
+def build_search(space: Space, config: Config, concurrent: int):
+    """Random samples (and every grid value) or Optuna, seeded from the config's seed: a resumed or repeated search
+    tries the same trials. The concurrency limit lives here (Tune ignores max_concurrent_trials beside a generator)."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
     if space.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch()
-    return None                 # Tune's default: random samples, every grid value
+        return ConcurrencyLimiter(OptunaSearch(seed=config.seed), max_concurrent=concurrent)
+    return BasicVariantGenerator(max_concurrent=concurrent, random_state=config.seed)
+
+
+def expected_trials(space: Space, samples: int) -> int:
+    """How many trials the search creates in all: every grid combination, `samples` times (Tune's count)."""
+    return samples * math.prod(len(args) for dist, args in space.params.values() if dist == "grid")
 
 
 def trial_bundles(config: Config) -> list[dict]:
@@ -327,6 +352,15 @@ def trial_run_dirs(root: Path, trial_id: str) -> list[Path]:
     return sorted(found, key=lambda p: int(SEGMENT.match(p.name).group("k") or 1))
 
 
+def start_over(root: Path, trial_id: str) -> None:
+    """A trial started without a checkpoint begins at epoch 1: whatever an earlier attempt left (interrupted before
+    Tune kept a checkpoint of it) goes first, its run directories and its reported rows, so that the new attempt writes
+    the trial's only segment and its only history."""
+    for path in trial_run_dirs(root, trial_id):
+        shutil.rmtree(path)
+    (Path(root) / f"{trial_id}.jsonl").unlink(missing_ok=True)
+
+
 def append_report(root: Path, trial_id: str, record: dict) -> None:
     """Every figure a trial reports, in order, in ``trials/TRIAL.jsonl``: the trial's own history. Tune's result
     files are rewritten from a staged copy when a trial is paused and restored (synchronous PBT), which can drop
@@ -352,8 +386,28 @@ def trial_history(root: Path, trial_id: str):
 
 
 def run_complete(trial_id: str, result: dict) -> bool:
-    """The stopper: a run's last report comes after it finished (summary and export written); nothing to decide."""
+    """A run's last report comes after it finished (summary and export written): nothing left to decide."""
     return result.get("epoch", 0) >= result.get("epochs", math.inf)
+
+
+class SearchStopper(Stopper):
+    """Stops a trial once its run finished, and the whole search once its time budget is spent. Tune saves it with
+    the experiment, so the budget counts across --resume; a spent budget leaves BUDGET_SPENT in the experiment
+    directory, so that the trials it cut read as out of time, not as interrupted."""
+
+    def __init__(self, budget_s: float | None, experiment: Path):
+        self.budget = TimeoutStopper(budget_s) if budget_s else None
+        self.mark = str(Path(experiment) / BUDGET_SPENT)
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return run_complete(trial_id, result)
+
+    def stop_all(self) -> bool:
+        if self.budget is None or not self.budget.stop_all():
+            return False
+        with contextlib.suppress(OSError):          # an experiment moved since: its statuses read "unfinished"
+            Path(self.mark).touch()
+        return True
 
 
 def run_trial(params: dict, *, base: dict, root: str) -> None:
@@ -381,6 +435,7 @@ def run_trial(params: dict, *, base: dict, root: str) -> None:
                             placement_group=ray.util.get_current_placement_group())
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
+        start_over(Path(root), trial_id)
         run(Path(root) / trial_id)
     else:
         with checkpoint.as_directory() as path:
@@ -419,8 +474,6 @@ def absolute_paths(base: dict) -> dict:
 
 def _connect(config: Config) -> bool:
     """Joins resources.address, or starts a local Ray with room for at least one whole trial."""
-    import logging
-
     import ray
 
     from raydistill.runtime.driver import connect
@@ -432,115 +485,225 @@ def _connect(config: Config) -> bool:
     return True
 
 
+DEFAULT_SAMPLES = 4
+
+
+@dataclass
+class Experiment:
+    """One search as search.yaml records it (what --resume rebuilds): where it lives, the base config of every trial,
+    the space as written and as checked, and how many samples it draws (None in a search.yaml from before it was
+    recorded: then only the trials Tune created count)."""
+    output: Path
+    base: dict
+    raw_space: dict
+    space: Space
+    samples: int | None
+
+    def save(self) -> None:
+        self.output.mkdir(parents=True, exist_ok=True)
+        (self.output / SEARCH_FILE).write_text(yaml.safe_dump(
+            {"config": self.base, "space": self.raw_space, "scheduler": self.space.scheduler,
+             "samples": self.samples}, sort_keys=False))
+
+
+def new_experiment(config, space, samples, output, overrides, scheduler) -> Experiment:
+    """Checks everything a new search is given, before anything is written or started."""
+    if space is None:
+        raise ConfigError("--space", None, "a search space is needed, e.g. --space tune_spaces/dml.yaml")
+    base = absolute_paths(apply_overrides(raw_config(config), overrides))
+    found = load_space(space, base, scheduler)
+    if samples is not None and samples < 1:
+        raise ConfigError("--samples", samples, "must be >= 1")
+    output = Path(output if output is not None else default_output(load_config(base))).resolve()
+    if output.exists() and any(output.iterdir()):
+        raise ConfigError("--output", str(output), "already holds files; choose a new directory or --resume it")
+    raw_space = space if isinstance(space, dict) else read_yaml(Path(space).read_text())
+    return Experiment(output, base, raw_space, found, samples or DEFAULT_SAMPLES)
+
+
+def saved_experiment(resume) -> Experiment:
+    from ray import tune as ray_tune
+
+    output = Path(resume).resolve()
+    if not (output / SEARCH_FILE).is_file() or not ray_tune.Tuner.can_restore(str(output)):
+        raise ConfigError("--resume", str(resume), "holds no raydistill Tune experiment (search.yaml and Tune state)")
+    setup = read_yaml((output / SEARCH_FILE).read_text())
+    found = load_space(setup["space"], setup["config"], setup.get("scheduler"))
+    return Experiment(output, setup["config"], setup["space"], found, setup.get("samples"))
+
+
+def build_tuner(experiment: Experiment, config: Config, concurrent: int, resume: bool, progress: bool, callbacks):
+    """A new Tuner (search.yaml written first), or Tune's own state restored: unfinished and errored trials continue
+    from their last checkpoints, trials not yet created are drawn from the restored, seeded generator."""
+    from ray import tune as ray_tune
+
+    fn = trainable(experiment.base, experiment.output / TRIALS_DIR, config)
+    if resume:
+        return ray_tune.Tuner.restore(str(experiment.output), trainable=fn, resume_unfinished=True,
+                                      resume_errored=True)
+    experiment.save()
+    space = experiment.space
+    return ray_tune.Tuner(
+        fn, param_space=param_space(space),
+        tune_config=ray_tune.TuneConfig(
+            metric=space.metric, mode=space.mode, scheduler=build_scheduler(space, config),
+            search_alg=build_search(space, config, concurrent), num_samples=experiment.samples,
+            trial_dirname_creator=trial_dirname),
+        run_config=ray_tune.RunConfig(
+            name=experiment.output.name, storage_path=str(experiment.output.parent),
+            stop=SearchStopper(space.time_budget_s, experiment.output),
+            verbose=1 if progress else 0, callbacks=callbacks,
+            checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=checkpoints_to_keep(space))))
+
+
+class _BadInputFilter(logging.Filter):
+    """Tune logs a failed trial with its traceback; a trial's bad input reaches the user as tune()'s one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and user_error(record.exc_info[1]) is not None)
+
+
 def tune(config=None, space=None, *, samples: int | None = None, output=None, overrides=None,
          scheduler: str | None = None, resume=None, max_concurrent: int | None = None, progress: bool = True,
          callbacks=None) -> dict:
-    """Searches hyper-parameters and returns the best trial: {metric, mode, value, trial, run_dir, config, complete}.
+    """Searches hyper-parameters and returns the best trial: {metric, mode, value, trial, run_dir, params, complete,
+    statuses, experiment, config}.
 
     config: a preset name, a YAML/JSON path or a dict (with overrides `a.b=v`); space: a tune_spaces/*.yaml path or a
     mapping; samples: Tune's num_samples (a grid is repeated that many times; default 4); output: the experiment
     directory (default runs/tune-NAME-TIMESTAMP); scheduler: asha or pbt over the space's own; resume: an experiment
     directory to continue (Tuner.restore); max_concurrent: trials at once (default: as many whole runs as the cluster
-    holds). Writes OUTPUT/best.json and OUTPUT/trials.parquet.
+    holds). Writes OUTPUT/best.json and OUTPUT/trials.parquet. `complete` is false while any trial of the search has
+    not finished (interrupted, not started, failed, or cut by the time budget); --resume continues all but the last.
+    Raises ConfigError when a trial refused its sampled config (after writing both files), and TrainingError when no
+    trial reported the metric.
     """
     import ray
-    from ray import tune as ray_tune
 
-    if resume is not None:
-        output = Path(resume).resolve()
-        if not (output / SEARCH_FILE).is_file() or not ray_tune.Tuner.can_restore(str(output)):
-            raise ConfigError("--resume", str(resume), "holds no raydistill Tune experiment (search.yaml and Tune state)")
-        setup = read_yaml((output / SEARCH_FILE).read_text())
-        base = setup["config"]
-        found = load_space(setup["space"], base, setup.get("scheduler"))
-    else:
-        if space is None:
-            raise ConfigError("--space", None, "a search space is needed, e.g. --space tune_spaces/dml.yaml")
-        base = absolute_paths(apply_overrides(raw_config(config), overrides))
-        found = load_space(space, base, scheduler)
-        if samples is not None and samples < 1:
-            raise ConfigError("--samples", samples, "must be >= 1")
-        output = Path(output if output is not None else default_output(load_config(base))).resolve()
-        if output.exists() and any(output.iterdir()):
-            raise ConfigError("--output", str(output), "already holds files; choose a new directory or --resume it")
-        output.mkdir(parents=True, exist_ok=True)
-        raw_space = space if isinstance(space, dict) else read_yaml(Path(space).read_text())
-        (output / SEARCH_FILE).write_text(yaml.safe_dump(
-            {"config": base, "space": raw_space, "scheduler": found.scheduler}, sort_keys=False))
-    run_config = load_config(base)
+    experiment = saved_experiment(resume) if resume is not None else \
+        new_experiment(config, space, samples, output, overrides, scheduler)
+    run_config = load_config(experiment.base)
     started = _connect(run_config)
+    tune_log = logging.getLogger("ray.tune.execution.tune_controller")
+    quiet = _BadInputFilter()
     try:
         concurrent = max_concurrent or max_concurrent_trials(run_config, ray.cluster_resources())
-        root = output / TRIALS_DIR
-        root.mkdir(exist_ok=True)
-        fn = trainable(base, root, run_config)
-        if resume is not None:
-            tuner = ray_tune.Tuner.restore(str(output), trainable=fn, resume_unfinished=True, resume_errored=True)
-        else:
-            tuner = ray_tune.Tuner(
-                fn, param_space=param_space(found),
-                tune_config=ray_tune.TuneConfig(
-                    metric=found.metric, mode=found.mode, scheduler=build_scheduler(found, run_config),
-                    search_alg=build_search(found), num_samples=samples or 4, max_concurrent_trials=concurrent,
-                    trial_dirname_creator=trial_dirname),
-                run_config=ray_tune.RunConfig(
-                    name=output.name, storage_path=str(output.parent), stop=run_complete, verbose=1 if progress else 0,
-                    checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=checkpoints_to_keep(found)),
-                    callbacks=callbacks))
-        tuner.fit()
-        trials, params_of = collect_trials(output, found, base)
+        tuner = build_tuner(experiment, run_config, concurrent, resume is not None, progress, callbacks)
+        (experiment.output / TRIALS_DIR).mkdir(exist_ok=True)
+        tune_log.addFilter(quiet)
+        # Tune prints its configuration box whatever the verbosity: without progress, nothing of Tune's on stdout
+        with contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO()):
+            tuner.fit()
+        trials, params_of, refused = collect_trials(experiment.output, experiment.space, experiment.base)
     finally:
+        tune_log.removeFilter(quiet)
         if started:
             ray.shutdown()
+    return finish(experiment, trials, params_of, refused)
+
+
+def finish(experiment: Experiment, trials, params_of: dict, refused: dict) -> dict:
+    """Writes trials.parquet and best.json, then raises what the user must act on: a trial's refused config, or no
+    figure at all."""
+    from raydistill.runtime.loop import TrainingError
+
+    output = experiment.output
     trials.to_parquet(output / "trials.parquet", index=False)
-    best = best_trial(trials, params_of, found, base, output)
+    best = best_trial(trials, params_of, experiment)
     (output / "best.json").write_text(json.dumps(best, indent=2, default=float))
+    if refused:
+        trial_id, err = next(iter(refused.items()))
+        others = f", and {len(refused) - 1} other trial(s)" if len(refused) > 1 else ""
+        raise ConfigError(err.field, err.value, f"{err.allowed} (in trial {trial_id}{others})")
+    if best["value"] is None:
+        statuses = best["statuses"]
+        hint = (f"see the trial errors under {output}" if "error" in statuses or best["complete"] else
+                "the search's time_budget_s ran out" if "out of time" in statuses else
+                f"continue with: raydistill tune --resume {output}")
+        raise TrainingError(f"no trial reported {experiment.space.metric}; {hint}")
     return best
 
 
+def trial_status(trial, epochs_done: int, epochs: int, budget_spent: bool) -> str:
+    """completed; stopped early (its scheduler's decision: a last result marked done); error; out of time (the
+    search's time budget ended it or kept it from starting: final); unfinished (interrupted: --resume continues it)."""
+    if trial.status == "ERROR":
+        return "error"
+    if trial.status == "TERMINATED" and epochs_done >= epochs:
+        return "completed"
+    if trial.status == "TERMINATED" and trial.last_result.get("done"):
+        return "stopped early"
+    return "out of time" if budget_spent else "unfinished"
+
+
+def refused_config(trial) -> ConfigError | None:
+    """The bad input that ended an errored trial (a sampled combination the run refuses), or None."""
+    if trial.status != "ERROR":
+        return None
+    return user_error(trial.get_pickled_error() or trial.get_error())
+
+
 def collect_trials(output: Path, space: Space, base: dict):
-    """One row per trial (its hyper-parameters, status, epochs, final and best metric, its last run directory), and
-    each trial's hyper-parameters as Python values."""
+    """One row per trial in creation order (its hyper-parameters, status, epochs, final and best metric, its last run
+    directory), each trial's hyper-parameters as Python values, and the trials that refused their config."""
     import pandas as pd
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(str(output))
-    metric, rows, params_of = space.metric, [], {}
-    for trial in analysis.trials:
+    budget_spent = (output / BUDGET_SPENT).exists()
+    metric, rows, params_of, refused = space.metric, [], {}, {}
+    pick = max if space.mode == "max" else min
+    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
         params = params_of[trial.trial_id] = {key: trial.config.get(key) for key in space.params}
         history = trial_history(output / TRIALS_DIR, trial.trial_id)
         scores = history[metric].tolist() if history is not None and metric in history.columns else []
-        pick = max if space.mode == "max" else min
         best_at = pick(range(len(scores)), key=scores.__getitem__) if scores else None
         epochs_done = int(history["epoch"].iloc[-1]) if scores else 0
-        epochs = load_config(base, params).train.epochs
-        status = {"TERMINATED": "completed" if epochs_done >= epochs else "stopped early",
-                  "ERROR": "error"}.get(trial.status, "unfinished")
+        if (err := refused_config(trial)) is not None:
+            refused[trial.trial_id] = err
         dirs = trial_run_dirs(output / TRIALS_DIR, trial.trial_id)
-        rows.append({"trial": trial.trial_id, "status": status,
+        rows.append({"trial": trial.trial_id,
+                     "status": trial_status(trial, epochs_done, _epochs(base, params), budget_spent),
                      **{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in params.items()},
                      "epochs": epochs_done, f"final_{metric}": scores[-1] if scores else None,
                      f"best_{metric}": scores[best_at] if scores else None,
                      "best_epoch": int(history["epoch"].iloc[best_at]) if scores else None,
                      "run_dir": str(dirs[-1]) if dirs else None})
-    return pd.DataFrame(rows), params_of
+    columns = ["trial", "status", *space.params, "epochs", f"final_{metric}", f"best_{metric}", "best_epoch", "run_dir"]
+    return pd.DataFrame(rows, columns=columns), params_of, refused
 
 
-def best_trial(trials, params_of: dict, space: Space, base: dict, output: Path) -> dict:
-    """The best final figure among the trials that completed their epochs (any trial with a figure if none did)."""
-    from raydistill.runtime.loop import TrainingError
+def _epochs(base: dict, params: dict) -> int:
+    """The trial's train.epochs; a config the run refuses has none (its trial failed before any epoch)."""
+    try:
+        return load_config(base, params).train.epochs
+    except ConfigError:
+        return load_config(base).train.epochs
 
+
+def best_trial(trials, params_of: dict, experiment: Experiment) -> dict:
+    """The best final figure among the trials that completed their epochs (any trial with a figure if none did; value
+    None when none has one). complete: every trial the search creates has finished (completed or stopped early)."""
+    space, output = experiment.space, experiment.output
+    statuses = {str(k): int(v) for k, v in trials["status"].value_counts().items()}
+    missing = expected_trials(space, experiment.samples) - len(trials) if experiment.samples is not None else 0
+    if missing > 0:                                 # trials the search has not created yet
+        left = "out of time" if (output / BUDGET_SPENT).exists() else "not started"
+        statuses[left] = statuses.get(left, 0) + missing
+    best = {"metric": space.metric, "mode": space.mode, "value": None, "trial": None, "run_dir": None, "params": None,
+            "complete": set(statuses) <= set(FINISHED), "statuses": statuses, "experiment": str(output),
+            "config": None}
     final = f"final_{space.metric}"
     scored = trials[trials[final].notna()]
     if scored.empty:
-        raise TrainingError(f"no trial reported {space.metric}; see the trial errors under {output}")
+        return best
     completed = scored[scored["status"] == "completed"]
     pool = completed if not completed.empty else scored
     row = pool.loc[pool[final].idxmax() if space.mode == "max" else pool[final].idxmin()]
     params = params_of[row["trial"]]
-    return {"metric": space.metric, "mode": space.mode, "value": float(row[final]), "trial": row["trial"],
-            "run_dir": row["run_dir"], "params": params, "complete": bool((trials["status"] != "unfinished").all()),
-            "experiment": str(output), "config": load_config(base, params).to_dict()}
+    best.update(value=float(row[final]), trial=row["trial"], run_dir=row["run_dir"], params=params,
+                config=load_config(experiment.base, params).to_dict())
+    return best
 
 
 class _CallableModule(types.ModuleType):

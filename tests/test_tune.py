@@ -1,17 +1,31 @@
-"""Ray Tune searches: spaces are checked before any trial, ASHA stops a bad trial, PBT perturbs, an interrupted
-experiment resumes; each trial is a real raydistill run on digits."""
+"""Ray Tune searches: spaces are checked before any trial, ASHA stops a bad trial, PBT perturbs, a search interrupted
+at any stage resumes to the same trials as one run straight through, a trial's bad input is one line; each trial is a
+real raydistill run on digits, and every search is bounded by its time_budget_s and each test by a deadline."""
+import contextlib
+import io
 import json
+import logging
+import math
 import os
+import re
 import signal
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from ray.tune import Callback, ExperimentAnalysis
 
 from raydistill.cli import main
+from raydistill.config import apply_overrides, load_config, preset_names, raw_config
 from raydistill.errors import ConfigError
-from raydistill.tune import (clamp_to_space, load_space, max_concurrent_trials, segment_dir, trial_history,
-                             trial_run_dirs, tune)
+from raydistill.runtime.loop import TrainingError
+from raydistill.tune import (SETTINGS, clamp_to_space, load_space, max_concurrent_trials, segment_dir, start_over,
+                             trial_history, trial_run_dirs, tune)
+
+BUDGET_S = 480          # every search's time_budget_s: a leaked reservation ends the search instead of hanging it
+SLOW_TEST_S = 600       # a test's deadline (pytest-timeout is not a dependency)
+QUICK_TEST_S = 60
 
 
 def tiny(**train) -> dict:
@@ -19,6 +33,50 @@ def tiny(**train) -> dict:
     return {"name": "tiny-tune", "seed": 3, "data": {"name": "digits"},
             "model": {"arch": "mlp", "options": {"hidden": [16]}}, "peers": 2, "method": {"name": "dml"},
             "train": {"epochs": 2, "batch_size": 256, "lr": 0.2, **train}}
+
+
+@contextlib.contextmanager
+def deadline(seconds: int, what: str):
+    """Raises in whatever outlives its limit (a search waiting on a reservation that never comes) instead of hanging."""
+    def expire(signum, frame):
+        raise TimeoutError(f"{what} ran past its {seconds} s deadline")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(autouse=True)
+def test_deadline(request):
+    with deadline(SLOW_TEST_S if request.node.get_closest_marker("slow") else QUICK_TEST_S, request.node.name):
+        yield
+
+
+def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """TensorBoard tag -> [(step, value)] of one run directory's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir) / "tb"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def assert_trial_curves(row, peers: int = 2) -> None:
+    """The trial's own run directory holds its curves: per peer, the ensemble, its hyper-parameters, one step per
+    epoch it ran, and the figure trials.parquet reports."""
+    curves = scalars(row["run_dir"])
+    tags = {f"peer{i}/{part}" for i in range(peers) for part in ("train/loss", "val/acc")}
+    tags |= {"ensemble/val/acc", "hyper/temperature", "consistency"}
+    assert tags <= set(curves), f"{row['trial']}: missing {sorted(tags - set(curves))}"
+    epochs = list(range(1, row["epochs"] + 1))
+    assert all([step for step, _ in curves[tag]] == epochs for tag in tags), row["trial"]
+    assert all(value == pytest.approx(row["method.temperature"]) for _, value in curves["hyper/temperature"])
+    last = max(curves[f"peer{i}/val/acc"][-1][1] for i in range(peers))
+    assert last == pytest.approx(row["final_val_acc"])
 
 
 # ---- spaces: one clear line before any trial -----------------------------------------------------------------------
@@ -30,13 +88,15 @@ def tiny(**train) -> dict:
     ({"method": {"uniform": [0, 1]}}, "method", "is a section"),
     ({"train.lr": {"choice": []}}, "train.lr", "non-empty list"),
     ({"method.alpha": {"uniform": [0, 1]}, "metric": "test_acc"}, "metric", "never selects"),
+    ({"method.alpha": {"uniform": [0, 1]}, "metric": "val_mse"}, "metric", "reports *_acc, not *_mse"),
     ({"method.alpha": {"uniform": [0, 1]}, "scheduler": "hyperband"}, "scheduler", "one of: asha, pbt"),
     ({"train.lr": {"uniform": [0.1, 0.2]}, "scheduler": "pbt"}, "scheduler.mutate", "method.temperature"),
+    ({"train.lr": {"uniform": [0.1, 0.2]}, "time_budget_s": 0}, "time_budget_s", "a number > 0"),
 ])
 def test_bad_space_fails_with_one_line_naming_the_field(tmp_path, space, field, words):
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError, match=re.escape(words)) as err:
         tune(tiny(), space, output=tmp_path / "exp")
-    assert err.value.field == field and words in str(err.value) and "\n" not in str(err.value)
+    assert err.value.field == field and "\n" not in str(err.value)
     assert not (tmp_path / "exp").exists()          # refused before anything was written or started
 
 
@@ -59,18 +119,31 @@ def test_optuna_missing_or_misused_is_one_line():
             load_space({"train.lr": {"uniform": [0.1, 0.2]}, "search": "optuna"}, tiny())
 
 
-def test_every_shipped_space_loads_against_its_method():
-    folder = os.path.join(os.path.dirname(__file__), os.pardir, "tune_spaces")
-    names = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
-    assert {"dml", "kd", "kdcl", "pcl", "dkel", "fitnet"} <= set(names)
-    space = load_space(os.path.join(folder, "dml.yaml"), tiny())
-    assert space.metric == "val_acc" and space.mode == "max" and space.scheduler == "asha"
-    assert space.params["method.temperature"] == ("loguniform", [1, 10])
+def test_every_shipped_space_loads_against_every_preset_of_its_method(tmp_path):
+    """Each file of tune_spaces/ against each preset of its method (a teacher checkpoint where the method needs one):
+    the keys and distributions as written, and the preset's own selection figure (val_mse for regression)."""
+    folder = Path(__file__).parent.parent / "tune_spaces"
+    files = sorted(folder.glob("*.yaml"))
+    assert {"dml", "kd", "kdcl", "pcl", "dkel", "fitnet"} <= {f.stem for f in files}
+    checked = []
+    for path in files:
+        written = yaml.safe_load(path.read_text())
+        presets = [p for p in preset_names() if p.split("-")[0] == path.stem]
+        assert presets, f"{path.name}: no preset of method {path.stem} to check it against"
+        for preset in presets:
+            base = raw_config(preset)
+            if base.get("teacher"):
+                base = apply_overrides(base, [f"teacher.checkpoint={tmp_path}"])
+            space = load_space(path, base)
+            assert space.params == {key: tuple(spec.items())[0] for key, spec in written.items()
+                                    if key not in SETTINGS}, (path.name, preset)
+            regression = load_config(base).task == "regression"
+            assert (space.metric, space.mode) == (("val_mse", "min") if regression else ("val_acc", "max"))
+            checked.append((path.stem, preset))
+    assert len({stem for stem, _ in checked}) == len(files)
 
 
 def test_concurrency_counts_whole_runs():
-    from raydistill.config import load_config
-
     config = load_config(tiny())            # bundles: coordinator+trial 2 CPU, 2 peers x 1 CPU -> 4 CPU per trial
     assert max_concurrent_trials(config, {"CPU": 8}) == 2
     assert max_concurrent_trials(config, {"CPU": 11.5}) == 2
@@ -97,14 +170,28 @@ def test_segments_of_a_trial_are_ordered(tmp_path):
     assert second.name == "abc_00001.2_from_epoch_0003"
 
 
+def test_a_trial_started_over_forgets_only_its_own_lost_attempt(tmp_path):
+    """What a restart without a checkpoint clears: the trial's segments and reported rows, not another trial's."""
+    for name in ("abc_00001", "abc_00001.2_from_epoch_0001", "abc_000010"):
+        (tmp_path / name / "tb").mkdir(parents=True)
+    for trial in ("abc_00001", "abc_000010"):
+        (tmp_path / f"{trial}.jsonl").write_text('{"epoch": 1, "val_acc": 0.5}\n{"epoch": 2, "val_acc": 0.6}\n')
+    start_over(tmp_path, "abc_00001")
+    assert trial_run_dirs(tmp_path, "abc_00001") == [] and trial_history(tmp_path, "abc_00001") is None
+    assert trial_run_dirs(tmp_path, "abc_000010") == [tmp_path / "abc_000010"]
+    assert trial_history(tmp_path, "abc_000010")["epoch"].tolist() == [1, 2]
+
+
 # ---- real searches ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def asha_search(ray_session, tmp_path_factory):
-    """4 trials x 2 epochs, one after another so that ASHA's rung sees them in grid order: lr 0.2, 1e-6, 0.2, 1e-6."""
+    """2 trials x 2 epochs, one after another in grid order (lr 0.2, then 1e-6), so that ASHA's rung at epoch 1 holds
+    the good trial's figure when the bad one reports."""
     output = tmp_path_factory.mktemp("asha") / "exp"
-    space = {"train.lr": {"grid": [0.2, 1e-6]}, "method.temperature": {"uniform": [1, 4]},
+    space = {"train.lr": {"grid": [0.2, 1e-6]}, "method.temperature": {"uniform": [1, 4]}, "time_budget_s": BUDGET_S,
              "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2}}
-    best = tune(tiny(), space, samples=2, output=output, max_concurrent=1, progress=False)
+    with deadline(SLOW_TEST_S, "the ASHA search"):
+        best = tune(tiny(), space, samples=1, output=output, max_concurrent=1, progress=False)
     return output, best
 
 
@@ -112,74 +199,242 @@ def asha_search(ray_session, tmp_path_factory):
 def test_asha_search_writes_best_json_and_trials_parquet(asha_search):
     output, best = asha_search
     trials = pd.read_parquet(output / "trials.parquet")
-    assert len(trials) == 4
+    assert trials["trial"].tolist() == sorted(trials["trial"]) and len(trials) == 2
     assert {"trial", "status", "train.lr", "method.temperature", "epochs", "final_val_acc", "best_val_acc",
             "run_dir"} <= set(trials.columns)
     written = json.loads((output / "best.json").read_text())
     assert written["metric"] == "val_acc" and written["complete"] is True
+    assert written["statuses"] == {"completed": 1, "stopped early": 1}
     assert written["value"] == pytest.approx(trials["final_val_acc"][trials["status"] == "completed"].max())
     assert written["config"]["train"]["lr"] == 0.2 and written["config"]["peers"][0]["lr"] == 0.2
     assert written["config"]["method"]["temperature"] == pytest.approx(best["params"]["method.temperature"])
-    # every trial's run directory sits under one TensorBoard log dir
-    for run_dir in trials["run_dir"]:
-        assert run_dir.startswith(str(output / "trials")) and any((output / "trials").glob("*/tb/events.*"))
+    # each trial's own run directory, under the one TensorBoard log dir, holds its own curves
+    for _, row in trials.iterrows():
+        assert Path(row["run_dir"]).parent == output / "trials"
+        assert_trial_curves(row)
     # the best config trains as it is
-    from raydistill.config import load_config
-
     assert load_config(output / "best.json").method.temperature == pytest.approx(written["config"]["method"]
                                                                                  ["temperature"])
 
 
 @pytest.mark.slow
-def test_asha_stops_the_clearly_worse_trials_after_one_epoch(asha_search):
+def test_asha_stops_the_clearly_worse_trial_after_one_epoch(asha_search):
     output, _ = asha_search
     trials = pd.read_parquet(output / "trials.parquet")
     bad, good = trials[trials["train.lr"] < 1e-3], trials[trials["train.lr"] > 1e-3]
-    assert (bad["status"] == "stopped early").all() and (bad["epochs"] == 1).all()
-    assert (good["status"] == "completed").all() and (good["epochs"] == 2).all()
+    assert bad["status"].tolist() == ["stopped early"] and bad["epochs"].tolist() == [1]
+    assert good["status"].tolist() == ["completed"] and good["epochs"].tolist() == [2]
     assert good["final_val_acc"].min() > bad["final_val_acc"].max()
 
 
 @pytest.mark.slow
 def test_pbt_clones_and_perturbs_temperature(ray_session, tmp_path):
-    """Two trials, synchronous PBT (deterministic: both wait at every perturbation), perturbations after epochs 1 and
-    2: the lr=1e-6 trial is the lower half at the first and continues from the other's checkpoint with a perturbed
-    temperature."""
-    space = {"method.temperature": {"uniform": [1, 4]}, "train.lr": {"grid": [0.2, 1e-6]},
+    """Two trials, synchronous PBT (deterministic: both wait at the perturbation after epoch 1): the lr=1e-6 trial is
+    the lower half and continues from the other's checkpoint, with its config and a perturbed temperature."""
+    space = {"method.temperature": {"uniform": [1, 4]}, "train.lr": {"grid": [0.2, 1e-6]}, "time_budget_s": BUDGET_S,
              "scheduler": {"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5, "synch": True,
                            "resample_probability": 0.0, "mutate": ["method.temperature"]}}
     output = tmp_path / "exp"
-    tune(tiny(epochs=3), space, samples=1, output=output, max_concurrent=2, progress=False)
+    tune(tiny(), space, samples=1, output=output, max_concurrent=2, progress=False)
     analysis = ExperimentAnalysis(str(output))
     histories = {t.trial_id: trial_history(output / "trials", t.trial_id) for t in analysis.trials}
-    assert all(h["epoch"].tolist() == [1, 2, 3] for h in histories.values())     # every epoch, once, in order
+    assert all(h["epoch"].tolist() == [1, 2] for h in histories.values())     # every epoch, once, in order
     changed = [t for t in analysis.trials if histories[t.trial_id]["temperature"].nunique() > 1]
-    assert changed, "no trial's logged temperature changed"
+    assert len(changed) == 1, "exactly the lower trial's logged temperature changes"
     trial = changed[0]
+    other = next(t for t in analysis.trials if t is not trial)
+    assert histories[trial.trial_id]["val_acc"][0] < histories[other.trial_id]["val_acc"][0]      # the lower half
+    assert trial.config["train.lr"] == other.config["train.lr"] == 0.2      # cloned: the upper trial's config
     # it continued from a cloned checkpoint in a new segment of its run, with the mutated config
-    assert len(trial_run_dirs(output / "trials", trial.trial_id)) >= 2
-    history = histories[trial.trial_id]
-    assert history["temperature"].iloc[-1] == pytest.approx(trial.config["method.temperature"])
+    assert [d.name for d in trial_run_dirs(output / "trials", trial.trial_id)] == \
+        [trial.trial_id, f"{trial.trial_id}.2_from_epoch_0001"]
+    assert histories[trial.trial_id]["temperature"].iloc[-1] == pytest.approx(trial.config["method.temperature"])
     assert pd.read_parquet(output / "trials.parquet")["status"].eq("completed").all()
 
 
-class InterruptAfterFirstCheckpoint(Callback):
-    """Ends the experiment the way Ctrl+C does, once the first checkpoint is registered: deterministic."""
-
-    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        os.kill(os.getpid(), signal.SIGUSR1)
+@pytest.mark.slow
+def test_a_spent_time_budget_ends_the_search_incomplete(ray_session, tmp_path):
+    """A budget far below one trial's start-up: the search ends by itself, and says the trial is out of time."""
+    output = tmp_path / "exp"
+    with pytest.raises(TrainingError, match="time_budget_s ran out"):
+        tune(tiny(), {"train.lr": {"uniform": [0.1, 0.2]}, "time_budget_s": 1}, samples=1, output=output,
+             progress=False)
+    best = json.loads((output / "best.json").read_text())
+    assert best["complete"] is False and best["statuses"] == {"out of time": 1} and best["value"] is None
 
 
 @pytest.mark.slow
-def test_interrupted_experiment_resumes_from_its_checkpoint(ray_session, tmp_path):
+def test_a_trial_refusing_its_sampled_config_reaches_the_cli_as_one_line(ray_session, tmp_path, capsys, caplog):
+    """alpha 1.5 and ce_weight complement each pass the space check, which tries one key at a time; together the
+    trial's config refuses them: exit 2 with the config's own line, and no traceback logged by Tune."""
+    config, space = tmp_path / "config.yaml", tmp_path / "space.yaml"
+    config.write_text(yaml.safe_dump(tiny()))
+    space.write_text(yaml.safe_dump({"method.alpha": {"grid": [1.5]}, "method.ce_weight": {"grid": ["complement"]},
+                                     "time_budget_s": BUDGET_S}))
     output = tmp_path / "exp"
-    first = tune(tiny(), {"method.temperature": {"uniform": [1, 4]}}, samples=1, output=output, max_concurrent=1,
-                 progress=False, callbacks=[InterruptAfterFirstCheckpoint()])
-    assert first["complete"] is False
-    assert pd.read_parquet(output / "trials.parquet")["status"].tolist() == ["unfinished"]
-    best = tune(resume=output, progress=False)
+    tune_log = logging.getLogger("ray.tune")        # Ray's loggers do not reach the root logger caplog listens to
+    tune_log.addHandler(caplog.handler)
+    try:
+        code = main(["tune", str(config), "--space", str(space), "--samples", "1", "--output", str(output), "--quiet"])
+    finally:
+        tune_log.removeHandler(caplog.handler)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert re.fullmatch(r"raydistill: error: method\.alpha=1\.5: must be in \[0, 1\] when method\.ce_weight is "
+                        r"complement \(in trial \w+_00000\)", err), err
+    assert "Trials did not complete" in caplog.text           # Tune's log was heard ...
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)    # ... without a trace
     trials = pd.read_parquet(output / "trials.parquet")
-    assert best["complete"] is True and trials["status"].tolist() == ["completed"] and trials["epochs"][0] == 2
-    dirs = trial_run_dirs(output / "trials", trials["trial"][0])
-    assert [d.name.split(".")[-1] for d in dirs][1:] == ["2_from_epoch_0001"]     # continued, not restarted
-    assert json.loads((dirs[-1] / "summary.json").read_text())["epochs_completed"] == 2
+    assert trials["status"].tolist() == ["error"]
+    assert json.loads((output / "best.json").read_text())["complete"] is False
+
+
+# ---- one search straight through, and the same search interrupted at every stage ----------------------------------
+# No rung before the last epoch: Tune does not save a scheduler's state, so early stopping could differ after --resume.
+SEARCH = {"train.lr": {"loguniform": [0.05, 0.5]}, "method.temperature": {"uniform": [1, 4]},
+          "scheduler": {"name": "asha", "grace_period": 2}, "time_budget_s": BUDGET_S}
+SAME = ["status", "train.lr", "method.temperature", "epochs", "final_val_acc", "best_val_acc", "best_epoch"]
+
+
+@pytest.fixture(scope="module")
+def search_files(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("search")
+    (folder / "config.yaml").write_text(yaml.safe_dump(tiny()))
+    (folder / "space.yaml").write_text(yaml.safe_dump(SEARCH))
+    return folder
+
+
+def cli(*args) -> tuple[int, str, str]:
+    """`raydistill ARGS --quiet` in this process (the session's Ray): exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*args, "--quiet"])
+    return code, out.getvalue(), err.getvalue()
+
+
+def search_command(files: Path, output: Path) -> list[str]:
+    """Two samples of SEARCH, one trial at a time."""
+    return ["tune", str(files / "config.yaml"), "--space", str(files / "space.yaml"), "--samples", "2",
+            "--max-concurrent", "1", "--output", str(output)]
+
+
+@pytest.fixture(scope="module")
+def straight_search(ray_session, search_files):
+    """The search run straight through by the command line: the CLI's success path and the drill's reference."""
+    output = search_files / "straight"
+    with deadline(SLOW_TEST_S, "the straight search"):
+        code, out, _ = cli(*search_command(search_files, output))
+    return output, code, out
+
+
+@pytest.mark.slow
+def test_cli_tune_exits_0_and_prints_the_best_trial(straight_search):
+    output, code, out = straight_search
+    best = json.loads((output / "best.json").read_text())
+    trials = pd.read_parquet(output / "trials.parquet")
+    assert code == 0
+    assert best["complete"] is True and best["statuses"] == {"completed": 2}
+    assert trials["status"].tolist() == ["completed"] * 2 and trials["epochs"].tolist() == [2, 2]
+    assert trials["train.lr"].nunique() == 2 and trials["train.lr"].between(0.05, 0.5).all()   # sampled, in range
+    assert best["value"] == trials["final_val_acc"].max() and best["trial"] in trials["trial"].tolist()
+    lines = out.splitlines()
+    assert lines[0] == f"best val_acc {best['value']:.4f}: trial {best['trial']} ({best['run_dir']})"
+    assert lines[1:3] == [f"  {key} = {value}" for key, value in best["params"].items()]
+    assert f"{output}/best.json" in lines[3]
+    assert load_config(output / "best.json").train.lr == best["params"]["train.lr"]
+
+
+@pytest.mark.slow
+def test_every_trial_writes_its_own_tensorboard_curves(straight_search):
+    output, _, _ = straight_search
+    trials = pd.read_parquet(output / "trials.parquet")
+    assert len(set(trials["run_dir"])) == len(trials) == 2
+    for _, row in trials.iterrows():
+        assert_trial_curves(row)
+
+
+class CtrlC(Callback):
+    """Presses Ctrl+C once, at the stage its subclass names: Tune saves its state and ends the search. Installed
+    through Ray Tune's RAY_TUNE_CALLBACKS, so the real `raydistill tune` command is the one interrupted."""
+    pressed = False
+
+    def press(self):
+        if not self.pressed:
+            # without Tune's handler the signal would end pytest itself: fail the test instead
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler, "Tune does not catch Ctrl+C"
+            self.pressed = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+class CtrlCBeforeAnyReport(CtrlC):
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.press()
+
+
+class CtrlCBeforeFirstCheckpoint(CtrlC):
+    """On a trial's first result: Tune saves the checkpoint that came with it in a later step, which never comes."""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.press()
+
+
+class CtrlCBetweenTrials(CtrlC):
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.press()
+
+
+class CtrlCAfterFirstCheckpoint(CtrlC):
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        self.press()
+
+
+@pytest.mark.slow
+def test_search_interrupted_at_every_stage_resumes_to_the_same_trials(straight_search, search_files, monkeypatch):
+    """This test covers: Ctrl+C before any trial reported, mid-trial before its first checkpoint, between trials and
+    after a checkpoint, each followed by `raydistill tune --resume`; every interrupted phase exits non-zero with
+    "complete": false; the last resume ends with every trial TERMINATED and the rows of the straight search."""
+    output = search_files / "drill"
+
+    def phase(stage: str | None, *command):
+        if stage is None:
+            monkeypatch.delenv("RAY_TUNE_CALLBACKS")
+        else:
+            monkeypatch.setenv("RAY_TUNE_CALLBACKS", f"{__name__}.{stage}")
+        code, out, err = cli(*command) if command else cli("tune", "--resume", str(output))
+        return code, err, json.loads((output / "best.json").read_text()), pd.read_parquet(output / "trials.parquet")
+
+    resume_hint = f"raydistill tune --resume {output}"
+    # 1. trial 0 started, nothing reported: no figure to print, the search says how to continue
+    code, err, best, trials = phase("CtrlCBeforeAnyReport", *search_command(search_files, output))
+    assert code != 0 and resume_hint in err
+    assert best["complete"] is False and best["value"] is None
+    assert best["statuses"] == {"unfinished": 1, "not started": 1} and len(trials) == 1
+    first = trials["trial"][0]
+    # 2. trial 0 started over and reported epoch 1; Tune holds no checkpoint of it
+    code, err, best, trials = phase("CtrlCBeforeFirstCheckpoint")
+    assert code != 0 and resume_hint in err
+    assert best["complete"] is False and best["statuses"] == {"unfinished": 1, "not started": 1}
+    assert trials["epochs"][0] >= 1
+    assert [t.checkpoint for t in ExperimentAnalysis(str(output)).trials] == [None]
+    # 3. trial 0 starts over in a fresh run directory (its lost attempt's folder and rows gone) and completes
+    code, err, best, trials = phase("CtrlCBetweenTrials")
+    assert code != 0 and resume_hint in err
+    assert best["complete"] is False and best["statuses"] == {"completed": 1, "not started": 1}
+    assert trial_run_dirs(output / "trials", first) == [output / "trials" / first]
+    assert [json.loads(line)["epoch"] for line in (output / "trials" / f"{first}.jsonl").read_text().splitlines()] \
+        == [1, 2]
+    # 4. trial 1, drawn from the restored seeded generator, reports epoch 1 with its checkpoint
+    code, err, best, trials = phase("CtrlCAfterFirstCheckpoint")
+    assert code != 0 and resume_hint in err
+    assert best["complete"] is False and best["statuses"] == {"completed": 1, "unfinished": 1}
+    second = trials["trial"][1]
+    # 5. trial 1 continues from that checkpoint in a new segment; the search is whole
+    code, err, best, trials = phase(None)
+    assert code == 0, err
+    assert best["complete"] is True and best["statuses"] == {"completed": 2}
+    assert {t.status for t in ExperimentAnalysis(str(output)).trials} == {"TERMINATED"}
+    assert [d.name for d in trial_run_dirs(output / "trials", second)] == [second, f"{second}.2_from_epoch_0001"]
+    straight = pd.read_parquet(straight_search[0] / "trials.parquet")
+    pd.testing.assert_frame_equal(trials[SAME], straight[SAME])
+    assert not math.isnan(best["value"]) and best["value"] == straight["final_val_acc"].max()
+
