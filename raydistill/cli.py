@@ -86,7 +86,17 @@ def cmd_tune(args) -> int:
     print(f"best config: {experiment}/best.json (retrain: raydistill train {experiment}/best.json); "
           f"all trials: {experiment}/trials.parquet; curves: tensorboard --logdir {experiment}/trials")
     if not best["complete"]:
-        print(f"interrupted: continue with raydistill tune --resume {experiment}", file=sys.stderr)
+        statuses = best["statuses"]
+        counts = ", ".join(f"{count} {status}" for status, count in statuses.items())
+        if "error" in statuses:
+            print(f"raydistill: the search did not finish ({counts}); each failed trial's error is in "
+                  f"{experiment}/<trial>/error.txt; after the fix: raydistill tune --resume {experiment}",
+                  file=sys.stderr)
+            return 1
+        if "out of time" in statuses:
+            print(f"raydistill: the search's time_budget_s ran out ({counts})", file=sys.stderr)
+            return 1
+        print(f"interrupted ({counts}): continue with raydistill tune --resume {experiment}", file=sys.stderr)
         return 130
     return 0
 
