@@ -24,8 +24,7 @@ from raydistill.tune import (SETTINGS, clamp_to_space, load_space, max_concurren
                              trial_history, trial_run_dirs, tune)
 
 BUDGET_S = 480          # every search's time_budget_s: a leaked reservation ends the search instead of hanging it
-SLOW_TEST_S = 600       # a test's deadline (pytest-timeout is not a dependency)
-QUICK_TEST_S = 60
+pytestmark = pytest.mark.timeout(600)     # a search that waits on a reservation that never comes fails, not hangs
 
 
 def tiny(**train) -> dict:
@@ -33,27 +32,6 @@ def tiny(**train) -> dict:
     return {"name": "tiny-tune", "seed": 3, "data": {"name": "digits"},
             "model": {"arch": "mlp", "options": {"hidden": [16]}}, "peers": 2, "method": {"name": "dml"},
             "train": {"epochs": 2, "batch_size": 256, "lr": 0.2, **train}}
-
-
-@contextlib.contextmanager
-def deadline(seconds: int, what: str):
-    """Raises in whatever outlives its limit (a search waiting on a reservation that never comes) instead of hanging."""
-    def expire(signum, frame):
-        raise TimeoutError(f"{what} ran past its {seconds} s deadline")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-@pytest.fixture(autouse=True)
-def test_deadline(request):
-    with deadline(SLOW_TEST_S if request.node.get_closest_marker("slow") else QUICK_TEST_S, request.node.name):
-        yield
 
 
 def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
@@ -190,8 +168,7 @@ def asha_search(ray_session, tmp_path_factory):
     output = tmp_path_factory.mktemp("asha") / "exp"
     space = {"train.lr": {"grid": [0.2, 1e-6]}, "method.temperature": {"uniform": [1, 4]}, "time_budget_s": BUDGET_S,
              "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2}}
-    with deadline(SLOW_TEST_S, "the ASHA search"):
-        best = tune(tiny(), space, samples=1, output=output, max_concurrent=1, progress=False)
+    best = tune(tiny(), space, samples=1, output=output, max_concurrent=1, progress=False)
     return output, best
 
 
@@ -322,8 +299,7 @@ def search_command(files: Path, output: Path) -> list[str]:
 def straight_search(ray_session, search_files):
     """The search run straight through by the command line: the CLI's success path and the drill's reference."""
     output = search_files / "straight"
-    with deadline(SLOW_TEST_S, "the straight search"):
-        code, out, _ = cli(*search_command(search_files, output))
+    code, out, _ = cli(*search_command(search_files, output))
     return output, code, out
 
 
