@@ -32,8 +32,8 @@ def connect(config, console, verbose: bool = False) -> bool:
     from raydistill.runtime import placement
 
     _hold_ray_logs(verbose)
-    level = logging.INFO if verbose else logging.ERROR
-    quiet = {"include_dashboard": False, "logging_level": level, "log_to_driver": verbose}
+    # INFO either way: the records reach ray.log; only the console handlers differ (muted unless verbose)
+    quiet = {"include_dashboard": False, "logging_level": logging.INFO, "log_to_driver": verbose}
     address = config.resources.address
     if address:
         console.line(f"connecting to Ray at {address}…")
@@ -44,9 +44,10 @@ def connect(config, console, verbose: bool = False) -> bool:
         return True
     # A local cluster for this run: enough logical CPUs for every bundle even on a small laptop.
     cpus = max(os.cpu_count() or 1, placement.local_cpus_needed(config))
-    auth = os.environ.get(AUTH_MODE)
-    if auth is None:
-        os.environ[AUTH_MODE] = auth = "token"      # Ray's default, said in our line instead of its warning
+    # Unset, Ray turns token authentication on itself (and says so in a log record, which goes to ray.log). Setting
+    # the variable here instead is too late: this process's Ray config was read at import, so the driver would not
+    # send the token its own cluster asks for.
+    auth = os.environ.get(AUTH_MODE, "token")
     console.line(f"starting Ray (local, {cpus} CPUs, token authentication {'on' if auth == 'token' else auth})…")
     ray.init(address="local", num_cpus=cpus, **quiet)       # a new local cluster, never a stranger's
     _state["reaper"] = _start_reaper()
@@ -56,12 +57,12 @@ def connect(config, console, verbose: bool = False) -> bool:
 def _hold_ray_logs(verbose: bool) -> None:
     """Ray's log records wait in memory until the run directory exists (``log_to``); on the console only if verbose."""
     logger = _ray_logger()
+    _state["level"] = logger.level
     buffer = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
     buffer.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.addHandler(buffer)
     _state["buffer"] = buffer
     if not verbose:
-        _state["propagate"] = logger.propagate
         for handler in logger.handlers:
             if handler is not buffer and isinstance(handler, logging.StreamHandler):
                 _state.setdefault("muted", []).append((handler, handler.level))
@@ -99,6 +100,8 @@ def shutdown() -> None:
             handler.close()
     for handler, level in _state.pop("muted", []):
         handler.setLevel(level)
+    if "level" in _state:
+        logger.setLevel(_state.pop("level"))
 
 
 def _start_reaper() -> subprocess.Popen:
