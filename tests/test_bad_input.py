@@ -168,50 +168,20 @@ def teacher_weights(folder, data: str = "digits") -> str:
     return str(folder / "teacher.pt")
 
 
-def working_folder() -> str:
-    return os.getcwd()
-
-
-def refuse(value):
-    from raydistill.errors import ConfigError
-
-    raise ConfigError("train.lr", value, "must be a finite number > 0")
-
-
-def test_a_config_error_crosses_ray_as_itself(ray_session):
-    """Pickled in the worker, rebuilt in the driver (ConfigError.__reduce__), and dug out of the RayTaskError that Ray
-    raises in its place, whose own text is the remote traceback."""
+def test_a_config_error_raised_inside_a_worker_actor_reaches_the_user_as_one_line(ray_session, tmp_path, capfd):
+    """The hint layer is looked up where the model is built: in the worker actor (the driver builds no peer). The
+    ConfigError crosses Ray inside a RayTaskError and must reach the user as the same one line, the run's actors
+    and placement group gone, no run directory."""
     import ray
 
-    from raydistill.errors import ConfigError, user_error
-
-    with pytest.raises(ray.exceptions.RayTaskError) as raised:
-        ray.get(ray.remote(refuse).remote(-1.0))
-    assert isinstance(raised.value, ConfigError) and len(str(raised.value).splitlines()) > 1   # ray::refuse(), File..
-    error = user_error(raised.value)
-    assert type(error) is ConfigError
-    assert str(error) == "train.lr=-1.0: must be a finite number > 0"
-    assert (error.field, error.value, error.allowed) == ("train.lr", -1.0, "must be a finite number > 0")
-
-
-def test_a_config_error_raised_inside_a_worker_actor_reaches_the_user_as_one_line(ray_session, tmp_path, capfd,
-                                                                                  monkeypatch):
-    """kd-diabetes names its teacher by a relative path. The driver, in this folder, reads it; the worker actors run in
-    the folder the cluster was started in, where the path names nothing: the teacher's load in the actor raises the
-    ConfigError, which crosses Ray inside a RayTaskError and must reach the user as the same one line."""
-    import ray
-
-    monkeypatch.chdir(tmp_path)
-    assert ray.get(ray.remote(working_folder).remote()) != str(tmp_path)   # the premise: Ray started elsewhere
-    teacher_weights(tmp_path, "diabetes")
-    code, err, out = run_cli(["kd-diabetes", *sets("teacher={arch: mlp, options: {hidden: [32]}, checkpoint: teacher.pt}",
-                                                   "train.epochs=1", "resources.peers_per_worker=2")],
+    code, err, out = run_cli(sets("peers=2", "resources.peers_per_worker=2", "model.options={hidden: [16]}",
+                                  "method.feature_weight=1", "method.features={student: nosuch}", "name=in-actor"),
                              tmp_path, capfd)
-    assert_one_line(code, err, out, "teacher.checkpoint='teacher.pt'",
-                    "cannot be read as a weights file ([Errno 2] No such file or directory: 'teacher.pt')")
-    assert (tmp_path / "teacher.pt").is_file()    # readable here: only the actor could not read it
-    alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if "/kd-diabetes/" in a["name"]]
-    assert alive == []                            # the run's workers are gone with it
+    assert_one_line(code, err, out, "method.features.student='nosuch'",
+                    "a module path of the model, such as: net, net.flatten, net.layer1")
+    assert [a for a in ray.util.list_named_actors(all_namespaces=True) if "/in-actor/" in a["name"]] == []
+    groups = ray.util.placement_group_table().values()
+    assert not [g for g in groups if g["name"].startswith("raydistill-in-actor-") and g["state"] != "REMOVED"]
 
 
 def test_console_script_exits_non_zero(tmp_path):
