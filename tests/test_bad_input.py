@@ -75,6 +75,20 @@ def test_bad_config_values_give_one_line(overrides, prefix, allowed, tmp_path, c
     assert_one_line(*run_cli(sets(*overrides), tmp_path, capfd), prefix, allowed)
 
 
+def test_eval_refuses_a_data_root_for_an_embedded_data_set(tmp_path, capfd):
+    """`raydistill eval RUN --data-root DIR` on a digits run: refused, not silently evaluated on the embedded data."""
+    from raydistill.config import dump_config, load_config
+    from tests.conftest import tiny_dml
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dump_config(load_config(tiny_dml()), run_dir / "config.yaml")
+    assert main(["eval", str(run_dir), "--data-root", str(tmp_path / "digits")]) == 2
+    assert capfd.readouterr().err.splitlines() == [
+        f"raydistill: error: data.root='{tmp_path / 'digits'}': none for data set digits: it reads no files (its "
+        "data are embedded in scikit-learn); remove data.root"]
+
+
 def test_yaml_1_2_numbers_are_numbers_in_overrides_and_in_config_files(tmp_path):
     """PyYAML reads `1e-3` as a string (YAML 1.1); a config reads it as the number a user means (YAML 1.2)."""
     from raydistill.config import load_config
