@@ -126,7 +126,8 @@ def cmd_cluster(args) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"bench": cmd_bench, "train": cmd_train, "tune": cmd_tune, "eval": cmd_eval, "presets": cmd_presets, "cluster": cmd_cluster}[args.command]
+    handler = {"bench": cmd_bench, "train": cmd_train, "tune": cmd_tune, "eval": cmd_eval, "presets": cmd_presets,
+               "cluster": cmd_cluster}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -118,7 +118,8 @@ def test_teacher_checkpoint_of_another_architecture(tmp_path, capfd):
     torch.save(build_model("mlp", spec).state_dict(), tmp_path / "mlp.pt")
     code, err, out = run_cli(sets("method.name=kd", "peers=1", f"teacher={{arch: cnn_small, checkpoint: "
                                   f"{tmp_path / 'mlp.pt'}}}"), tmp_path, capfd)
-    assert_one_line(code, err, out, f"teacher.checkpoint='{tmp_path / 'mlp.pt'}'", "does not fit teacher.arch=cnn_small")
+    assert_one_line(code, err, out, f"teacher.checkpoint='{tmp_path / 'mlp.pt'}'",
+                    "does not fit teacher.arch=cnn_small")
 
 
 @pytest.mark.parametrize("place", ["under a file", "in a read-only folder"])
@@ -156,7 +157,8 @@ def test_existing_output_is_not_overwritten(tmp_path, capfd):
 ])
 def test_more_gpus_than_the_cluster_has_ends_with_the_cpu_hint(overrides, prefix, hint, ray_session, tmp_path, capfd):
     if "method.name=kd" in overrides:
-        overrides = overrides + [f"teacher={{arch: mlp, options: {{hidden: [32]}}, checkpoint: {teacher_weights(tmp_path)}}}"]
+        teacher = f"teacher={{arch: mlp, options: {{hidden: [32]}}, checkpoint: {teacher_weights(tmp_path)}}}"
+        overrides = overrides + [teacher]
     code, err, out = run_cli(sets(*overrides), tmp_path, capfd)
     assert_one_line(code, err, out, prefix, hint)
     assert err[0].endswith(hint)

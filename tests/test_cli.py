@@ -29,8 +29,8 @@ from tests.conftest import tiny_dml
 REPO = Path(raydistill.__file__).resolve().parents[1]
 SUBPROCESS_TIMEOUT_S = 300
 # Ray's own console formats: a Python log record, a C++ log line of a level W/E/F, a worker error
-RAY_WARNING_OR_ERROR = re.compile(r"(WARNING|ERROR) \S+\.py:\d+ --|^\[[^\]]* [WEF] \d+ \d+\]|ERROR worker\.py|core_worker",
-                                  re.M)
+RAY_WARNING_OR_ERROR = re.compile(
+    r"(WARNING|ERROR) \S+\.py:\d+ --|^\[[^\]]* [WEF] \d+ \d+\]|ERROR worker\.py|core_worker", re.M)
 STARTING_LOCAL_RAY = re.compile(r"^starting Ray \(local, \d+ CPUs, token authentication on\)…$", re.M)
 WORKERS_READY = re.compile(r"^\d+ workers? ready in \d+\.\ds \(transport \w+; workers: .+\)$", re.M)
 
@@ -103,8 +103,9 @@ def test_a_relative_teacher_checkpoint_reaches_actors_that_run_in_another_folder
     monkeypatch.chdir(tmp_path)
     assert ray_session.get(ray_session.remote(working_folder).remote()) != str(tmp_path)   # the premise
     torch.save(build_model("mlp", load_dataset("diabetes").spec, hidden=[32]).state_dict(), "teacher.pt")
-    assert main(["train", "kd-diabetes", "--set", "teacher={arch: mlp, options: {hidden: [32]}, checkpoint: teacher.pt}",
-                 "--set", "train.epochs=1", "--set", "resources.peers_per_worker=2", "--output", "run", "--quiet"]) == 0
+    teacher = "teacher={arch: mlp, options: {hidden: [32]}, checkpoint: teacher.pt}"
+    assert main(["train", "kd-diabetes", "--set", teacher, "--set", "train.epochs=1",
+                 "--set", "resources.peers_per_worker=2", "--output", "run", "--quiet"]) == 0
     written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert written["teacher"]["checkpoint"] == str(tmp_path / "teacher.pt")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs_completed"] == 1

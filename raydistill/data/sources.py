@@ -2,7 +2,9 @@
 
 Sources: ``digits`` (scikit-learn's embedded 8x8 digits), ``cifar10`` / ``cifar100`` (the python-pickle batches, read
 through a restricted unpickler), ``imagefolder`` (TinyImageNet-style class folders), ``diabetes`` (scikit-learn's
-embedded regression set), ``tabular`` (CSV or Parquet files) and ``synthetic`` (seeded random data for benchmarks). A source's options are its keyword parameters; ``load_dataset`` refuses any other.
+embedded regression set), ``tabular`` (CSV or Parquet files) and ``synthetic`` (seeded random data for benchmarks).
+A source's options are its keyword parameters; ``load_dataset`` refuses any other, and a ``root`` for a data set that
+reads no files (digits, diabetes, synthetic).
 """
 import dataclasses
 import inspect
