@@ -200,11 +200,19 @@ def test_a_config_error_raised_inside_a_worker_actor_reaches_the_user_as_one_lin
     assert not [g for g in groups if g["name"].startswith("raydistill-in-actor-") and g["state"] != "REMOVED"]
 
 
-def test_console_script_exits_non_zero(tmp_path):
-    """The installed entry point, as a user runs it."""
-    proc = subprocess.run([sys.executable, "-m", "raydistill.cli", "train", "--set", "method.temperature=0",
+def test_an_address_where_no_ray_listens_is_one_line_from_the_console_script(tmp_path):
+    """The installed entry point, as a user runs it, in a process with no Ray yet: a wrong --address is refused at
+    once (Ray alone retries for minutes, printing its C++ warnings)."""
+    import socket
+
+    with socket.socket() as probe:                 # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    proc = subprocess.run([sys.executable, "-m", "raydistill.cli", "train", "--address", address,
                            "--output", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("raydistill: error: method.temperature=0.0: must be a number > 0")
-    assert len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.splitlines() == [f"raydistill: error: resources.address='{address}': no Ray cluster listens "
+                                        "there (Connection refused); give the HOST:PORT of a running cluster's GCS, "
+                                        "auto, or ray://HOST:10001"]
+    assert proc.stdout == f"connecting to Ray at {address}…\n"
     assert not (tmp_path / "x").exists()

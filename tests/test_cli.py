@@ -169,7 +169,7 @@ def test_ctrl_c_prints_a_resume_command_that_finishes_the_run(ray_session, tmp_p
     """SIGINT to the driver's process group (as a terminal's Ctrl+C) once the first checkpoint is written: exit 130 and
     the command to continue; that command trains the remaining epochs."""
     run_dir = tmp_path / "run"
-    config = config_file(tmp_path, **{"train.epochs": 4})
+    config = config_file(tmp_path, **{"train.epochs": 4, "resources.peers_per_worker": 3})
     proc = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "train", str(config), "--output", str(run_dir),
                              "--address", session_address(ray_session)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=environment(), start_new_session=True)
