@@ -184,6 +184,28 @@ def teacher_weights(folder, data: str = "digits") -> str:
     return str(folder / "teacher.pt")
 
 
+def refuse(value):
+    from raydistill.errors import ConfigError
+
+    raise ConfigError("train.lr", value, "must be a finite number > 0")
+
+
+def test_a_config_error_crosses_ray_as_itself(ray_session):
+    """Pickled in the worker, rebuilt in the driver (ConfigError.__reduce__), and dug out of what Ray raises in its
+    place: a RayTaskError that is also a ConfigError, whose own text is the remote traceback."""
+    import ray
+
+    from raydistill.errors import ConfigError, user_error
+
+    with pytest.raises(ray.exceptions.RayTaskError) as raised:
+        ray.get(ray.remote(refuse).remote(-1.0))
+    assert isinstance(raised.value, ConfigError) and len(str(raised.value).splitlines()) > 1   # ray::refuse(), File..
+    error = user_error(raised.value)
+    assert type(error) is ConfigError
+    assert str(error) == "train.lr=-1.0: must be a finite number > 0"
+    assert (error.field, error.value, error.allowed) == ("train.lr", -1.0, "must be a finite number > 0")
+
+
 def test_a_config_error_raised_inside_a_worker_actor_reaches_the_user_as_one_line(ray_session, tmp_path, capfd):
     """The hint layer is looked up where the model is built: in the worker actor (the driver builds no peer). The
     ConfigError crosses Ray inside a RayTaskError and must reach the user as the same one line, the run's actors
