@@ -116,9 +116,9 @@ def cmd_presets(args) -> int:
     import textwrap
 
     width = max(60, min(shutil.get_terminal_size().columns, 120))
-    for name in preset_names():
+    for name in preset_names():   # never break inside a word: scikit-learn, paths and commands stay whole
         print(textwrap.fill(preset_description(name), width=width, initial_indent=f"{name:<22} ",
-                            subsequent_indent=" " * 23))
+                            subsequent_indent=" " * 23, break_on_hyphens=False, break_long_words=False))
     return 0
 
 
@@ -136,12 +136,16 @@ def cmd_cluster(args) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"bench": cmd_bench, "train": cmd_train, "tune": cmd_tune, "eval": cmd_eval, "presets": cmd_presets, "cluster": cmd_cluster}[args.command]
+    handler = {"bench": cmd_bench, "train": cmd_train, "tune": cmd_tune, "eval": cmd_eval, "presets": cmd_presets,
+               "cluster": cmd_cluster}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
         print("raydistill: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:          # `raydistill presets | head`: the reader has gone; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as err:  # noqa: BLE001 — one line; the run directory keeps what was done
         return report_error(err)
 

@@ -389,7 +389,7 @@ NAME_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def _check_run(config: Config) -> None:
-    from raydistill.data import dataset_names
+    from raydistill.data import check_root, dataset_names
 
     if not isinstance(config.name, str) or not NAME_CHARS.match(config.name) or ".." in config.name:
         raise ConfigError("name", config.name, "letters, digits, '.', '_' and '-' only (it names the run directory "
@@ -398,6 +398,7 @@ def _check_run(config: Config) -> None:
         raise ConfigError("task", config.task, f"one of: {', '.join(TASKS)}")
     if config.data.name not in dataset_names():
         raise ConfigError("data.name", config.data.name, f"one of: {', '.join(dataset_names())}")
+    check_root(config.data.name, config.data.root)
     if not (math.isfinite(config.data.val_fraction) and 0.0 <= config.data.val_fraction < 1.0):
         raise ConfigError("data.val_fraction", config.data.val_fraction, "must be in [0, 1)")
 
@@ -475,11 +476,11 @@ def _check_train(config: Config) -> None:
     for i, peer in enumerate(config.peers):
         if not _positive(peer.lr):
             raise ConfigError(f"peers.{i}.lr", peer.lr, "must be a finite number > 0")
-    for name in ("momentum", "weight_decay", "warmup_epochs"):
+    for name in ("weight_decay", "warmup_epochs"):
         value = getattr(t, name)
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"train.{name}", value, "must be a finite number >= 0")
-    if t.momentum >= 1:
+    if not (math.isfinite(t.momentum) and 0 <= t.momentum < 1):
         raise ConfigError("train.momentum", t.momentum, "must be in [0, 1)")
     if not (math.isfinite(t.gamma) and t.gamma > 0):
         raise ConfigError("train.gamma", t.gamma, "must be a finite number > 0")

@@ -21,13 +21,17 @@ class ConfigError(ValueError):
 
 
 def user_error(err: BaseException) -> ConfigError | None:
-    """The ConfigError inside an error that crossed Ray (an actor's or a trial's RayTaskError), or None."""
+    """The ConfigError inside an error that crossed Ray (an actor's or a trial's RayTaskError), or None.
+
+    Ray re-raises an actor's error as an instance of a class derived from both RayTaskError and the error's class,
+    whose text is the actor's whole traceback: the error the actor raised is its ``cause``, and that one is returned."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, ConfigError):
+        cause = getattr(err, "cause", None)
+        if isinstance(err, ConfigError) and not isinstance(cause, BaseException):
             return err
-        err = getattr(err, "cause", None) or err.__cause__
+        err = cause if isinstance(cause, BaseException) else err.__cause__
     return None
 
 

@@ -18,8 +18,8 @@ def evaluate_run(run_dir, data: str | None = None, data_root: str | None = None,
     overrides = {}
     if data is not None:
         overrides["data.name"] = data
-    if data_root is not None:
-        overrides["data.root"] = data_root
+    if data_root is not None or (data is not None and data != load_config(run_dir).data.name):
+        overrides["data.root"] = data_root     # the run's root belongs to the run's data set
     config = load_config(run_dir, overrides)
     spec, arrays = load_run_data(config)
     _check_same_shape(read_manifest(run_dir)["spec"], spec, config.data.name)

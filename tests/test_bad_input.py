@@ -1,4 +1,7 @@
-"""Bad input: one line naming the field, the value and what is allowed; a non-zero exit; no run directory written."""
+"""Bad input, through the command line as a user meets it: one line on stderr naming the field, the value and what is
+allowed; exit 2; no run directory written. Also where the error is raised with Ray running: in the driver against the
+cluster's resources, and inside a worker actor (it crosses Ray pickled, and reaches the user as the same one line)."""
+import os
 import subprocess
 import sys
 
@@ -7,47 +10,105 @@ import pytest
 from raydistill.cli import main
 
 
-def run_cli(args, tmp_path, capsys):
-    out = tmp_path / "run"
+def run_cli(args, tmp_path, capfd, output="run"):
+    """`raydistill train ARGS --output DIR --quiet` in this process; (exit code, stderr lines, DIR). capfd, not capsys:
+    a line that Ray's C++ core writes to the stderr descriptor counts too."""
+    out = tmp_path / output
     code = main(["train", *args, "--output", str(out), "--quiet"])
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capfd.readouterr().err.strip().splitlines()
     return code, err, out
 
 
-@pytest.mark.parametrize("overrides, field, allowed", [
-    (["method.name=dmll"], "method.name", "one of: dkel, dml, "),
-    (["model.arch=resnet21"], "model.arch", "one of: resnet20"),
-    (["peers=[{arch: mlp}, {arch: notanet}]"], "peers.1.arch", "torchvision"),
-    (["data.name=mnist"], "data.name", "one of:"),
-    (["method.temperature=0"], "method.temperature", "> 0"),
-    (["method.temperature=-1"], "method.temperature", "> 0"),
-    (["method.alpha=-0.1"], "method.alpha", ">= 0"),
-    (["method.ce_weight=complement", "method.alpha=1.5"], "method.alpha", "[0, 1]"),
-    (["peers=1"], "peers", "at least 2 peers"),
-    (["data.name=cifar10", "data.root=/nonexistent/cifar"], "data.root", "data_batch"),
-    (["train.batch_size=0"], "train.batch_size", ">= 1"),
-    (["resources.strategy=RANDOM"], "resources.strategy", "STRICT_SPREAD"),
-    (["method.kelvin=3"], "method.kelvin", "unknown key"),
-    (["model.options={depth: 3}"], "model.options.depth", "mlp takes"),
-    (["method.name=kd"], "teacher.checkpoint", "needs a teacher"),
-    (["data.name=diabetes"], "task", "must be regression: data set diabetes is a regression task"),
-    (["method.name=kd", "teacher={arch: mlp, checkpoint: /nonexistent.pt}"], "teacher.checkpoint", "does not exist"),
-])
-def test_bad_config_values_give_one_line(overrides, field, allowed, tmp_path, capsys):
-    args = [a for o in overrides for a in ("--set", o)]
-    code, err, out = run_cli(args, tmp_path, capsys)
+def assert_one_line(code, err, out, prefix: str, allowed: str):
+    """Exit 2; exactly one stderr line, `raydistill: error: FIELD=VALUE: ...` holding the allowed words; no DIR."""
     assert code == 2
     assert len(err) == 1, err
-    assert err[0].startswith(f"raydistill: error: {field}=") and allowed in err[0], err[0]
+    assert err[0].startswith(f"raydistill: error: {prefix}: "), err[0]
+    assert allowed in err[0], err[0]
     assert not out.exists()
 
 
-def test_unknown_preset_or_missing_file(tmp_path, capsys):
-    code, err, out = run_cli(["no-such-preset"], tmp_path, capsys)
-    assert code == 2 and "presets: " in err[0] and "dml-digits" in err[0]
+def sets(*overrides):
+    return [a for o in overrides for a in ("--set", o)]
 
 
-def test_teacher_checkpoint_of_another_architecture(tmp_path, capsys):
+@pytest.mark.parametrize("overrides, prefix, allowed", [
+    (["method.name=dmll"], "method.name='dmll'", "one of: dkel, dml, fitnet"),
+    (["model.arch=resnet21"], "model.arch='resnet21'", "one of: resnet20"),
+    (["peers=[{arch: mlp}, {arch: notanet}]"], "peers.1.arch='notanet'", "or any torchvision classification model"),
+    (["data.name=mnist"], "data.name='mnist'", "one of: cifar10, cifar100, diabetes, digits"),
+    (["method.temperature=0"], "method.temperature=0.0", "must be a number > 0"),
+    (["method.temperature=-1"], "method.temperature=-1.0", "must be a number > 0"),
+    (["method.alpha=-0.1"], "method.alpha=-0.1", "must be a number >= 0"),
+    (["method.ce_weight=complement", "method.alpha=1.5"], "method.alpha=1.5",
+     "must be in [0, 1] when method.ce_weight is complement"),
+    (["peers=1"], "peers=1", "method dml needs at least 2 peers"),
+    (["data.name=cifar10", "data.root=/nonexistent/cifar"], "data.root='/nonexistent/cifar'",
+     "no CIFAR-10 python batches there (expected data_batch_*/test_batch"),
+    (["train.batch_size=0"], "train.batch_size=0", "must be >= 1"),
+    (["resources.strategy=RANDOM"], "resources.strategy='RANDOM'", "one of: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD"),
+    (["method.kelvin=3"], "method.kelvin=3", "unknown key; allowed: alpha, "),
+    (["model.options={depth: 3}"], "model.options.depth=3", "mlp takes: hidden"),
+    (["method.name=kd"], "teacher.checkpoint=None", "method kd needs a teacher: {arch, checkpoint}"),
+    (["data.name=diabetes"], "task='classification'", "must be regression: data set diabetes is a regression task"),
+    (["method.name=kd", "teacher={arch: mlp, checkpoint: /nonexistent.pt}"], "teacher.checkpoint='/nonexistent.pt'",
+     "does not exist"),
+    # numbers that are not numbers a run can train with (YAML's .nan / .inf, a YAML 1.2 exponent read as a number)
+    (["train.lr=.nan"], "train.lr=nan", "must be a finite number > 0"),
+    (["train.lr=.inf"], "train.lr=inf", "must be a finite number > 0"),
+    (["train.lr=-1e-3"], "train.lr=-0.001", "must be a finite number > 0"),
+    (["train.weight_decay=-5e-4"], "train.weight_decay=-0.0005", "must be a finite number >= 0"),
+    (["train.momentum=-0.5"], "train.momentum=-0.5", "must be in [0, 1)"),
+    (["train.momentum=1"], "train.momentum=1.0", "must be in [0, 1)"),
+    (["train.milestones=[abc]"], "train.milestones=['abc']", "must be a list of epochs (integers >= 0)"),
+    (["name=../../x"], "name='../../x'", "letters, digits, '.', '_' and '-' only"),
+    (["peers=[{lr: -1}, {}]"], "peers.0.lr=-1.0", "must be a finite number > 0"),
+    (["resources.cpus_per_coordinator=0"], "resources.cpus_per_coordinator=0.0", "must be a number > 0"),
+    # the data set's size is known once it is loaded: still before Ray starts
+    (["train.batch_size=5000"], "train.batch_size=5000", "at most the 1,294 training samples of data set digits"),
+    # a root for a data set that reads no files would be silently ignored
+    (["data.root=data/digits"], "data.root='data/digits'", "none for data set digits: it reads no files"),
+    (["data.name=diabetes", "task=regression", "data.root=/data"], "data.root='/data'",
+     "none for data set diabetes: it reads no files (its data are embedded in scikit-learn); remove data.root"),
+])
+def test_bad_config_values_give_one_line(overrides, prefix, allowed, tmp_path, capfd):
+    assert_one_line(*run_cli(sets(*overrides), tmp_path, capfd), prefix, allowed)
+
+
+def test_eval_refuses_a_data_root_for_an_embedded_data_set(tmp_path, capfd):
+    """`raydistill eval RUN --data-root DIR` on a digits run: refused, not silently evaluated on the embedded data."""
+    from raydistill.config import dump_config, load_config
+    from tests.conftest import tiny_dml
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dump_config(load_config(tiny_dml()), run_dir / "config.yaml")
+    assert main(["eval", str(run_dir), "--data-root", str(tmp_path / "digits")]) == 2
+    assert capfd.readouterr().err.splitlines() == [
+        f"raydistill: error: data.root='{tmp_path / 'digits'}': none for data set digits: it reads no files (its "
+        "data are embedded in scikit-learn); remove data.root"]
+
+
+def test_yaml_1_2_numbers_are_numbers_in_overrides_and_in_config_files(tmp_path):
+    """PyYAML reads `1e-3` as a string (YAML 1.1); a config reads it as the number a user means (YAML 1.2)."""
+    from raydistill.config import load_config
+
+    config = load_config(None, ["train.lr=1e-3", "train.weight_decay=5e-4", "resources.node_wait_s=1e6"])
+    assert (config.train.lr, config.train.weight_decay, config.resources.node_wait_s) == (0.001, 0.0005, 1e6)
+    assert [p.lr for p in config.peers] == [0.001] * 3
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {lr: 1e-3, weight_decay: 5e-4}\nresources: {node_wait_s: 1e6}\n")
+    config = load_config(str(path))
+    assert (config.train.lr, config.train.weight_decay, config.resources.node_wait_s) == (0.001, 0.0005, 1e6)
+
+
+def test_unknown_preset_or_missing_file(tmp_path, capfd):
+    code, err, out = run_cli(["no-such-preset"], tmp_path, capfd)
+    assert_one_line(code, err, out, "config='no-such-preset'", "is neither a file nor a preset; presets: ")
+    assert "dml-digits" in err[0]
+
+
+def test_teacher_checkpoint_of_another_architecture(tmp_path, capfd):
     import torch
 
     from raydistill.data import load_dataset
@@ -55,32 +116,125 @@ def test_teacher_checkpoint_of_another_architecture(tmp_path, capsys):
 
     spec = load_dataset("digits").spec
     torch.save(build_model("mlp", spec).state_dict(), tmp_path / "mlp.pt")
-    code, err, out = run_cli(["--set", "method.name=kd", "--set", "peers=1",
-                              "--set", f"teacher={{arch: cnn_small, checkpoint: {tmp_path / 'mlp.pt'}}}"],
-                             tmp_path, capsys)
-    assert code == 2 and len(err) == 1
-    assert "teacher.checkpoint=" in err[0] and "does not fit teacher.arch=cnn_small" in err[0]
-    assert not out.exists()
+    code, err, out = run_cli(sets("method.name=kd", "peers=1", f"teacher={{arch: cnn_small, checkpoint: "
+                                  f"{tmp_path / 'mlp.pt'}}}"), tmp_path, capfd)
+    assert_one_line(code, err, out, f"teacher.checkpoint='{tmp_path / 'mlp.pt'}'",
+                    "does not fit teacher.arch=cnn_small")
 
 
-def test_more_gpus_than_the_cluster_has(ray_session, tmp_path, capsys):
-    code, err, out = run_cli(["--set", "resources.gpus_per_peer=1"], tmp_path, capsys)
-    assert code == 2 and len(err) == 1
-    assert "resources.gpus_per_peer=1.0" in err[0] and "needs 3 GPUs" in err[0] and "the cluster has 0" in err[0]
-    assert not out.exists()
+@pytest.mark.parametrize("place", ["under a file", "in a read-only folder"])
+def test_an_output_that_cannot_be_written_is_refused_before_ray_starts(place, tmp_path, capfd):
+    if place == "under a file":
+        (tmp_path / "a-file").write_text("")
+        output = "a-file/run"
+    else:
+        (tmp_path / "locked").mkdir(mode=0o555)
+        if os.access(tmp_path / "locked", os.W_OK):
+            pytest.skip("this user (root) writes into a read-only folder anyway")
+        output = "locked/run"
+    code, err, out = run_cli([], tmp_path, capfd, output=output)
+    assert_one_line(code, err, out, f"--output='{tmp_path / output}'",
+                    f"cannot be written ({tmp_path / output.split('/')[0]} is not a writable folder)")
 
 
-def test_existing_output_is_not_overwritten(tmp_path, capsys):
+def test_existing_output_is_not_overwritten(tmp_path, capfd):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("mine")
-    code, err, out = run_cli([], tmp_path, capsys)
-    assert code == 2 and "--output=" in err[0] and (out / "keep.txt").read_text() == "mine"
+    code, err, out = run_cli([], tmp_path, capfd)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"raydistill: error: --output='{out}': already holds files")
+    assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_console_script_exits_non_zero(tmp_path):
-    """The installed entry point, as a user runs it."""
-    proc = subprocess.run([sys.executable, "-m", "raydistill.cli", "train", "--set", "method.temperature=0",
-                           "--output", str(tmp_path / "x")], capture_output=True, text=True)
+# ---- with Ray running ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, prefix, hint", [
+    (["resources.gpus_per_peer=1"], "resources.gpus_per_peer=1.0",
+     "the run needs 3 GPUs (3 peers and teachers); the cluster has 0; to train on CPUs: "
+     "--set resources.gpus_per_peer=0"),
+    (["method.name=kd", "peers=1", "resources.gpus_per_teacher=0.5"], "resources.gpus_per_teacher=0.5",
+     "the run needs 0.5 GPUs (2 peers and teachers); the cluster has 0; to train on CPUs: "
+     "--set resources.gpus_per_teacher=0"),
+])
+def test_more_gpus_than_the_cluster_has_ends_with_the_cpu_hint(overrides, prefix, hint, ray_session, tmp_path, capfd):
+    if "method.name=kd" in overrides:
+        teacher = f"teacher={{arch: mlp, options: {{hidden: [32]}}, checkpoint: {teacher_weights(tmp_path)}}}"
+        overrides = overrides + [teacher]
+    code, err, out = run_cli(sets(*overrides), tmp_path, capfd)
+    assert_one_line(code, err, out, prefix, hint)
+    assert err[0].endswith(hint)
+
+
+def test_a_cifar_preset_on_a_cpu_only_cluster_says_how_to_train_on_cpus(ray_session, tmp_path, capfd):
+    from tests.test_data import _fake_cifar10
+
+    _fake_cifar10(tmp_path / "cifar", batch_sizes=(200,), n_test=10)
+    code, err, out = run_cli(["dml-cifar10", *sets(f"data.root={tmp_path / 'cifar'}")], tmp_path, capfd)
+    assert_one_line(code, err, out, "resources.gpus_per_peer=0.33", "the cluster has 0")
+    assert err[0].endswith("; to train on CPUs: --set resources.gpus_per_peer=0")
+
+
+def teacher_weights(folder, data: str = "digits") -> str:
+    """An MLP teacher's weights (hidden [32]) for a data set, saved as teacher.pt in folder."""
+    import torch
+
+    from raydistill.data import load_dataset
+    from raydistill.models import build_model
+
+    torch.save(build_model("mlp", load_dataset(data).spec, hidden=[32]).state_dict(), folder / "teacher.pt")
+    return str(folder / "teacher.pt")
+
+
+def refuse(value):
+    from raydistill.errors import ConfigError
+
+    raise ConfigError("train.lr", value, "must be a finite number > 0")
+
+
+def test_a_config_error_crosses_ray_as_itself(ray_session):
+    """Pickled in the worker, rebuilt in the driver (ConfigError.__reduce__), and dug out of what Ray raises in its
+    place: a RayTaskError that is also a ConfigError, whose own text is the remote traceback."""
+    import ray
+
+    from raydistill.errors import ConfigError, user_error
+
+    with pytest.raises(ray.exceptions.RayTaskError) as raised:
+        ray.get(ray.remote(refuse).remote(-1.0))
+    assert isinstance(raised.value, ConfigError) and len(str(raised.value).splitlines()) > 1   # ray::refuse(), File..
+    error = user_error(raised.value)
+    assert type(error) is ConfigError
+    assert str(error) == "train.lr=-1.0: must be a finite number > 0"
+    assert (error.field, error.value, error.allowed) == ("train.lr", -1.0, "must be a finite number > 0")
+
+
+def test_a_config_error_raised_inside_a_worker_actor_reaches_the_user_as_one_line(ray_session, tmp_path, capfd):
+    """The hint layer is looked up where the model is built: in the worker actor (the driver builds no peer). The
+    ConfigError crosses Ray inside a RayTaskError and must reach the user as the same one line, the run's actors
+    and placement group gone, no run directory."""
+    import ray
+
+    code, err, out = run_cli(sets("peers=2", "resources.peers_per_worker=2", "model.options={hidden: [16]}",
+                                  "method.feature_weight=1", "method.features={student: nosuch}", "name=in-actor"),
+                             tmp_path, capfd)
+    assert_one_line(code, err, out, "method.features.student='nosuch'",
+                    "a module path of the model, such as: net, net.flatten, net.layer1")
+    assert [a for a in ray.util.list_named_actors(all_namespaces=True) if "/in-actor/" in a["name"]] == []
+    groups = ray.util.placement_group_table().values()
+    assert not [g for g in groups if g["name"].startswith("raydistill-in-actor-") and g["state"] != "REMOVED"]
+
+
+def test_an_address_where_no_ray_listens_is_one_line_from_the_console_script(tmp_path):
+    """The installed entry point, as a user runs it, in a process with no Ray yet: a wrong --address is refused at
+    once (Ray alone retries for minutes, printing its C++ warnings)."""
+    import socket
+
+    with socket.socket() as probe:                 # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    proc = subprocess.run([sys.executable, "-m", "raydistill.cli", "train", "--address", address,
+                           "--output", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("raydistill: error: method.temperature=0.0: must be a number > 0")
-    assert len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.splitlines() == [f"raydistill: error: resources.address='{address}': no Ray cluster listens "
+                                        "there (Connection refused); give the HOST:PORT of a running cluster's GCS, "
+                                        "auto, or ray://HOST:10001"]
+    assert proc.stdout == f"connecting to Ray at {address}…\n"
+    assert not (tmp_path / "x").exists()

@@ -1,11 +1,12 @@
 """Data sets as numpy arrays, seeded views as batch tensor ops, and a restricted unpickler for data pickles."""
-from raydistill.data.sources import DataSpec, Dataset, dataset_names, default_augment, load_dataset
+from raydistill.data.sources import DataSpec, Dataset, check_root, dataset_names, default_augment, load_dataset
 from raydistill.data.views import batch_indices, epoch_indices, make_view, num_steps, to_float
 
 __all__ = [
     "DataSpec",
     "Dataset",
     "batch_indices",
+    "check_root",
     "dataset_names",
     "default_augment",
     "epoch_indices",

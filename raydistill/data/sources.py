@@ -2,7 +2,9 @@
 
 Sources: ``digits`` (scikit-learn's embedded 8x8 digits), ``cifar10`` / ``cifar100`` (the python-pickle batches, read
 through a restricted unpickler), ``imagefolder`` (TinyImageNet-style class folders), ``diabetes`` (scikit-learn's
-embedded regression set), ``tabular`` (CSV or Parquet files) and ``synthetic`` (seeded random data for benchmarks). A source's options are its keyword parameters; ``load_dataset`` refuses any other.
+embedded regression set), ``tabular`` (CSV or Parquet files) and ``synthetic`` (seeded random data for benchmarks).
+A source's options are its keyword parameters; ``load_dataset`` refuses any other, and a ``root`` for a data set that
+reads no files (digits, diabetes, synthetic).
 """
 import dataclasses
 import inspect
@@ -64,6 +66,7 @@ class Dataset:
 # registry
 
 _SOURCES = {}
+_READS_NO_FILES = set()  # embedded or generated: a data.root given for them would be silently ignored
 _AUGMENT = {
     "digits": {"crop_pad": 1, "flip": False},  # digits are not mirror-symmetric
     "cifar10": {"crop_pad": 4, "flip": True},
@@ -75,11 +78,13 @@ _AUGMENT = {
 }
 
 
-def _source(name):
-    """Register a loader ``fn(root, **options) -> Dataset`` under ``name``."""
+def _source(name, reads_files=True):
+    """Register a loader ``fn(root, **options) -> Dataset`` under ``name``; ``reads_files=False``: it takes no root."""
 
     def register(fn):
         _SOURCES[name] = fn
+        if not reads_files:
+            _READS_NO_FILES.add(name)
         return fn
 
     return register
@@ -95,9 +100,17 @@ def _check_name(name):
         raise ConfigError("data.name", name, f"one of: {', '.join(dataset_names())}")
 
 
+def check_root(name: str, root) -> None:
+    """A root for a data set that reads no files (embedded, generated) is refused, not silently ignored."""
+    _check_name(name)
+    if root is not None and name in _READS_NO_FILES:
+        raise ConfigError("data.root", root, f"none for data set {name}: it reads no files (its data are "
+                          f"{'generated' if name == 'synthetic' else 'embedded in scikit-learn'}); remove data.root")
+
+
 def load_dataset(name: str, root=None, **options) -> Dataset:
     """Load the data set ``name`` from ``root``; ``options`` are the source's keyword options (see each source)."""
-    _check_name(name)
+    check_root(name, root)
     loader = _SOURCES[name]
     accepted = [p for p in inspect.signature(loader).parameters if p != "root"]
     for key, value in options.items():
@@ -173,7 +186,7 @@ def _sklearn_table(name: str, **kwargs) -> np.ndarray:
         return np.loadtxt(f, **kwargs)
 
 
-@_source("digits")
+@_source("digits", reads_files=False)
 def load_digits_dataset(root=None) -> Dataset:
     """scikit-learn's 1,797 8x8 grey digits (values 0..16, scaled to uint8 0..255), 20% held out as a fixed test set."""
     data = _sklearn_table("digits.csv.gz", delimiter=",")
@@ -364,7 +377,7 @@ def load_imagefolder(root=None, image_size=64) -> Dataset:
 # synthetic
 
 
-@_source("synthetic")
+@_source("synthetic", reads_files=False)
 def load_synthetic(
     root=None, num_train=1024, num_test=256, shape=(3, 32, 32), num_classes=10, task="classification", seed=0
 ) -> Dataset:
@@ -430,7 +443,7 @@ def _tabular_dataset(train_x, train_y, test_x, test_y, task, num_classes, name) 
     return Dataset(spec, train_x, train_y, test_x, test_y, name)
 
 
-@_source("diabetes")
+@_source("diabetes", reads_files=False)
 def load_diabetes_dataset(root=None, standardize_target=True) -> Dataset:
     """scikit-learn's diabetes regression set (442 patients, 10 features, disease progression after one year), 20% held
     out as a fixed test set. Features are the raw values (the model standardizes its input itself).

@@ -395,9 +395,8 @@ def train(config=None, output=None, *, overrides=None, runtime: str = "ray", res
         if from_checkpoint is not None:
             resume_state, _ = load_latest_checkpoint(from_checkpoint, config.num_peers, single=True)
 
-    if config.teacher is not None and config.teacher.cache is True:
-        config = copy.deepcopy(config)           # the cache lives in the run directory
-        config.teacher.cache = str(run_dir.resolve() / "teacher_cache")
+    if config.teacher is not None:
+        config = _absolute_teacher_paths(config, run_dir)
     # everything that can be refused is checked before Ray starts and before the run directory is written
     check_writable(run_dir)
     if config.train.storage:
@@ -445,6 +444,19 @@ def train(config=None, output=None, *, overrides=None, runtime: str = "ray", res
         workers.shutdown()
         if started:
             session.shutdown()
+
+
+def _absolute_teacher_paths(config, run_dir: Path):
+    """The actors read the teacher's checkpoint and cache, and they run in the folder their cluster was started in,
+    not in this one: the paths become absolute here (as Tune's trials do). ``cache: true`` is the run's own folder."""
+    config = copy.deepcopy(config)
+    teacher = config.teacher
+    teacher.checkpoint = os.path.abspath(teacher.checkpoint)
+    if teacher.cache is True:
+        teacher.cache = str(run_dir.resolve() / "teacher_cache")
+    elif isinstance(teacher.cache, str) and teacher.cache:
+        teacher.cache = os.path.abspath(teacher.cache)
+    return config
 
 
 def _clear_records(run_dir: Path) -> None:

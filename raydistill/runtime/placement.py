@@ -113,9 +113,13 @@ def check_capacity(config, cluster: dict[str, float], nodes: list[dict] | None =
     found = bundles(config)
     if need.get("GPU", 0) > cluster.get("GPU", 0) + 1e-9:
         holders = config.num_peers + (1 if config.teacher is not None else 0)
-        raise ConfigError("resources.gpus_per_peer", r.gpus_per_peer,
+        teacher_gpus = (r.gpus_per_teacher or 0) if config.teacher is not None else 0
+        asking = [name for name, value in (("gpus_per_peer", r.gpus_per_peer), ("gpus_per_teacher", teacher_gpus))
+                  if value > 0 and not (name == "gpus_per_teacher" and value == r.gpus_per_peer)]
+        raise ConfigError(f"resources.{asking[0]}", getattr(r, asking[0]),
                           f"the run needs {need['GPU']:g} GPUs ({holders} peers and teachers); the cluster has "
-                          f"{cluster.get('GPU', 0):g}")
+                          f"{cluster.get('GPU', 0):g}; to train on CPUs: "
+                          + " ".join(f"--set resources.{name}=0" for name in asking))
     if need["CPU"] > cluster.get("CPU", 0) + 1e-9:
         raise ConfigError("resources.cpus_per_peer", r.cpus_per_peer,
                           f"the run needs {need['CPU']:g} CPUs; the cluster has {cluster.get('CPU', 0):g}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import ray
 from raydistill.errors import ConfigError
 
 AUTH_MODE = "RAY_AUTH_MODE"
+CONNECT_PROBE_S = 5.0
 _state: dict = {}
 
 
@@ -29,39 +31,61 @@ def connect(config, console, verbose: bool = False) -> bool:
     """Connects to resources.address, or starts a local Ray for the run. Returns True when this call started Ray."""
     if ray.is_initialized():
         return False
+    _hold_ray_logs(verbose)
+    try:
+        _init(config, console, verbose)
+    except BaseException:
+        shutdown()             # Ray's logger as it was, nothing of a half-started local cluster left behind
+        raise
+    return True
+
+
+def _init(config, console, verbose: bool) -> None:
     from raydistill.runtime import placement
 
-    _hold_ray_logs(verbose)
-    level = logging.INFO if verbose else logging.ERROR
-    quiet = {"include_dashboard": False, "logging_level": level, "log_to_driver": verbose}
+    # INFO either way: the records reach ray.log; only the console handlers differ (muted unless verbose)
+    quiet = {"include_dashboard": False, "logging_level": logging.INFO, "log_to_driver": verbose}
     address = config.resources.address
     if address:
         console.line(f"connecting to Ray at {address}…")
+        _check_listening(address)
         try:
             ray.init(address=address, **({} if address.startswith("ray://") else quiet))
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise ConfigError("resources.address", address, f"cannot connect to a Ray cluster there ({err})") from None
-        return True
+        return
     # A local cluster for this run: enough logical CPUs for every bundle even on a small laptop.
     cpus = max(os.cpu_count() or 1, placement.local_cpus_needed(config))
-    auth = os.environ.get(AUTH_MODE)
-    if auth is None:
-        os.environ[AUTH_MODE] = auth = "token"      # Ray's default, said in our line instead of its warning
+    # Unset, Ray turns token authentication on itself (and says so in a log record, which goes to ray.log). Setting
+    # the variable here instead is too late: this process's Ray config was read at import, so the driver would not
+    # send the token its own cluster asks for.
+    auth = os.environ.get(AUTH_MODE, "token")
     console.line(f"starting Ray (local, {cpus} CPUs, token authentication {'on' if auth == 'token' else auth})…")
     ray.init(address="local", num_cpus=cpus, **quiet)       # a new local cluster, never a stranger's
     _state["reaper"] = _start_reaper()
-    return True
+
+
+def _check_listening(address: str) -> None:
+    """A HOST:PORT where nothing listens is refused at once: Ray itself retries for minutes, printing C++ warnings."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return                                   # auto, ray://...: Ray finds out quickly itself
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_PROBE_S).close()
+    except OSError as err:
+        raise ConfigError("resources.address", address, f"no Ray cluster listens there ({err.strerror or err}); "
+                          "give the HOST:PORT of a running cluster's GCS, auto, or ray://HOST:10001") from None
 
 
 def _hold_ray_logs(verbose: bool) -> None:
     """Ray's log records wait in memory until the run directory exists (``log_to``); on the console only if verbose."""
     logger = _ray_logger()
+    _state["level"] = logger.level
     buffer = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
     buffer.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.addHandler(buffer)
     _state["buffer"] = buffer
     if not verbose:
-        _state["propagate"] = logger.propagate
         for handler in logger.handlers:
             if handler is not buffer and isinstance(handler, logging.StreamHandler):
                 _state.setdefault("muted", []).append((handler, handler.level))
@@ -99,6 +123,8 @@ def shutdown() -> None:
             handler.close()
     for handler, level in _state.pop("muted", []):
         handler.setLevel(level)
+    if "level" in _state:
+        logger.setLevel(_state.pop("level"))
 
 
 def _start_reaper() -> subprocess.Popen:
