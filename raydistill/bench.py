@@ -68,10 +68,9 @@ def measure(config, runtime: str, transport: str, steps: int, repeats: int) -> d
     spec, arrays = load_run_data(config)
     steps_per_epoch = num_steps(len(arrays["train_y"]), config.train.batch_size)
     if runtime == "ray":
-        from raydistill.runtime.driver import RayWorkers, connect
+        from raydistill.runtime.driver import RayWorkers
         from raydistill.runtime.loop import Console
 
-        connect(config)
         workers = RayWorkers(config, spec, arrays, console=Console(False))
     else:
         from raydistill.runtime.inprocess import InProcessWorkers
@@ -105,17 +104,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import ray
+    from raydistill.runtime import session
+    from raydistill.runtime.driver import connect
 
     config = load_config(args.config if args.config else DEFAULT, args.overrides)
     results = {}
+    started = connect(config)               # a Ray that was running already is left running
     try:
         for runtime, transport in SETUPS:
             results[transport] = measure(config, runtime, transport, args.steps, args.repeats)
     finally:
-        if ray.is_initialized():
-            from raydistill.runtime import session
-
+        if started:
             session.shutdown()
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
           f"{platform.python_version()}; {config.num_peers} peers, {config.peers[0].arch}, "
