@@ -109,7 +109,9 @@ def run(args) -> int:
 
     config = load_config(args.config if args.config else DEFAULT, args.overrides)
     results = {}
-    started = connect(config)               # a Ray that was running already is left running
+    widest = copy.deepcopy(config)          # room for the widest setup: the object store's coordinator too
+    widest.resources.transport = "object_store"
+    started = connect(widest)               # a Ray that was running already is left running
     try:
         for runtime, transport in SETUPS:
             results[transport] = measure(config, runtime, transport, args.steps, args.repeats)

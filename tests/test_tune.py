@@ -122,13 +122,15 @@ def test_every_shipped_space_loads_against_every_preset_of_its_method(tmp_path):
 
 
 def test_concurrency_counts_whole_runs():
-    config = load_config(tiny())            # bundles: coordinator+trial 2 CPU, 2 peers x 1 CPU -> 4 CPU per trial
+    config = load_config(tiny(), ["resources.peers_per_worker=1"])   # trial 1 CPU + 2 workers x 1 CPU = 3 per trial
     assert max_concurrent_trials(config, {"CPU": 8}) == 2
-    assert max_concurrent_trials(config, {"CPU": 11.5}) == 2
+    assert max_concurrent_trials(config, {"CPU": 11.5}) == 3
+    reference = load_config(tiny(), ["resources.peers_per_worker=1", "resources.transport=object_store"])
+    assert max_concurrent_trials(reference, {"CPU": 11.5}) == 2      # + the coordinator actor's CPU: 4 per trial
     gpu = load_config(tiny(), ["resources.gpus_per_peer=0.5"])    # 1 GPU per trial
     assert max_concurrent_trials(gpu, {"CPU": 64, "GPU": 3}) == 3
     with pytest.raises(ConfigError, match="one trial reserves"):
-        max_concurrent_trials(config, {"CPU": 3})
+        max_concurrent_trials(config, {"CPU": 2})
 
 
 def test_pbt_perturbations_stay_inside_the_space():
