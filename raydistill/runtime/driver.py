@@ -164,8 +164,9 @@ class RayWorkers:
                     ray.get(ref)
                 except Exception as err:  # noqa: BLE001 — sorted below
                     failures.append(err)
-                    if deadline is None:      # the others end within the collective timeout once one has failed
-                        deadline = time.monotonic() + self.config.resources.collective_timeout_s + 30.0
+                    if deadline is None:      # the others end within the collective timeout (and a step's
+                        timeout_s = self.config.resources.collective_timeout_s      # compute) once one has failed
+                        deadline = time.monotonic() + timeout_s + min(30.0, timeout_s + 5.0)
         if pending:                           # calls that never ended: their worker hangs; restart it
             self._restart_hung(refs, pending)
             failures.append(WorkerLost(f"{len(pending)} calls did not end"))
