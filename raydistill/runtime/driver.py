@@ -194,9 +194,11 @@ class RayWorkers:
         raise WorkerLost(type(_cause(lost)).__name__) from lost
 
     def _identify(self) -> list:
-        """(node, pid) of every actor."""
+        """(node, pid) of every actor. Asked between calls, so each answers at once: a worker that does not within
+        the collective timeout hangs (a stopped process), and is restarted as a hung call's worker is."""
         actors = self._actors()
-        found = self._get_all([a.node.remote() for a in actors] + [a.pid.remote() for a in actors], READY_TIMEOUT_S)
+        found = self._get_all([a.node.remote() for a in actors] + [a.pid.remote() for a in actors],
+                              self.config.resources.collective_timeout_s)
         return list(zip(found[:len(actors)], found[len(actors):]))
 
     def check_restarted(self) -> None:
