@@ -5,8 +5,9 @@ This test covers:
   a lower learning rate starts it again from the beginning (no checkpoint yet) or continues from its last checkpoint;
 - lost workers past resources.max_restarts, and a worker that cannot come back within resources.node_wait_s: one
   TrainingError line, exit 1, a run directory that resumes;
-- a worker lost outside an epoch's calls (the first state fetch, the export) and a worker that Ray restarted between
-  two calls: recovered, counted, and the run ends with the parameters of an uninterrupted one;
+- a worker lost outside an epoch's calls (the first state fetch, the export), an actor that Ray restarted between two
+  calls (which Ray hands the next call without an error), a worker stopped between calls: recovered, counted, and
+  the run ends with the parameters of an uninterrupted one;
 - a hung collective (a stopped worker process): the other worker's all_gather times out, the stopped one is killed
   and restarted, and the run ends with the parameters of an uninterrupted one;
 - checkpoints: a crash in the middle of a save, pruning to keep_checkpoints, checkpoint_every, an unreadable newest
@@ -285,25 +286,35 @@ def test_a_worker_lost_at_the_first_state_fetch_or_the_export_is_recovered(refer
     assert (tmp_path / "run" / "export" / "manifest.json").is_file()
 
 
+BETWEEN_CALLS = {    # epoch after which -> (actor, signal)
+    "collective": {1: ("worker1", signal.SIGSTOP), 2: ("worker1", signal.SIGKILL)},
+    "object_store": {1: ("coordinator", signal.SIGKILL), 2: ("worker1", signal.SIGKILL)},
+}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("transport", ["collective", "object_store"])
-def test_a_worker_killed_before_the_export_or_restarted_between_calls_is_recovered(ray_session, reference, tmp_path,
-                                                                                  transport):
-    """After the last epoch's checkpoint, worker 1 is killed and restarted by Ray before the driver's next call (the
-    export): that call finds a worker that was never set up. Under the object-store transport the coordinator is
-    killed the same way after epoch 1: restarted with a fresh state, it must be rolled back too."""
+@pytest.mark.parametrize("transport", sorted(BETWEEN_CALLS))
+def test_an_actor_lost_or_stopped_between_calls_is_recovered(ray_session, tmp_path, transport):
+    """Between two calls (after an epoch's checkpoint) an actor dies and Ray restarts it before the driver's next
+    call, which Ray hands to it without an error; or a worker stops. Collective: worker 1 stopped after epoch 1 (it
+    does not answer within collective_timeout_s: restarted), then killed after epoch 2 and restarted before the export
+    (a worker that was never set up). Object store: the coordinator killed after epoch 1 (restarted with a fresh
+    state: the peers' validation-loss history must be rolled back), then worker 1 after epoch 2."""
     config = tiny(**{"name": f"between-{transport}", "resources.transport": transport,
-                     "method.peer_weighting": "performance"})
-    victims = {1: "coordinator", 2: "worker1"} if transport == "object_store" else {2: "worker1"}
+                     "resources.collective_timeout_s": 5, "method.peer_weighting": "performance"})
+    victims, stopped = BETWEEN_CALLS[transport], []
 
-    def kill_and_wait_for_the_restart(record, checkpoint):
-        role = victims.get(record["epoch"])
-        if role is None:
+    def hit_and_wait_for_the_restart(record, checkpoint):
+        if record["epoch"] not in victims:
             return
+        role, sig = victims[record["epoch"]]
         handle = ray.get_actor(actor_name(raydistill.load_config(config), role))
         pid = ray.get(handle.pid.remote(), timeout=60)
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
+        if sig == signal.SIGSTOP:
+            stopped.append(pid)
+            return
 
         def restarted():
             try:
@@ -314,14 +325,20 @@ def test_a_worker_killed_before_the_export_or_restarted_between_calls_is_recover
         wait_for(restarted, 120, f"{role} restarted by Ray")
 
     run_dir = tmp_path / "run"
-    summary = raydistill.train(config, run_dir, progress=False, on_epoch=kill_and_wait_for_the_restart).summary
-    assert (summary["restarts"], summary["steps_redone"]) == (len(victims), 20 * (len(victims) - 1))
-    assert json.loads((run_dir / "summary.json").read_text())["restarts"] == len(victims)
+    try:
+        summary = raydistill.train(config, run_dir, progress=False, on_epoch=hit_and_wait_for_the_restart).summary
+    finally:
+        for pid in stopped:
+            if alive(pid):
+                os.kill(pid, signal.SIGCONT)
+    assert not any(alive(pid) for pid in stopped), "the stopped worker was not killed"
+    assert (summary["restarts"], summary["steps_redone"]) == (2, 20)       # epoch 2's call, counted whole
+    assert json.loads((run_dir / "summary.json").read_text())["restarts"] == 2
     uninterrupted = raydistill.train(config, tmp_path / "reference", runtime="inprocess", progress=False)
     assert_same_parameters(parameters(run_dir), parameters(uninterrupted.run_dir))
     ours = load_latest_checkpoint(run_dir, 3)[0]["coordinator"]
     theirs = load_latest_checkpoint(uninterrupted.run_dir, 3)[0]["coordinator"]
-    assert ours == theirs and ours["val_losses"]          # the peers' validation-loss history, rolled back too
+    assert ours == theirs and ours["val_losses"]
     exported = [torch.load(run_dir / "export" / f"peer{i}.pt", weights_only=True) for i in range(3)]
     assert_same_parameters(exported, parameters(run_dir))   # the export holds the last checkpoint's weights
 
