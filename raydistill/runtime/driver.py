@@ -133,6 +133,7 @@ class RayWorkers:
 
     def setup(self) -> None:
         """Every worker builds its peers and teachers over the run's arrays (a restarted one builds them again)."""
+        self._identities = None                 # being renewed: an error in a restarted worker's setup is its own
         self._nodes = self._get_all([w.setup.remote(self.data_ref) for w in self.workers], READY_TIMEOUT_S)
         self._identities = self._identify()
 
