@@ -476,6 +476,13 @@ def ctrl_c(proc: subprocess.Popen, timeout_s: float = 120.0) -> tuple[str, str]:
         pytest.fail(f"raydistill train did not end within {timeout_s:g}s of Ctrl+C")
 
 
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:                                   # ended meanwhile
+        return ""
+
+
 def start_time(pid: int) -> int | None:
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
@@ -536,7 +543,7 @@ def test_a_sigkilled_driver_leaves_no_process_behind(tmp_path):
     try:
         wait_while_running(proc, lambda: (run_dir / "checkpoints" / "epoch_0001").is_dir(), 240, "a trained epoch")
         processes = descendants(proc.pid)
-        names = " ".join(Path(f"/proc/{pid}/cmdline").read_text() for pid in processes if alive(pid))
+        names = " ".join(command_line(pid) for pid in processes)
         assert "raylet" in names and "gcs_server" in names and "raydistill.runtime.reaper" in names, names
         assert "ray::WorkerShell" in names, names
         os.kill(proc.pid, signal.SIGKILL)
