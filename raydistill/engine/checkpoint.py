@@ -57,6 +57,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         final = root / aside.name[1:-len(".old")]
         if not final.exists():
             os.replace(aside, final)
+        else:                                 # the new one was in place when the save crashed: the old one goes
+            shutil.rmtree(aside, ignore_errors=True)
     found = [p for p in root.iterdir() if p.is_dir() and PATTERN.match(p.name)]
     return sorted(found, key=lambda p: int(PATTERN.match(p.name).group(1)))
 
@@ -66,28 +68,40 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, num_peers: int) -> dict:
-    """One checkpoint folder; an unreadable or incomplete one raises a ConfigError that names its file."""
-    from raydistill.errors import ConfigError
+class _Unreadable(Exception):
+    def __init__(self, file: Path, why: str):
+        super().__init__(f"{file}: {why}")
+        self.file, self.why = file, why
 
-    path = Path(path)
 
+def _load(path: Path, num_peers: int) -> dict:
     def read(name: str):
         try:
             if name.endswith(".json"):
                 return json.loads((path / name).read_text())
             return torch.load(path / name, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 — a truncated, corrupt or missing file: the same one-line answer
-            raise ConfigError("checkpoint", str(path / name), f"cannot be read ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else 'empty'})") from None
+            raise _Unreadable(path / name, f"{type(err).__name__}: "
+                                           f"{str(err).splitlines()[0] if str(err) else 'empty'}") from None
 
     return {"peers": [read(f"peer_{i}.pt") for i in range(num_peers)], "coordinator": read("coordinator.pt"),
             "loop": read("loop.json")}
 
 
+def load_checkpoint(path: Path, num_peers: int) -> dict:
+    """One checkpoint folder; an unreadable or incomplete one raises a ConfigError that names its file."""
+    from raydistill.errors import ConfigError
+
+    try:
+        return _load(Path(path), num_peers)
+    except _Unreadable as err:
+        raise ConfigError("checkpoint", str(err.file), f"cannot be read ({err.why})") from None
+
+
 def load_latest_checkpoint(path: Path, num_peers: int, single: bool = False) -> tuple[dict | None, list]:
     """The newest readable checkpoint of a run directory (or, with ``single``, the checkpoint folder ``path``):
-    (state or None, [(folder, why it was skipped)...]). An unreadable newest checkpoint falls back to the one before."""
+    (state or None, [(folder, why it was skipped: its unreadable file and the error)...]). An unreadable newest
+    checkpoint falls back to the one before."""
     from raydistill.errors import ConfigError
 
     if single:
@@ -95,12 +109,13 @@ def load_latest_checkpoint(path: Path, num_peers: int, single: bool = False) -> 
     skipped = []
     for folder in reversed(list_checkpoints(path)):
         try:
-            return load_checkpoint(folder, num_peers), skipped
-        except ConfigError as err:
-            skipped.append((folder, err.allowed))
+            return _load(folder, num_peers), skipped
+        except _Unreadable as err:
+            skipped.append((folder, f"{err.file.name}: {err.why}"))
     if skipped:
-        raise ConfigError("--resume", str(path), f"no checkpoint can be read: {skipped[0][0].name} "
-                          f"{skipped[0][1]}")
+        folder, why = skipped[0]
+        earlier = f" (nor {len(skipped) - 1} earlier)" if len(skipped) > 1 else ""
+        raise ConfigError("--resume", str(path), f"no checkpoint can be read: {folder.name}/{why}{earlier}")
     return None, skipped
 
 

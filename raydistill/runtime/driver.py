@@ -138,7 +138,9 @@ class RayWorkers:
 
     def setup(self) -> None:
         """Every worker builds its peers and teachers over the run's arrays (a restarted one builds them again)."""
+        self._identities = None                 # being renewed: an error in a restarted worker's setup is its own
         self._nodes = self._get_all([w.setup.remote(self.data_ref) for w in self.workers], READY_TIMEOUT_S)
+        self._identities = self._identify()
 
     def _hide_gpus(self, need: dict) -> dict | None:
         """A CPU-only actor sees no GPU (Ray no longer hides them from 0-GPU actors); on a cluster without GPUs there
@@ -169,8 +171,9 @@ class RayWorkers:
                     ray.get(ref)
                 except Exception as err:  # noqa: BLE001 — sorted below
                     failures.append(err)
-                    if deadline is None:      # the others end within the collective timeout once one has failed
-                        deadline = time.monotonic() + self.config.resources.collective_timeout_s + 30.0
+                    if deadline is None:      # the others end within the collective timeout (and a step's
+                        timeout_s = self.config.resources.collective_timeout_s      # compute) once one has failed
+                        deadline = time.monotonic() + timeout_s + min(30.0, timeout_s + 5.0)
         if pending:                           # calls that never ended: their worker hangs; restart it
             self._restart_hung(refs, pending)
             failures.append(WorkerLost(f"{len(pending)} calls did not end"))
@@ -184,17 +187,37 @@ class RayWorkers:
             if index < len(self.workers):
                 ray.kill(self.workers[index], no_restart=False)
 
-    @staticmethod
-    def _raise(failures: list) -> None:
+    def _raise(self, failures: list) -> None:
         kinds = [classify(err) for err in failures]
         for kind, err in zip(kinds, failures):
             if kind == "user":
                 raise user_error(err) from None
         for kind, err in zip(kinds, failures):
             if kind == "error":
+                self.check_restarted()        # a worker restarted between calls fails its next call: not set up
                 raise err
         lost = failures[0]
         raise WorkerLost(type(_cause(lost)).__name__) from lost
+
+    def _identify(self) -> list:
+        """(node, pid) of every actor. Asked between calls, so each answers at once: a worker that does not within
+        the collective timeout hangs (a stopped process), and is restarted as a hung call's worker is."""
+        actors = self._actors()
+        found = self._get_all([a.node.remote() for a in actors] + [a.pid.remote() for a in actors],
+                              self.config.resources.collective_timeout_s)
+        return list(zip(found[:len(actors)], found[len(actors):]))
+
+    def check_restarted(self) -> None:
+        """Raises WorkerLost if an actor was restarted since setup. Ray restarts an actor that died between two calls
+        without telling the driver, and hands it the next call: a worker that was never set up, or a coordinator
+        with a fresh state that would go on silently."""
+        known = getattr(self, "_identities", None)
+        if known is None:
+            return
+        names = [f"worker{i}" for i in range(len(self.workers))] + (["coordinator"] if self.coordinator else [])
+        changed = [name for name, before, now in zip(names, known, self._identify()) if before != now]
+        if changed:
+            raise WorkerLost(f"{', '.join(changed)} restarted between calls")
 
     # ---- the group ------------------------------------------------------------------------------------------------
     def form_group(self) -> None:
@@ -220,6 +243,7 @@ class RayWorkers:
 
     # ---- the loop's protocol ----------------------------------------------------------------------------------------
     def run_steps(self, epoch: int, first: int, count: int) -> CallReport:
+        self.check_restarted()
         if self.transport == "collective":
             reports = self._get_all([w.run_steps.remote(epoch, first, count) for w in self.workers])
             return _merge(reports)
@@ -259,6 +283,7 @@ class RayWorkers:
         peers = {i: s for state in states for i, s in state["peers"].items()}
         coordinator = (states[0]["coordinator"] if self.coordinator is None
                        else self._get_all([self.coordinator.state_dict.remote()])[0])
+        self.check_restarted()                  # the states are those of the actors that were set up
         return {"peers": [peers[i] for i in range(self.config.num_peers)], "coordinator": coordinator}
 
     def set_state(self, state: dict) -> None:

@@ -89,13 +89,12 @@ class Run:
     def train(self, resume_state: dict | None = None, stop_after_epoch: int | None = None) -> RunResult:
         start = time.perf_counter()
         if resume_state is not None:
-            self.workers.set_state(resume_state)
             self.state = LoopState.from_dict(resume_state["loop"])
         first = self.state.epochs_completed
         recorder = Recorder(self.run_dir, resume_epoch=first if resume_state is not None else None)
         epochs = self.config.train.epochs
         wall_before = self.state.wall_s
-        self.mark_rollback(first, 0, resume_state or self.workers.get_state(), CallReport())
+        self.mark_rollback(first, 0, self.start(resume_state), CallReport())
         epoch = first
         try:
             while epoch < epochs:
@@ -129,10 +128,11 @@ class Run:
                 if last:
                     break
                 epoch += 1
+            exported = self.export_states() if self.state.epochs_completed == epochs else None
             summary = self.reports.summary(self.state, self.runtime, self.workers.transport, self.workers.nodes())
-            if summary["epochs_completed"] == epochs:
+            if exported is not None:                     # the summary counts a worker lost during the export
                 summary["deploy"] = self.reports.deploy(self.state.history)
-                self.reports.write_export(self.run_dir, self.export_states(), summary["deploy"])
+                self.reports.write_export(self.run_dir, exported, summary["deploy"])
             recorder.write_summary(summary)
         finally:
             recorder.close()
@@ -143,11 +143,11 @@ class Run:
     def export_states(self) -> dict:
         """The workers' deployable models; a worker lost at this point is recovered and asked again (the weights
         are the last checkpoint's, which the run has just written)."""
-        try:
-            return self.workers.export()
-        except WorkerLost as lost:
-            self.recover(lost)
-            return self.workers.export()
+        while True:
+            try:
+                return self.workers.export()
+            except WorkerLost as lost:
+                self.recover(lost)
 
     def calls(self, start_step: int) -> list[tuple[int, int]]:
         """(first step, count) of each call of an epoch from start_step: train.steps_per_call steps (default: to the
@@ -193,22 +193,53 @@ class Run:
     def mark_rollback(self, epoch: int, step: int, worker_state: dict, figures: CallReport) -> None:
         self.rollback = RollbackPoint(epoch, step, worker_state, figures.copy(), copy.deepcopy(self.state))
 
-    def recover(self, lost: WorkerLost) -> int:
-        """A worker died: wait for Ray to restart it (on this node or a replacement), form the group again, roll every
-        worker and the coordinator back to the last common rollback point, and go on. Returns the epoch to continue."""
-        restarts = self.state.restarts + 1
-        if restarts > self.config.resources.max_restarts * max(1, self.config.num_peers + 2):
-            raise TrainingError(f"too many lost workers ({restarts}); the run stopped: {self.kept()}")
+    def start(self, resume_state: dict | None) -> dict:
+        """The workers at the run's starting point (the resumed state loaded, or their initial state fetched), as the
+        first rollback point's state. A worker lost on the way is restarted (it is built again as it was) and the
+        start done again."""
+        self.position = (self.state.epochs_completed, 0)
+        while True:
+            try:
+                if resume_state is not None:
+                    self.workers.set_state(resume_state)
+                    return resume_state
+                return self.workers.get_state()
+            except WorkerLost as lost:
+                self.restart(lost)
+
+    def restart(self, lost: WorkerLost) -> None:
+        """Counts a lost worker against the restart budget, waits for Ray to restart it (on this node or a
+        replacement) and forms the group again; a worker lost again meanwhile is counted and waited for too."""
+        limit = self.config.resources.max_restarts
         wait = self.config.resources.node_wait_s
-        self.console.line(f"lost a worker at epoch {self.position[0] + 1} step {self.position[1]} ({lost}); "
-                          f"waiting up to {wait:.0f}s for it to come back")
-        try:
-            self.workers.recover(wait)
-        except TimeoutError as err:
-            raise TrainingError(f"{err}; add capacity, then: {self.kept()}") from None
+        while True:
+            self.state.restarts += 1
+            if self.state.restarts > limit * max(1, self.config.num_peers + 2):
+                raise TrainingError(f"lost a worker ({lost}) after {self.state.restarts - 1} restarts, more than "
+                                    f"resources.max_restarts={limit} allows; the run stopped: {self.kept()}")
+            self.console.line(f"lost a worker at epoch {self.position[0] + 1} step {self.position[1]} ({lost}); "
+                              f"waiting up to {wait:.0f}s for it to come back")
+            try:
+                self.workers.recover(wait)
+                return
+            except TimeoutError as err:
+                raise TrainingError(f"{err}; add capacity, then: {self.kept()}") from None
+            except WorkerLost as again:
+                lost = again
+
+    def recover(self, lost: WorkerLost) -> int:
+        """A worker died: restart it (``restart``), roll every worker and the coordinator back to the last common
+        rollback point, and go on. Returns the epoch to continue."""
         point = self.rollback
+        while True:
+            self.restart(lost)
+            try:
+                self.workers.set_state(point.workers)
+                break
+            except WorkerLost as again:
+                lost = again
+        restarts = self.state.restarts
         redone = max((self.position[0] - point.epoch) * self.steps + self.position[1] - point.step, 0)
-        self.workers.set_state(point.workers)
         steps_redone = self.state.steps_redone + redone
         self.state = copy.deepcopy(point.loop)
         self.state.restarts, self.state.steps_redone = restarts, steps_redone

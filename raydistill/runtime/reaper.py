@@ -18,12 +18,16 @@ GRACE_S = 3.0
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time) of a process, or None when it is gone."""
+    """(parent pid, start time) of a process, or None when it is gone. A zombie (dead, not yet reaped by its
+    parent: a killed driver whose parent has not waited for it yet) is gone: it runs nothing, and what it started
+    must not wait for its parent to reap it."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()       # after "pid (name) "
+    fields = text[text.rindex(")") + 2:].split()       # after "pid (name) ": state, parent pid, ...
+    if fields[0] in ("Z", "X"):
+        return None
     return int(fields[1]), int(fields[19])
 
 
