@@ -31,7 +31,8 @@ def tiny(**train) -> dict:
     """2 peers of a 16-unit MLP on digits, a few steps per epoch."""
     return {"name": "tiny-tune", "seed": 3, "data": {"name": "digits"},
             "model": {"arch": "mlp", "options": {"hidden": [16]}}, "peers": 2, "method": {"name": "dml"},
-            "train": {"epochs": 2, "batch_size": 256, "lr": 0.2, **train}}
+            "train": {"epochs": 2, "batch_size": 256, "lr": 0.2, **train},
+            "resources": {"peers_per_worker": 2}}           # one worker per trial: a trial's start is its processes'
 
 
 def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
