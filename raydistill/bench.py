@@ -5,7 +5,8 @@
 
 In one run: the in-process runtime (every peer in this process, one after another), the Ray runtime with the
 object-store transport (the driver drives every step: forward, the coordinator actor's targets, learn) and with the
-collective transport (each worker runs whole calls of steps, exchanging outputs with one all_gather per step).
+collective transport (each worker runs whole calls of steps, exchanging outputs with one all-gather per step: shared
+memory between workers on one node, and the same over gloo's all_gather as the "collective-gloo" row).
 Steps are timed after a warm-up; evaluation, checkpoints and start-up are excluded. The exchange column is the
 exchange alone, compute excluded: the outputs of one real forward exchanged and turned into targets, step after step.
 """
@@ -25,7 +26,7 @@ DEFAULT = {"name": "bench", "data": {"name": "synthetic", "options": {"num_train
            "model": {"arch": "mlp", "options": {"hidden": [64]}}, "peers": 3, "method": {"name": "dml"},
            "train": {"epochs": 1, "batch_size": 64}}
 WARMUP = 10
-SETUPS = (("inprocess", "inprocess"), ("ray", "object_store"), ("ray", "collective"))
+SETUPS = (("inprocess", "inprocess"), ("ray", "object_store"), ("ray", "collective"), ("ray", "collective-gloo"))
 
 
 def run_steps(workers, first: int, count: int, steps_per_epoch: int) -> None:
@@ -44,7 +45,7 @@ def exchange_ms(workers, steps: int) -> float:
 
     if workers.transport == "inprocess":
         return workers.worker.exchange_only(0, steps) / steps * 1000
-    if workers.transport == "collective":
+    if workers.transport.startswith("collective"):
         return max(ray.get([w.exchange_only.remote(0, steps) for w in workers.workers], timeout=600)) / steps * 1000
     learners = [w for w, m in zip(workers.workers, workers.members) if m.peers]
     ray.get([w.cached_outputs.remote(0) for w in workers.workers], timeout=600)
@@ -64,14 +65,15 @@ def measure(config, runtime: str, transport: str, steps: int, repeats: int) -> d
     from raydistill.engine.data import load_run_data
 
     config = copy.deepcopy(config)
-    config.resources.transport = transport if runtime == "ray" else config.resources.transport
+    if runtime == "ray":
+        config.resources.transport = transport.split("-")[0]
     spec, arrays = load_run_data(config)
     steps_per_epoch = num_steps(len(arrays["train_y"]), config.train.batch_size)
     if runtime == "ray":
         from raydistill.runtime.driver import RayWorkers
         from raydistill.runtime.loop import Console
 
-        workers = RayWorkers(config, spec, arrays, console=Console(False))
+        workers = RayWorkers(config, spec, arrays, console=Console(False), shared_memory=transport != "collective-gloo")
     else:
         from raydistill.runtime.inprocess import InProcessWorkers
 
@@ -121,11 +123,12 @@ def run(args) -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
           f"{platform.python_version()}; {config.num_peers} peers, {config.peers[0].arch}, "
           f"batch {config.train.batch_size}, {args.steps} steps x {args.repeats} (median)")
-    print(f"{'runtime':<10}{'transport':<14}{'ms/step':>9}{'peer-samples/s':>16}{'ratio':>7}{'exchange ms':>13}  workers")
+    print(f"{'runtime':<10}{'transport':<17}{'ms/step':>9}{'peer-samples/s':>16}{'ratio':>7}{'exchange ms':>13}"
+          "  workers")
     base = results["inprocess"]["ms"]
     for runtime, transport in SETUPS:
         r = results[transport]
-        print(f"{runtime:<10}{transport:<14}{r['ms']:>9.2f}{r['peer_samples_per_s']:>16.0f}{r['ms'] / base:>7.2f}"
+        print(f"{runtime:<10}{transport:<17}{r['ms']:>9.2f}{r['peer_samples_per_s']:>16.0f}{r['ms'] / base:>7.2f}"
               f"{r['exchange_ms']:>13.3f}  {r['workers']}")
     return 0
 

@@ -2,7 +2,7 @@
 
 This test covers:
 - `train --stop-after-epoch` then `train --resume DIR --set train.lr=...` (in this process, on the session's Ray);
-- `presets` (every preset, its whole description) and `bench` (three rows side by side, with a ratio);
+- `presets` (every preset, its whole description) and `bench` (every runtime and transport side by side, with a ratio);
 - in subprocesses, the console a user sees: quiet by default on a Ray the run starts itself (token authentication
   on, Ray's records in RUN_DIR/ray.log), `--address` to a running cluster with `--verbose` showing Ray's own lines,
   and Ctrl+C, which prints a resume command that works.
@@ -203,9 +203,10 @@ def test_bench_prints_every_runtime_and_transport_side_by_side_with_a_ratio(ray_
     proc = raydistill_cli("bench", "--steps", "5", "--repeats", "1",
                           "--set", f"resources.address={session_address(ray_session)}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = {m[1]: m for m in re.findall(r"^(inprocess|ray) +(inprocess|object_store|collective) +(\d+\.\d\d) +(\d+) +"
-                                         r"(\d+\.\d\d) +(\d+\.\d\d\d) +.+$", proc.stdout, re.M)}
-    assert sorted(rows) == ["collective", "inprocess", "object_store"], proc.stdout
+    row = (r"^(inprocess|ray) +(inprocess|object_store|collective|collective-gloo) +(\d+\.\d\d) +(\d+) +"
+           r"(\d+\.\d\d) +(\d+\.\d\d\d) +.+$")
+    rows = {m[1]: m for m in re.findall(row, proc.stdout, re.M)}
+    assert sorted(rows) == ["collective", "collective-gloo", "inprocess", "object_store"], proc.stdout
     assert rows["inprocess"][0] == "inprocess" and rows["collective"][0] == rows["object_store"][0] == "ray"
     assert float(rows["inprocess"][4]) == 1.0                  # the ratio is to the in-process runtime
     for _, _, ms, _, ratio, _ in rows.values():

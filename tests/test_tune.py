@@ -383,10 +383,11 @@ def test_search_interrupted_at_every_stage_resumes_to_the_same_trials(straight_s
         return code, err, json.loads((output / "best.json").read_text()), pd.read_parquet(output / "trials.parquet")
 
     resume_hint = f"raydistill tune --resume {output}"
-    # 1. trial 0 started, nothing reported: no figure to print, the search says how to continue
+    # 1. trial 0 started, Tune recorded no result (the trial itself may still report an epoch before it is stopped:
+    #    its own history then holds it, and the resume below starts it over)
     code, err, best, trials = phase("CtrlCBeforeAnyReport", *search_command(search_files, output))
     assert code != 0 and resume_hint in err
-    assert best["complete"] is False and best["value"] is None
+    assert best["complete"] is False
     assert best["statuses"] == {"unfinished": 1, "not started": 1} and len(trials) == 1
     first = trials["trial"][0]
     # 2. trial 0 started over and reported epoch 1; Tune holds no checkpoint of it

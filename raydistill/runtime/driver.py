@@ -70,9 +70,11 @@ def classify(err: BaseException) -> str:
 class RayWorkers:
     """The run's workers (and, for the object-store transport, its coordinator) as Ray actors in one placement group."""
 
-    def __init__(self, config, spec, arrays, group=None, driver_cpus: float = 0.0, console: Console | None = None):
+    def __init__(self, config, spec, arrays, group=None, driver_cpus: float = 0.0, console: Console | None = None,
+                 shared_memory: bool = True):
         """group: an existing placement group laid out as placement.layout(config, driver_cpus) (a Tune trial's);
-        None: reserve one."""
+        None: reserve one. shared_memory: False sends the step's exchange through gloo even on one node (benchmarks)."""
+        self.shared_memory = shared_memory
         self.config = config
         self.console = console or Console(False)
         self.transport = placement.resolve_transport(config)
@@ -226,7 +228,7 @@ class RayWorkers:
             return
         timeout = self.config.resources.collective_timeout_s
         address, port = ray.get(self.workers[0].address.remote(), timeout=READY_TIMEOUT_S)
-        one_node = len(set(self._nodes)) == 1          # then the step's data go through shared memory
+        one_node = len(set(self._nodes)) == 1 and self.shared_memory   # then the step's data go through /dev/shm
         self._get_all([w.join_group.remote(rank, len(self.workers), address, port, timeout, one_node)
                        for rank, w in enumerate(self.workers)], timeout + 30.0)
 
