@@ -197,8 +197,8 @@ def test_a_config_error_crosses_ray_as_itself(ray_session):
 
     from raydistill.errors import ConfigError, user_error
 
-    with pytest.raises(ray.exceptions.RayTaskError) as raised:
-        ray.get(ray.remote(refuse).remote(-1.0))
+    with pytest.raises(ray.exceptions.RayTaskError, match="must be a finite number > 0") as raised:
+        ray.get(ray.remote(refuse).remote(-1.0), timeout=120)
     assert isinstance(raised.value, ConfigError) and len(str(raised.value).splitlines()) > 1   # ray::refuse(), File..
     error = user_error(raised.value)
     assert type(error) is ConfigError

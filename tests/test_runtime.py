@@ -226,6 +226,26 @@ def test_rollback_to_the_last_common_point_replays_exactly(tmp_path, keys, expec
     pd.testing.assert_frame_equal(drill[columns], ref[columns])       # the figures of the replay are the same too
 
 
+def test_a_rollback_past_recorded_epochs_records_them_once(tmp_path):
+    """Checkpoints every 2 epochs: a worker lost in epoch 4 rolls back to epoch 2, so epoch 3, already recorded, runs
+    again: metrics.parquet and TensorBoard hold it once, with the replay's figures (the same as an uninterrupted run)."""
+    config = raydistill.load_config(tiny_dml(**{"train.epochs": 4, "train.batch_size": 256,
+                                                "train.checkpoint_every": 2}))
+    spec, arrays = load_run_data(config)
+    workers = LosesAWorkerOnce(config, spec, arrays, at=(3, 0))
+    summary = Run(config, spec, arrays, workers, tmp_path / "drill", "inprocess", Console(False)).train().summary
+    assert summary["restarts"] == 1 and summary["steps_redone"] == 2 * 5
+    reference = raydistill.train(config, tmp_path / "reference", runtime="inprocess", progress=False)
+    assert_same_parameters(final_parameters(tmp_path / "drill", 3), final_parameters(reference.run_dir, 3))
+    drill, ref = (pd.read_parquet(d / "metrics.parquet") for d in (tmp_path / "drill", reference.run_dir))
+    assert drill.groupby(["epoch", "model"]).size().max() == 1
+    pd.testing.assert_frame_equal(drill[["epoch", "model", "train_loss", "val_acc"]],
+                                  ref[["epoch", "model", "train_loss", "val_acc"]])
+    scalars = tensorboard_scalars(tmp_path / "drill")
+    assert [step for step, _ in scalars["peer0/val/acc"]] == [1, 2, 3, 4]
+    assert scalars["peer0/val/acc"] == tensorboard_scalars(reference.run_dir)["peer0/val/acc"]
+
+
 def test_calls_end_at_rollback_points_and_the_epoch_end(tmp_path):
     config = raydistill.load_config(tiny_dml(**{"train.batch_size": 128, "train.steps_per_call": 4,
                                                 "train.checkpoint_every_steps": 6}))

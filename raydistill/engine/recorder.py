@@ -12,18 +12,24 @@ import pyarrow.parquet as pq
 
 class Recorder:
     def __init__(self, run_dir: Path, resume_epoch: int | None = None):
-        from torch.utils.tensorboard import SummaryWriter   # tensorboard is a dependency; imported where used
-
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.parquet"
         self.rows: list[dict] = []
         if resume_epoch is not None and self.metrics_path.exists():
-            rows = pq.read_table(self.metrics_path).to_pylist()
-            self.rows = [row for row in rows if row["epoch"] <= resume_epoch]
-        # a resumed run records again the epochs after its checkpoint: TensorBoard drops what the old files hold
-        # from there on, so no epoch shows twice
-        purge = resume_epoch + 1 if resume_epoch is not None else None
-        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
+            self.rows = pq.read_table(self.metrics_path).to_pylist()
+        self.writer = None
+        self.rewind(resume_epoch)
+
+    def rewind(self, epoch: int | None) -> None:
+        """The records after ``epoch`` are dropped (a resumed or rolled-back run records those epochs again): from
+        metrics.parquet's rows, and from TensorBoard, which drops what its files hold from the next step on."""
+        from torch.utils.tensorboard import SummaryWriter   # tensorboard is a dependency; imported where used
+
+        if epoch is not None:
+            self.rows = [row for row in self.rows if row["epoch"] <= epoch]
+        if self.writer is not None:
+            self.writer.close()
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=epoch + 1 if epoch is not None else None)
 
     def log_epoch(self, epoch: int, rows: list[dict], scalars: dict[str, float]) -> None:
         """epoch: numbered from 1; rows: one per model (peers, ensemble, teachers); scalars: TensorBoard tag -> value."""

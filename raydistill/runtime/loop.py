@@ -91,7 +91,7 @@ class Run:
         if resume_state is not None:
             self.state = LoopState.from_dict(resume_state["loop"])
         first = self.state.epochs_completed
-        recorder = Recorder(self.run_dir, resume_epoch=first if resume_state is not None else None)
+        recorder = self.recorder = Recorder(self.run_dir, resume_epoch=first if resume_state is not None else None)
         epochs = self.config.train.epochs
         wall_before = self.state.wall_s
         self.mark_rollback(first, 0, self.start(resume_state), CallReport())
@@ -241,6 +241,8 @@ class Run:
         restarts = self.state.restarts
         redone = max((self.position[0] - point.epoch) * self.steps + self.position[1] - point.step, 0)
         steps_redone = self.state.steps_redone + redone
+        if self.state.epochs_completed > point.epoch:    # epochs recorded since the rollback point run again
+            self.recorder.rewind(point.epoch)
         self.state = copy.deepcopy(point.loop)
         self.state.restarts, self.state.steps_redone = restarts, steps_redone
         point.loop.restarts, point.loop.steps_redone = restarts, steps_redone
