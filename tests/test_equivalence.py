@@ -126,6 +126,11 @@ CASES = {
     "born-again-generations": tiny_dml(**{"method.name": "self", "peers": 1, "method.generations": 2,
                                          "train.epochs": 2, "train.batch_size": 512}),
 }
+CASES["torchvision-peers-on-cifar-shaped-data"] = {
+    "name": "tv", "seed": 1, "data": {"name": "synthetic", "crop_pad": 4, "flip": True, "val_fraction": 0.25,
+                                      "options": {"shape": [3, 32, 32], "num_train": 64, "num_test": 32}},
+    "model": {"arch": "mobilenet_v3_small"}, "peers": [{}, {"arch": "cnn_small"}],
+    "method": {"name": "dml", "per_peer_views": True}, "train": {"epochs": 1, "batch_size": 16, "lr": 0.05}}
 OBJECT_STORE_TOO = {"pcl-learned_head", "4-peers-in-2-workers", "heterogeneous-aligned-accumulated-clipped"}
 CASES["pcl-learned_head"] = tiny_dml(**{"method.name": "pcl", "method.ensemble": "learned_head", "peers": 2,
                                         "train.epochs": 2, "train.batch_size": 512})
@@ -137,6 +142,24 @@ def test_run_shapes_run_the_same_on_every_transport(ray_session, tmp_path, case)
     config = CASES[case]
     config.setdefault("train", {}).setdefault("batch_size", 256)
     check_equivalence(config, tmp_path, transports)
+
+
+def test_a_run_with_ema_teachers_resumed_through_ray_ends_as_the_uninterrupted_in_process_run(ray_session, tmp_path):
+    """dkel: students, EMA teachers (with their init steps and warm-up counters) and the coordinator, stopped after
+    epoch 1 and resumed, both through Ray; the whole state equals an uninterrupted in-process run's."""
+    config = shrink(raw_config("dkel-digits"), {})
+    config["train"]["epochs"] = 2
+    reference = raydistill.train(config, tmp_path / "whole", runtime="inprocess", progress=False)
+    stopped = tmp_path / "stopped"
+    first = raydistill.train(config, stopped, stop_after_epoch=1, progress=False)
+    assert first.summary["epochs_completed"] == 1 and first.summary["transport"] == "collective"
+    resumed = raydistill.train(resume=stopped, progress=False)
+    assert resumed.summary["epochs_completed"] == 2
+    assert_identical(peer_states(stopped, 3), peer_states(reference.run_dir, 3))
+    def without_nodes(models):
+        return [{k: v for k, v in m.items() if k != "node"} for m in models]
+
+    assert without_nodes(resumed.summary["ema_teachers"]) == without_nodes(reference.summary["ema_teachers"])
 
 
 @pytest.mark.parametrize("name", ["teacher-diabetes", "kd-diabetes", "pcl-digits"])
