@@ -20,7 +20,8 @@ from raydistill.errors import ConfigError, read_yaml
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "dml-digits"
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "constant", "onecycle")
+ONECYCLE_DEFAULTS = {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4}   # torch OneCycleLR's
 OPTIMIZERS = ("sgd", "adam", "adamw")
 TASKS = ("classification", "regression")
 
@@ -32,6 +33,7 @@ class DataConfig:
     val_fraction: float = 0.1           # validation split carved from the training data (never the test split)
     crop_pad: Union[int, None] = None   # null: the data set's default augmentation
     flip: Union[bool, None] = None
+    pad_mode: str = "zeros"             # crop padding: zeros (torchvision RandomCrop) or reflect (WRN / DML recipe)
     download: bool = False
     options: dict = field(default_factory=dict)   # source-specific: image_size, num_train, shape, ...
 
@@ -98,6 +100,11 @@ class TrainConfig:
     milestones: list = field(default_factory=list)   # epochs, for schedule "step"
     gamma: float = 0.1
     warmup_epochs: float = 0.0          # linear learning-rate warm-up
+    # schedule "onecycle" (torch OneCycleLR, cosine, per step, no momentum cycling): warm-up fraction of all steps,
+    # start lr = lr / div_factor, final lr = start lr / final_div_factor
+    pct_start: float = ONECYCLE_DEFAULTS["pct_start"]
+    div_factor: float = ONECYCLE_DEFAULTS["div_factor"]
+    final_div_factor: float = ONECYCLE_DEFAULTS["final_div_factor"]
     steps_in_flight: int = 2            # how many steps the driver lets run ahead before it collects metrics
     checkpoint_every: int = 1           # epochs between checkpoints
     checkpoint_every_steps: Union[int, None] = None   # also keep an in-memory rollback point every N steps
@@ -403,6 +410,11 @@ def validate(config: Config, defaults: dict) -> None:
         raise ConfigError("train.lr", t.lr, "must be > 0")
     if t.schedule not in SCHEDULES:
         raise ConfigError("train.schedule", t.schedule, f"one of: {', '.join(SCHEDULES)}")
+    _check_onecycle(t)
+    from raydistill.data.views import PAD_MODES
+
+    if config.data.pad_mode not in PAD_MODES:
+        raise ConfigError("data.pad_mode", config.data.pad_mode, f"one of: {', '.join(PAD_MODES)}")
     if t.optimizer not in OPTIMIZERS:
         raise ConfigError("train.optimizer", t.optimizer, f"one of: {', '.join(OPTIMIZERS)}")
     r = config.resources
@@ -422,6 +434,23 @@ def validate(config: Config, defaults: dict) -> None:
         raise ConfigError("resources.node_wait_s", r.node_wait_s, "must be > 0 seconds")
     if r.threads_per_peer < 1:
         raise ConfigError("resources.threads_per_peer", r.threads_per_peer, "must be >= 1")
+
+
+def _check_onecycle(t: TrainConfig) -> None:
+    """The one-cycle knobs: in range, and set only where the schedule reads them (no key is silently ignored)."""
+    if t.schedule != "onecycle":
+        for name, default in ONECYCLE_DEFAULTS.items():
+            if getattr(t, name) != default:
+                raise ConfigError(f"train.{name}", getattr(t, name), "used only by train.schedule onecycle")
+        return
+    if not 0.0 <= t.pct_start <= 1.0:
+        raise ConfigError("train.pct_start", t.pct_start, "a fraction of the steps in [0, 1]")
+    for name in ("div_factor", "final_div_factor"):
+        if not (math.isfinite(getattr(t, name)) and getattr(t, name) > 0):
+            raise ConfigError(f"train.{name}", getattr(t, name), "a number > 0")
+    if t.warmup_epochs:
+        raise ConfigError("train.warmup_epochs", t.warmup_epochs, "0 with train.schedule onecycle (its warm-up is "
+                          "train.pct_start)")
 
 
 def _schedule_values(spec, field: str, epochs: int) -> list[float]:
