@@ -38,6 +38,7 @@ from raydistill.errors import ConfigError
 
 RESULTS_MD = "results.md"
 RESULTS_JSON = "results.json"
+TIMING_JSON = "timing.json"            # the wall time of the last command that trained, kept for --render
 RUNTIMES = ("inprocess", "ray")
 DEFAULT_METHODS = ("independent", "dml", "kdcl", "pcl", "dkel")
 
@@ -223,8 +224,8 @@ def collect(output: Path, specs: list[RunSpec], metric: str) -> dict:
     """{method: {"runs": [summary], "models": {model: {"last": Figure, "best": Figure, "best_epoch": Figure}}}}"""
     results = {}
     for method in dict.fromkeys(s.method for s in specs):
-        runs = [json.loads((output / s.name / "summary.json").read_text()) for s in specs
-                if s.method == method and (output / s.name / "summary.json").is_file()]
+        done = [s for s in specs if s.method == method and (output / s.name / "summary.json").is_file()]
+        runs = [json.loads((output / s.name / "summary.json").read_text()) for s in done]
         if not runs:
             continue
         per_run = [model_figures(summary, metric) for summary in runs]
@@ -232,7 +233,8 @@ def collect(output: Path, specs: list[RunSpec], metric: str) -> dict:
         models = {name: {key: Figure([f.get(name, {}).get(key) for f in per_run])
                          for key in ("last", "best", "best_epoch")} for name in names}
         deployed = [f["deployed"]["name"] for f in per_run if "deployed" in f]
-        results[method] = {"runs": runs, "models": models, "deployed_names": deployed}
+        results[method] = {"runs": runs, "seeds": [s.seed for s in done], "models": models,
+                           "deployed_names": deployed}
     return results
 
 
@@ -258,6 +260,20 @@ def group_mean(runs: list[dict], key: str, metric: str, figure: str) -> Figure:
     return Figure(values)
 
 
+def paired_differences(results: dict, metric: str, baseline: str, figure: str) -> dict[str, Figure]:
+    """Per method, the difference of its peers' mean from the baseline's, seed by seed: runs of one seed share the
+    peers' initial weights and the batches, so the pairing removes most of the seed-to-seed spread."""
+    base = dict(zip(results[baseline]["seeds"], group_mean(results[baseline]["runs"], "peers", metric, figure).values))
+    differences = {}
+    for method, entry in results.items():
+        if method == baseline:
+            continue
+        own = dict(zip(entry["seeds"], group_mean(entry["runs"], "peers", metric, figure).values))
+        differences[method] = Figure([own[seed] - base[seed] for seed in sorted(set(own) & set(base))
+                                      if own[seed] is not None and base[seed] is not None])
+    return differences
+
+
 def render(results: dict, metric: str, header: list[str]) -> str:
     scale, digits, unit = (100.0, 2, "test accuracy (%)") if metric == "acc" else (1.0, 3, f"test {metric}")
     lines = [*header, "",
@@ -281,6 +297,17 @@ def render(results: dict, metric: str, header: list[str]) -> str:
             fmt(group_mean(runs, "ema_teachers", metric, "best"), scale, digits),
             cell("ensemble", "last"), cell("ensemble", "best"), cell("deployed", "last"), cell("deployed", "best"),
             f"{wall:.0f}" if wall >= 10 else f"{wall:.1f}"]) + " |")
+    baseline = "independent" if "independent" in results else next(iter(results), None)
+    if baseline is not None and len(results) > 1:
+        last = paired_differences(results, metric, baseline, "last")
+        best = paired_differences(results, metric, baseline, "best")
+        lines += ["", f"Against {baseline}, seed by seed (the same seed gives the same initial weights and batches): "
+                  f"the difference of the peers' mean {unit}, mean ± standard deviation over the paired seeds.", "",
+                  f"| method | peers − {baseline}, last | peers − {baseline}, best | paired seeds |", "|---|---|---|---|"]
+        for method in last:
+            signed = lambda f: "—" if f.mean is None else ("+" if f.mean >= 0 else "") + fmt(f, scale, digits)  # noqa: E731
+            lines.append(f"| {method} | {signed(last[method])} | {signed(best[method])} | "
+                         f"{len(last[method].present())} |")
     lines += ["", "| method | model | last epoch | best epoch (by validation) | best epoch, mean | seeds |",
               "|---|---|---|---|---|---|"]
     for method, entry in results.items():
@@ -402,7 +429,11 @@ def run(args) -> int:
               f"- Setup: {describe_setup(specs[0].config)}.",
               "- Methods, as resolved:", *describe_methods(specs)]
     if not args.render:
-        header.append(f"- Wall time of this command: {elapsed / 60:.1f} min for {len(specs)} runs.")
+        (output / TIMING_JSON).write_text(json.dumps({"minutes": elapsed / 60, "runs": len(specs)}))
+    if (output / TIMING_JSON).is_file():
+        timing = json.loads((output / TIMING_JSON).read_text())
+        header.append(f"- Wall time of the command that trained: {timing['minutes']:.1f} min for {timing['runs']} "
+                      "runs (runs kept from an earlier command not counted).")
     table = render(results, metric, header)
     (output / RESULTS_MD).write_text(table)
     (output / RESULTS_JSON).write_text(json.dumps(as_json(results), indent=2))

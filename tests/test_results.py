@@ -65,6 +65,16 @@ def test_tables_hold_the_runs_summaries_mean_and_std(tmp_path):
         peers_mean = [np.mean([p["test_acc"] for p in s["peers"]]) for s in summaries]
         assert overview[method][1] == "2" and overview[method][2] == mean_std(peers_mean)
         assert overview[method][4] == "—"                       # no EMA teachers in independent or dml
+    paired = table_rows(markdown, "method | peers − independent")
+    assert [row[0] for row in paired] == ["dml"]
+    differences = []
+    for seed in (0, 1):
+        means = [np.mean([p["test_acc"] for p in json.loads(
+            (output / f"{method}-s{seed}" / "summary.json").read_text())["peers"]]) for method in ("dml", "independent")]
+        differences.append(100 * (means[0] - means[1]))
+    differences = np.asarray(differences)
+    expected = f"{differences.mean():.2f} ± {differences.std(ddof=1):.2f}"
+    assert paired[0][1] == ("+" if differences.mean() >= 0 else "") + expected and paired[0][3] == "2"
     figures = json.loads((output / "results.json").read_text())
     assert figures["dml"]["models"]["peer0"]["last"]["values"] == [
         json.loads((output / f"dml-s{seed}" / "summary.json").read_text())["peers"][0]["test_acc"] for seed in (0, 1)]
