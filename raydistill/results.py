@@ -43,7 +43,7 @@ RUNTIMES = ("inprocess", "ray")
 DEFAULT_METHODS = ("independent", "dml", "kdcl", "pcl", "dkel")
 
 
-# ---- the plan: which runs, with which configs --------------------------------------------------------------------------
+# ---- the plan: which runs, with which configs ----------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     method: str
@@ -183,7 +183,7 @@ def run_all(setup: str, specs: list[RunSpec], output: Path, runtime: str, jobs: 
     return errors
 
 
-# ---- the tables ---------------------------------------------------------------------------------------------------------
+# ---- the tables ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Figure:
     """One model's figure over the seeds: the values (None where a run has no such figure)."""
@@ -246,6 +246,13 @@ def fmt(figure: Figure, scale: float, digits: int) -> str:
     return text + (f" ± {scale * std:.{digits}f}" if std is not None else "")
 
 
+def fmt_signed(figure: Figure, scale: float, digits: int) -> str:
+    """A difference: its sign always shown."""
+    if figure.mean is None:
+        return "—"
+    return ("+" if figure.mean >= 0 else "") + fmt(figure, scale, digits)
+
+
 def group_mean(runs: list[dict], key: str, metric: str, figure: str) -> Figure:
     """Per run, the mean over a group of models (all peers, all EMA teachers); one value per seed."""
     field = f"test_{metric}" if figure == "last" else f"test_{metric}_at_best_epoch"
@@ -303,10 +310,11 @@ def render(results: dict, metric: str, header: list[str]) -> str:
         best = paired_differences(results, metric, baseline, "best")
         lines += ["", f"Against {baseline}, seed by seed (the same seed gives the same initial weights and batches): "
                   f"the difference of the peers' mean {unit}, mean ± standard deviation over the paired seeds.", "",
-                  f"| method | peers − {baseline}, last | peers − {baseline}, best | paired seeds |", "|---|---|---|---|"]
+                  f"| method | peers − {baseline}, last | peers − {baseline}, best | paired seeds |",
+                  "|---|---|---|---|"]
         for method in last:
-            signed = lambda f: "—" if f.mean is None else ("+" if f.mean >= 0 else "") + fmt(f, scale, digits)  # noqa: E731
-            lines.append(f"| {method} | {signed(last[method])} | {signed(best[method])} | "
+            lines.append(f"| {method} | {fmt_signed(last[method], scale, digits)} | "
+                         f"{fmt_signed(best[method], scale, digits)} | "
                          f"{len(last[method].present())} |")
     lines += ["", "| method | model | last epoch | best epoch (by validation) | best epoch, mean | seeds |",
               "|---|---|---|---|---|---|"]
@@ -358,9 +366,10 @@ def describe_setup(config: dict) -> str:
     if train.get("warmup_epochs"):
         schedule += f", {train['warmup_epochs']} warm-up epochs"
     augment = (f"crop pad {data['crop_pad']} ({data['pad_mode']}), flip {str(data['flip']).lower()}"
-               if data.get("crop_pad") is not None else "no augmentation")
+               if data.get("crop_pad") or data.get("flip") else "no augmentation")
+    epochs = f"{train['epochs']} epoch" + ("s" if train["epochs"] != 1 else "")
     return (f"{data['name']} (validation fraction {data['val_fraction']}), {len(peers)} x {', '.join(archs)}, "
-            f"{train['epochs']} epochs, batch {train['batch_size']}, {train['optimizer']} lr {train['lr']}, "
+            f"{epochs}, batch {train['batch_size']}, {train['optimizer']} lr {train['lr']}, "
             f"{schedule}, weight decay {train['weight_decay']}; {augment}; bf16 {str(train['bf16']).lower()}")
 
 
@@ -385,7 +394,7 @@ def command_line(args) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-# ---- the command ------------------------------------------------------------------------------------------------------
+# ---- the command --------------------------------------------------------------------------------------------------
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("results", help="run methods x seeds on one setup and write the results tables")
     parser.add_argument("setup", help="a preset name or a YAML file: data, models, peers and schedule of every run")

@@ -20,7 +20,7 @@ from raydistill.seeding import generator
 
 
 def torch_onecycle_lrs(max_lr, total_steps, pct_start, div_factor, final_div_factor, cycle_momentum):
-    """The learning rate torch's OneCycleLR gives each optimizer step (read before the step, as a training loop does)."""
+    """The learning rate torch's OneCycleLR gives each optimizer step (read before the step, as a loop reads it)."""
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=max_lr, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -91,7 +91,7 @@ def test_onecycle_knobs_are_checked_and_never_silently_ignored():
 
 
 def reflect_reference(x, seed, epoch, step, view_index, crop_pad, flip):
-    """Per sample: F.pad(mode="reflect"), crop at the drawn offset, flip if drawn; random numbers in make_view's order."""
+    """Per sample: F.pad(mode="reflect"), crop at the drawn offset, flip if drawn; make_view's random numbers."""
     gen = generator(seed, "view", epoch, step, view_index)
     n, _, h, w = x.shape
     top = torch.randint(0, 2 * crop_pad + 1, (n,), generator=gen)
@@ -241,3 +241,10 @@ def test_reference_preset_carries_its_sources_values(name, tmp_path):
     for path, expected in REFERENCE_PRESETS[name].items():
         assert config_value(config, path) == expected, f"{name}: {path}"
     assert all(p.arch == config.model.arch for p in config.peers)          # every peer the source's network
+
+
+def test_kdcl_cifar10_averages_probabilities_instead_of_minlogit_at_t3():
+    """MinLogit at T = 3 inflates the peers' logits and its T²-weighted term dominates CE (docs/results.md, "Why
+    kdcl-cifar10 lost"): the CIFAR-10 preset averages the peers' softened probabilities instead."""
+    method = raydistill.load_config("kdcl-cifar10").method
+    assert (method.ensemble, method.temperature, method.alpha, method.per_peer_views) == ("mean_probs", 3.0, 1.0, True)

@@ -69,8 +69,9 @@ def test_tables_hold_the_runs_summaries_mean_and_std(tmp_path):
     assert [row[0] for row in paired] == ["dml"]
     differences = []
     for seed in (0, 1):
-        means = [np.mean([p["test_acc"] for p in json.loads(
-            (output / f"{method}-s{seed}" / "summary.json").read_text())["peers"]]) for method in ("dml", "independent")]
+        summaries = [json.loads((output / f"{method}-s{seed}" / "summary.json").read_text())
+                     for method in ("dml", "independent")]
+        means = [np.mean([p["test_acc"] for p in summary["peers"]]) for summary in summaries]
         differences.append(100 * (means[0] - means[1]))
     differences = np.asarray(differences)
     expected = f"{differences.mean():.2f} ± {differences.std(ddof=1):.2f}"

@@ -87,7 +87,8 @@ def make_view(x_uint8, seed: int, epoch: int, step: int, view_index: int, crop_p
         return to_float(x)
     n, _, height, width = x.shape
     if pad_mode == "reflect" and crop_pad >= min(height, width):
-        raise ConfigError("data.crop_pad", crop_pad, f"below the image side ({min(height, width)}) for pad_mode reflect")
+        raise ConfigError("data.crop_pad", crop_pad,
+                          f"below the image side ({min(height, width)}) for pad_mode reflect")
     gen = generator(seed, "view", epoch, step, view_index)
     top = torch.randint(0, 2 * crop_pad + 1, (n,), generator=gen)
     left = torch.randint(0, 2 * crop_pad + 1, (n,), generator=gen)
