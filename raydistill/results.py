@@ -203,6 +203,11 @@ class Figure:
         return statistics.stdev(values) if len(values) > 1 else None
 
 
+def chosen_on_test(deploy: dict) -> bool:
+    """Whether a run chose its deployed model on the test split (older runs without a validation split did)."""
+    return deploy.get("chosen_by", "").startswith("last-epoch test")
+
+
 def model_figures(summary: dict, metric: str) -> dict[str, dict]:
     """Per model name: {"last", "best", "best_epoch"} test figures of one run, best only where chosen on validation."""
     has_val = any(p.get(f"best_val_{metric}") is not None for p in summary["peers"])
@@ -215,7 +220,7 @@ def model_figures(summary: dict, metric: str) -> dict[str, dict]:
                       "best": entry.get(f"test_{metric}_at_best_epoch") if has_val else None,
                       "best_epoch": entry.get("best_epoch") if has_val else None} for name, entry in entries}
     deploy = summary.get("deploy")
-    if deploy and has_val:                     # without a validation split it was chosen on the test split
+    if deploy and not chosen_on_test(deploy):
         figures["deployed"] = {**figures[deploy["name"]], "name": deploy["name"]}
     return figures
 
@@ -288,7 +293,7 @@ def render(results: dict, metric: str, header: list[str]) -> str:
              "model at the end of training; \"best\": the model at its epoch of best validation "
              f"{metric}. \"peers\" and \"EMA teachers\": the mean over a run's peers (EMA teachers), then over "
              "the seeds. \"deployed\": the model summary.json names for deployment (chosen on the last epoch's "
-             "validation figure). Nothing is chosen on the test split.", "",
+             "validation figure, as its chosen_by says). Nothing is chosen on the test split.", "",
              "| method | seeds | peers, last | peers, best | EMA teachers, last | EMA teachers, best | ensemble, last "
              "| ensemble, best | deployed, last | deployed, best | wall time per run (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -86,8 +86,13 @@ def test_without_a_validation_split_nothing_is_chosen(tmp_path):
     output = run_results(tmp_path, "--methods", "dml", "--seeds", "2", "--set", "data.val_fraction=0")
     markdown = (output / "results.md").read_text()
     rows = table_rows(markdown, "method | model")
-    assert [row[1] for row in rows] == ["peer0", "peer1", "peer2", "ensemble"]            # no "deployed" row
+    assert [row[1] for row in rows][:4] == ["peer0", "peer1", "peer2", "ensemble"]
     assert all(row[3] == "—" and row[2] != "—" for row in rows)                           # last only
+    deploys = [json.loads((output / f"dml-s{seed}" / "summary.json").read_text())["deploy"] for seed in (0, 1)]
+    if len(rows) == 5:                            # a deployed model, shown only where the test split did not choose it
+        assert rows[4][1].startswith("deployed") and not any(results.chosen_on_test(d) for d in deploys)
+    else:
+        assert any(results.chosen_on_test(d) for d in deploys)
 
 
 def test_a_finished_run_is_kept_and_parallel_jobs_train_the_same_function(tmp_path):
