@@ -47,9 +47,10 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("presets", help="list the built-in presets")
 
-    from raydistill import bench
+    from raydistill import bench, results
 
     bench.add_arguments(commands.add_parser("bench", help="per-step time of every runtime and transport, side by side"))
+    results.add_parser(commands)
 
     cluster = commands.add_parser("cluster", help="cluster YAML tools")
     cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True)
@@ -128,6 +129,12 @@ def cmd_bench(args) -> int:
     return run(args)
 
 
+def cmd_results(args) -> int:
+    from raydistill.results import run
+
+    return run(args)
+
+
 def cmd_cluster(args) -> int:
     from raydistill.cluster import main_check
 
@@ -137,7 +144,7 @@ def cmd_cluster(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     handler = {"bench": cmd_bench, "train": cmd_train, "tune": cmd_tune, "eval": cmd_eval, "presets": cmd_presets,
-               "cluster": cmd_cluster}[args.command]
+               "cluster": cmd_cluster, "results": cmd_results}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -22,7 +22,8 @@ PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "dml-digits"
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 TRANSPORTS = ("auto", "collective", "object_store")
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "constant", "onecycle")
+ONECYCLE_DEFAULTS = {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4}   # torch OneCycleLR's
 OPTIMIZERS = ("sgd", "adam", "adamw")
 TASKS = ("classification", "regression")
 
@@ -34,6 +35,7 @@ class DataConfig:
     val_fraction: float = 0.1           # validation split carved from the training data (never the test split)
     crop_pad: Union[int, None] = None   # null: the data set's default augmentation
     flip: Union[bool, None] = None
+    pad_mode: str = "zeros"             # crop padding: zeros (torchvision RandomCrop) or reflect (WRN / DML recipe)
     download: bool = False
     options: dict = field(default_factory=dict)   # source-specific: image_size, num_train, shape, ...
 
@@ -100,6 +102,11 @@ class TrainConfig:
     milestones: list = field(default_factory=list)   # epochs, for schedule "step"
     gamma: float = 0.1
     warmup_epochs: float = 0.0          # linear learning-rate warm-up
+    # schedule "onecycle" (torch OneCycleLR, cosine, per step, no momentum cycling): warm-up fraction of all steps,
+    # start lr = lr / div_factor, final lr = start lr / final_div_factor
+    pct_start: float = ONECYCLE_DEFAULTS["pct_start"]
+    div_factor: float = ONECYCLE_DEFAULTS["div_factor"]
+    final_div_factor: float = ONECYCLE_DEFAULTS["final_div_factor"]
     steps_in_flight: int = 2            # object-store transport: steps the driver lets run ahead of their metrics
     steps_per_call: Union[int, None] = None   # steps a worker runs per call (null: to the epoch's end or the next
                                               # checkpoint_every_steps point); rollback points fall on call boundaries
@@ -488,6 +495,11 @@ def _check_train(config: Config) -> None:
         raise ConfigError("train.milestones", t.milestones, "must be a list of epochs (integers >= 0)")
     if t.schedule not in SCHEDULES:
         raise ConfigError("train.schedule", t.schedule, f"one of: {', '.join(SCHEDULES)}")
+    _check_onecycle(t)
+    from raydistill.data.views import PAD_MODES
+
+    if config.data.pad_mode not in PAD_MODES:
+        raise ConfigError("data.pad_mode", config.data.pad_mode, f"one of: {', '.join(PAD_MODES)}")
     if t.optimizer not in OPTIMIZERS:
         raise ConfigError("train.optimizer", t.optimizer, f"one of: {', '.join(OPTIMIZERS)}")
 
@@ -518,6 +530,23 @@ def check_data_fits(config: Config, num_train: int) -> None:
     if config.train.batch_size > num_train:
         raise ConfigError("train.batch_size", config.train.batch_size,
                           f"at most the {num_train:,} training samples of data set {config.data.name}")
+
+
+def _check_onecycle(t: TrainConfig) -> None:
+    """The one-cycle knobs: in range, and set only where the schedule reads them (no key is silently ignored)."""
+    if t.schedule != "onecycle":
+        for name, default in ONECYCLE_DEFAULTS.items():
+            if getattr(t, name) != default:
+                raise ConfigError(f"train.{name}", getattr(t, name), "used only by train.schedule onecycle")
+        return
+    if not 0.0 <= t.pct_start <= 1.0:
+        raise ConfigError("train.pct_start", t.pct_start, "a fraction of the steps in [0, 1]")
+    for name in ("div_factor", "final_div_factor"):
+        if not (math.isfinite(getattr(t, name)) and getattr(t, name) > 0):
+            raise ConfigError(f"train.{name}", getattr(t, name), "a number > 0")
+    if t.warmup_epochs:
+        raise ConfigError("train.warmup_epochs", t.warmup_epochs, "0 with train.schedule onecycle (its warm-up is "
+                          "train.pct_start)")
 
 
 def _schedule_values(spec, field: str, epochs: int) -> list[float]:

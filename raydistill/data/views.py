@@ -49,12 +49,31 @@ def to_float(x) -> torch.Tensor:
     return x.float()
 
 
-def make_view(x_uint8, seed: int, epoch: int, step: int, view_index: int, crop_pad: int, flip: bool) -> torch.Tensor:
-    """One augmented view of a batch [N, C, H, W]: zero-pad by crop_pad, random crop back to H x W, then
-    horizontal flip with p=0.5, each per sample; returns float32 in [0, 1] on the batch's device.
+PAD_MODES = ("zeros", "reflect")
 
+
+def reflect_index(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Map coordinates of a reflection-padded axis (shifted so that 0 is the first original pixel) to source pixels.
+
+    Reflection without repeating the edge, as ``F.pad(mode="reflect")`` and numpy's ``"reflect"``: -1 -> 1, size ->
+    size - 2. Valid for coordinates in [-(size - 1), 2 * (size - 1)], that is for a pad below ``size``.
+    """
+    index = index.abs()                                    # left/top edge: -k -> k
+    return torch.where(index >= size, 2 * (size - 1) - index, index)  # right/bottom edge: size - 1 + k -> size - 1 - k
+
+
+def make_view(x_uint8, seed: int, epoch: int, step: int, view_index: int, crop_pad: int, flip: bool,
+              pad_mode: str = "zeros") -> torch.Tensor:
+    """One augmented view of a batch [N, C, H, W]: pad by crop_pad, random crop back to H x W, then horizontal flip
+    with p=0.5, each per sample; returns float32 in [0, 1] on the batch's device.
+
+    pad_mode: ``zeros`` (torchvision's ``RandomCrop(32, padding=4)``, the default of most CIFAR codes) or ``reflect``
+    (``F.pad(mode="reflect")``: "random crops from image padded by 4 pixels on each side, filling missing pixels with
+    reflections of original image", Zagoruyko & Komodakis 2016, the recipe DML (Zhang et al. 2018) follows).
     The crop offsets and flip bits are drawn on the CPU from generator(seed, "view", epoch, step, view_index), always
-    in the same order, and the crop and flip are one gather, so no loop runs over samples.
+    in the same order whatever the pad mode, and the crop and flip are one gather, so no loop runs over samples and a
+    GPU view is bit-identical to the CPU one. Reflection pads nothing: it maps the crop's coordinates back into the
+    image (``reflect_index``), so uint8 images stay uint8 until the end.
     Float (tabular) input is returned unchanged as float32.
     """
     x = torch.as_tensor(x_uint8)
@@ -62,9 +81,14 @@ def make_view(x_uint8, seed: int, epoch: int, step: int, view_index: int, crop_p
         return x.float()
     if isinstance(crop_pad, bool) or not isinstance(crop_pad, int) or crop_pad < 0:
         raise ConfigError("augment.crop_pad", crop_pad, "an integer >= 0")
+    if pad_mode not in PAD_MODES:
+        raise ConfigError("data.pad_mode", pad_mode, f"one of: {', '.join(PAD_MODES)}")
     if crop_pad == 0 and not flip:
         return to_float(x)
     n, _, height, width = x.shape
+    if pad_mode == "reflect" and crop_pad >= min(height, width):
+        raise ConfigError("data.crop_pad", crop_pad,
+                          f"below the image side ({min(height, width)}) for pad_mode reflect")
     gen = generator(seed, "view", epoch, step, view_index)
     top = torch.randint(0, 2 * crop_pad + 1, (n,), generator=gen)
     left = torch.randint(0, 2 * crop_pad + 1, (n,), generator=gen)
@@ -72,10 +96,14 @@ def make_view(x_uint8, seed: int, epoch: int, step: int, view_index: int, crop_p
     rows = top[:, None] + torch.arange(height)  # [N, H] rows of the padded image
     cols = torch.arange(width).expand(n, width)
     cols = torch.where(flipped[:, None], width - 1 - cols, cols) + left[:, None]  # [N, W], flip reads columns backwards
-    padded = F.pad(x, (crop_pad, crop_pad, crop_pad, crop_pad)) if crop_pad else x
+    if pad_mode == "reflect":
+        rows, cols = reflect_index(rows - crop_pad, height), reflect_index(cols - crop_pad, width)
+        source = x
+    else:
+        source = F.pad(x, (crop_pad, crop_pad, crop_pad, crop_pad)) if crop_pad else x
     device = x.device
     rows, cols = rows.to(device), cols.to(device)
     samples = torch.arange(n, device=device)[:, None, None]
     # [N, H, W, C] after indexing dims 0, 2, 3 with the channel slice in between
-    view = padded[samples, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    view = source[samples, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     return to_float(view.contiguous())

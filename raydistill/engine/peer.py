@@ -55,6 +55,7 @@ class DataView:
         self.y = {split: as_tensor(arrays[f"{split}_y"], device) for split in ("train", "val", "test")}
         self.crop_pad = config.data.crop_pad
         self.flip = config.data.flip
+        self.pad_mode = config.data.pad_mode
         self.steps_per_epoch = num_steps(len(self.x["train"]), config.train.batch_size)
 
     def batch(self, epoch: int, step: int):
@@ -62,7 +63,8 @@ class DataView:
         return idx.to(self.device)
 
     def view(self, idx, epoch: int, step: int, view_index: int) -> torch.Tensor:
-        return make_view(self.x["train"][idx], self.config.seed, epoch, step, view_index, self.crop_pad, self.flip)
+        return make_view(self.x["train"][idx], self.config.seed, epoch, step, view_index, self.crop_pad, self.flip,
+                         self.pad_mode)
 
     @torch.no_grad()
     def predict(self, model: torch.nn.Module, split: str) -> np.ndarray:

@@ -38,7 +38,8 @@ def cache_key(teacher) -> dict:
     config = teacher.config
     return {"weights": weights_digest(teacher.model), "data": config.data.name, "seed": config.seed,
             "train_samples": int(len(teacher.data.x["train"])), "batch_size": config.train.batch_size,
-            "crop_pad": config.data.crop_pad, "flip": config.data.flip, "views": list(teacher.views),
+            "crop_pad": config.data.crop_pad, "flip": config.data.flip, "pad_mode": config.data.pad_mode,
+            "views": list(teacher.views),
             "outputs": list(getattr(teacher, "output_names", ["logits"])),
             "hint_layer": teacher.hint.path if getattr(teacher, "hint", None) is not None else None}
 
