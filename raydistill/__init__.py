@@ -11,8 +11,8 @@ from raydistill.errors import ConfigError  # noqa: E402
 
 
 def train(config=None, output=None, **kwargs):
-    """See :func:`raydistill.runtime.driver.train` (imported lazily: `import raydistill` does not import Ray)."""
-    from raydistill.runtime.driver import train as _train
+    """See :func:`raydistill.runtime.launch.train` (``import raydistill`` does not import Ray, nor does an in-process run)."""
+    from raydistill.runtime.launch import train as _train
 
     return _train(config, output, **kwargs)
 

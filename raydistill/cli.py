@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from raydistill.runtime.driver import train
+    from raydistill.runtime.launch import train
 
     overrides = list(args.overrides)
     if args.address:

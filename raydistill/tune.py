@@ -2,7 +2,7 @@
 
 A trial reserves its run's placement group at once through a PlacementGroupFactory (bundle 0: the trial and the
 coordinator; one bundle per peer and teacher), so concurrent trials never hold half a run each. The trial calls
-:func:`raydistill.runtime.driver.train` with that group and reports every epoch's figures with a checkpoint of the whole
+:func:`raydistill.runtime.launch.train` with that group and reports every epoch's figures with a checkpoint of the whole
 run, so ASHA stops trials early and PBT clones a good trial's checkpoint into a worse one with perturbed
 hyper-parameters.
 
@@ -415,7 +415,7 @@ def run_trial(params: dict, *, base: dict, root: str) -> None:
     import ray
     from ray import tune
 
-    from raydistill.runtime.driver import train
+    from raydistill.runtime.launch import train
 
     config = load_config(base, params)
     epochs = config.train.epochs

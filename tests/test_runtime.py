@@ -254,3 +254,26 @@ def test_calls_end_at_rollback_points_and_the_epoch_end(tmp_path):
     assert run.steps == 10
     assert run.calls(0) == [(0, 4), (4, 2), (6, 4)]
     assert run.calls(6) == [(6, 4)]
+
+
+def test_an_in_process_run_needs_no_ray(tmp_path):
+    """A machine without Ray (a GPU box for accuracy runs) trains in-process: Ray made unimportable, the run ends."""
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib.abc\n"
+            "class NoRay(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'ray' or name.startswith('ray.'):\n"
+            "            raise ImportError('no ray here')\n"
+            "sys.meta_path.insert(0, NoRay())\n"
+            "import raydistill\n"
+            "r = raydistill.train({'name': 'noray', 'data': {'name': 'digits'}, 'peers': 2,\n"
+            "                      'model': {'arch': 'mlp', 'options': {'hidden': [16]}},\n"
+            "                      'train': {'epochs': 1, 'batch_size': 256}}, sys.argv[1], runtime='inprocess',\n"
+            "                     progress=False)\n"
+            "assert 'ray' not in sys.modules and r.summary['epochs_completed'] == 1\n"
+            "print('ok', r.summary['runtime'])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == ["ok", "inprocess"], proc.stderr[-2000:]

@@ -1,7 +1,6 @@
-"""The driver: connects to Ray, reserves one placement group for the run, starts the workers, runs the loop.
-
-``train()`` is the one entry the CLI, Tune and notebooks call; ``runtime="inprocess"`` runs the same engine objects in
-this process instead of actors.
+"""The Ray runtime: connects to Ray, reserves one placement group for the run, starts the workers (``RayWorkers``),
+carries out the loop's calls on them and recovers them after a failure. ``runtime/launch.py``'s ``train()`` is the
+one entry the CLI, Tune and notebooks call.
 
 Ray keeps placement, lifecycle, failures, checkpoints and metrics; it leaves the step loop. Each worker actor runs a
 whole call of steps (``run_steps``), exchanging its members' outputs with the other workers through a torch.distributed
@@ -10,32 +9,21 @@ the fallback, drives every step from here: forward on every worker, the coordina
 """
 from __future__ import annotations
 
-import copy
-import datetime
 import os
-import shutil
 import time
 from collections import deque
-from pathlib import Path
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raydistill.config import Config, check_data_fits, dump_config, load_config
-from raydistill.engine.checkpoint import check_compatible, load_latest_checkpoint
-from raydistill.engine.data import load_run_data
-from raydistill.engine.storage import resolve_storage
-from raydistill.engine.teacher import load_teacher_weights
 from raydistill.engine.worker import CallReport, labels_of
 from raydistill.errors import ConfigError, user_error
 from raydistill.runtime import placement, session
 from raydistill.runtime.actors import CoordinatorActor, WorkerActor
 from raydistill.runtime.collective import CollectiveError
-from raydistill.runtime.inprocess import InProcessWorkers
-from raydistill.runtime.loop import Console, Run, RunResult, WorkerLost
+from raydistill.runtime.loop import Console, WorkerLost
 
-RUNTIMES = ("ray", "inprocess")
 PLACEMENT_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 600.0          # workers import torch and build their models: minutes on a loaded small machine
 
@@ -359,138 +347,3 @@ def _drain(refs: list) -> None:
                 ray.get(ref, timeout=0)
             except Exception:  # noqa: BLE001 — the failure that mattered is being handled already
                 pass
-
-
-# ---- train() -----------------------------------------------------------------------------------------------------
-def default_run_dir(config) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{config.name}-{stamp}"
-
-
-def check_writable(run_dir: Path) -> None:
-    """The run directory, or the nearest folder above it that exists, must be writable: found before Ray starts."""
-    probe = Path(run_dir).resolve()
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError("--output", str(run_dir), f"cannot be written ({probe} is not a writable folder)")
-
-
-def _resume_state(run_dir: Path, config, console: Console):
-    """The newest readable checkpoint of a run directory (an unreadable one is skipped, and said so), or None."""
-    state, skipped = load_latest_checkpoint(run_dir, config.num_peers)
-    for path, reason in skipped:
-        console.line(f"checkpoint {path.name} cannot be read ({reason}); using an earlier one")
-    return state
-
-
-def train(config=None, output=None, *, overrides=None, runtime: str = "ray", resume=None,
-          stop_after_epoch: int | None = None, progress: bool = True, from_checkpoint=None, on_epoch=None,
-          placement_group=None, verbose: bool = False) -> RunResult:
-    """Trains a run and returns its summary.
-
-    config: a Config, a preset name, a YAML/JSON path or a dict (None: the default job, DML on digits);
-    output: the run directory (default runs/NAME-TIMESTAMP); resume: a run directory to continue from its last readable
-    checkpoint (overrides may change it, e.g. extend train.epochs or lower train.lr; a directory with no checkpoint yet
-    starts again from the beginning); stop_after_epoch: stop (with a checkpoint) after that many epochs in all.
-    For Tune: from_checkpoint continues a checkpoint directory under this (possibly mutated) config in a new run
-    directory; on_epoch(record, checkpoint_dir) is called after every epoch; placement_group is the trial's group,
-    laid out as placement.bundles(config, driver_cpus=1). verbose: show Ray's own log lines.
-    """
-    if runtime not in RUNTIMES:
-        raise ConfigError("--runtime", runtime, f"one of: {', '.join(RUNTIMES)}")
-    console = Console(progress)
-    resume_state, restart = None, False
-    if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError("--resume", str(resume), "is not a run directory (no config.yaml)")
-        config = load_config(run_dir, overrides)
-        resume_state = _resume_state(run_dir, config, console)
-        if resume_state is None:
-            restart = True
-        elif resume_state["loop"]["epochs_completed"] >= config.train.epochs:
-            raise ConfigError("train.epochs", config.train.epochs,
-                              f"the run already completed {resume_state['loop']['epochs_completed']} epochs; "
-                              "raise train.epochs to train further")
-    else:
-        if not isinstance(config, Config):
-            config = load_config(config, overrides)
-        run_dir = Path(output) if output is not None else default_run_dir(config)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError("--output", str(run_dir), "already holds files; choose a new directory or --resume it")
-        if from_checkpoint is not None:
-            resume_state, _ = load_latest_checkpoint(from_checkpoint, config.num_peers, single=True)
-
-    if config.teacher is not None:
-        config = _absolute_teacher_paths(config, run_dir)
-    # everything that can be refused is checked before Ray starts and before the run directory is written
-    check_writable(run_dir)
-    if config.train.storage:
-        resolve_storage(config.train.storage)
-    spec, arrays = load_run_data(config)
-    check_data_fits(config, len(arrays["train_y"]))
-    if resume_state is not None:
-        check_compatible(config, spec, resume_state, str(resume or from_checkpoint))
-    if config.teacher is not None:
-        from raydistill.models import build_model
-
-        load_teacher_weights(build_model(config.teacher.arch, spec, **config.teacher.options),
-                             config.teacher.checkpoint, config.teacher.arch)
-    started = False
-    if runtime == "ray":
-        started = connect(config, console, verbose)
-        try:
-            workers = RayWorkers(config, spec, arrays, group=placement_group,
-                                 driver_cpus=1.0 if placement_group is not None else 0.0, console=console)
-        except BaseException:
-            if started:
-                session.shutdown()
-            raise
-    else:
-        workers = InProcessWorkers(config, spec, arrays)
-    created = not run_dir.exists()
-    try:
-        if restart:
-            console.line(f"{run_dir} holds no checkpoint yet: starting it again from the beginning")
-            _clear_records(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, run_dir / "config.yaml")       # on --resume too: the values it trains with now
-        if started:
-            session.log_to(run_dir)
-        run = Run(config, spec, arrays, workers, run_dir, runtime, console, on_epoch=on_epoch)
-        return run.train(resume_state, stop_after_epoch)
-    except KeyboardInterrupt:
-        if not any(run_dir.glob("checkpoints/epoch_*")):
-            if created:
-                shutil.rmtree(run_dir, ignore_errors=True)      # nothing worth keeping yet
-        else:
-            console.line(f"interrupted: continue with `raydistill train --resume {run_dir}`")
-        raise
-    finally:
-        workers.shutdown()
-        if started:
-            session.shutdown()
-
-
-def _absolute_teacher_paths(config, run_dir: Path):
-    """The actors read the teacher's checkpoint and cache, and they run in the folder their cluster was started in,
-    not in this one: the paths become absolute here (as Tune's trials do). ``cache: true`` is the run's own folder."""
-    config = copy.deepcopy(config)
-    teacher = config.teacher
-    teacher.checkpoint = os.path.abspath(teacher.checkpoint)
-    if teacher.cache is True:
-        teacher.cache = str(run_dir.resolve() / "teacher_cache")
-    elif isinstance(teacher.cache, str) and teacher.cache:
-        teacher.cache = os.path.abspath(teacher.cache)
-    return config
-
-
-def _clear_records(run_dir: Path) -> None:
-    """A run started again in its own directory: the records of the attempt that left no checkpoint go."""
-    for name in ("tb", "metrics.parquet", "summary.json", "export"):
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
