@@ -45,7 +45,7 @@ class FromTeachers(Method):
         if len(teachers) == 1:
             return teachers[0]["logits"]
         stacked = torch.from_numpy(np.stack([t["logits"] for t in teachers]))      # [M, V, B, C]
-        views = [self.ensemble_of_teachers(stacked[:, v], hyper.get("temperature", 1.0))
+        views = [self.ensemble_of_teachers(stacked[:, v], hyper["temperature"])
                  for v in range(stacked.shape[1])]
         return torch.stack(views).numpy()
 
