@@ -9,6 +9,8 @@ This test covers:
 - a one-teacher list trains exactly as the one-teacher form ``teacher:`` (and a one-teacher fitnet keeps its adapter
   ``teacher``);
 - summary.json, metrics.parquet and TensorBoard name teacher0 and teacher1, each with its own figures;
+- regression: the teachers' predictions averaged or weighted (mean_probs refused); placement (teachers share CPU
+  workers, each its own GPU worker and share); every teacher's checkpoint made absolute for Tune trials;
 - the refusals, one line each, before Ray starts: ``teacher`` with ``teachers``, a bad checkpoint of teacher 1, a
   negative weight, ``weighted`` without weights, ``teachers`` for a method without teachers, a per-teacher hint list
   of the wrong length, a resume whose teachers do not match the checkpoint's adapters.
@@ -135,6 +137,51 @@ def test_one_teacher_in_a_list_trains_exactly_as_the_one_teacher_form(teacher_ru
         if method == "fitnet":
             assert {k.split(".")[0] for k in peer_states(single.run_dir, 1)["peers"][0]["adapters"]} == {"teacher"}
         assert [t["name"] for t in listed.summary["teachers"]] == ["teacher0"]
+
+
+def test_regression_teachers_are_averaged_or_weighted_and_mean_probs_is_refused(teacher_runs):
+    """For regression the teachers' predictions are combined as predictions: the mean, or sum_j w_j z_j with the
+    weights normalized (3 and 1: 0.75 and 0.25); there are no probabilities to average."""
+    from raydistill.methods import build_method
+
+    config = two_teacher_config(teacher_runs, "kd", "weighted", task="regression", data={"name": "diabetes"})
+    unweighted = ["teachers.0.weight=null", "teachers.1.weight=null"]
+    z = np.random.default_rng(0).normal(size=(2, 2, 8, 1)).astype(np.float32)    # [teacher, view, batch, output]
+    for overrides, expected in (([], 0.75 * z[0] + 0.25 * z[1]),
+                                (unweighted + ["method.teacher_ensemble=mean_logits"], (z[0] + z[1]) / 2)):
+        method = build_method(load_config(config, overrides))
+        targets = method.targets(method.hyper(0), [{}, {}], [{"logits": z[0]}, {"logits": z[1]}], None)
+        for i, target in enumerate(targets):                  # peer i on its own view i
+            np.testing.assert_allclose(target["teacher_logits"], expected[i], rtol=1e-6)
+    with pytest.raises(ConfigError, match="method.teacher_ensemble='mean_probs': mean_logits or weighted for task "
+                                          "regression"):
+        load_config(config, unweighted + ["method.teacher_ensemble=mean_probs"])
+
+
+def test_on_cpus_teachers_share_workers_and_on_gpus_each_has_its_own(teacher_runs):
+    """Members are peers then teachers in contiguous runs of a worker each; on GPUs every teacher is its own worker
+    with its own share (gpus_per_teacher), and a cluster too small says how many peers and teachers it needs."""
+    from raydistill.runtime.placement import check_capacity, layout
+
+    config = two_teacher_config(teacher_runs, "kd", **{"resources.peers_per_worker": 2})
+    cpu = layout(load_config(config), "collective")
+    assert [(m.peers, m.teachers) for m in cpu.members] == [((0, 1), ()), ((), (0, 1))]
+    gpu = load_config(config, ["resources.peers_per_worker=null", "resources.gpus_per_peer=0.5",
+                               "resources.gpus_per_teacher=0.25"])
+    placed = layout(gpu, "collective")
+    assert [(m.peers, m.teachers) for m in placed.members] == [((0, 1), ()), ((), (0,)), ((), (1,))]
+    assert placed.bundles == [{"CPU": 2.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 0.25}, {"CPU": 1.0, "GPU": 0.25}]
+    with pytest.raises(ConfigError, match=r"needs 1.5 GPUs \(4 peers and teachers\)"):
+        check_capacity(gpu, {"CPU": 8.0, "GPU": 1.0})
+
+
+def test_tune_trials_get_every_teachers_checkpoint_as_an_absolute_path(tmp_path, monkeypatch):
+    from raydistill.tune import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    base = absolute_paths({"teachers": [{"arch": "mlp", "checkpoint": "runs/a"}, {"arch": "mlp",
+                                                                                 "checkpoint": "/abs/b"}]})
+    assert [t["checkpoint"] for t in base["teachers"]] == [str(tmp_path / "runs/a"), "/abs/b"]
 
 
 # ---- fitnet: an adapter per teacher, the hint term a mean over teachers ---------------------------------------------
