@@ -59,6 +59,7 @@ class TeacherConfig:
     checkpoint: Union[str, None] = None  # a raydistill run directory, an exported .pt, or a torchvision state dict
     cache: Union[bool, str] = False      # true: precompute the outputs once per view into <run dir>/teacher_cache
     options: dict = field(default_factory=dict)
+    weight: Union[float, None] = None    # this teacher's share of method.teacher_ensemble: weighted (normalized)
 
 
 @dataclass
@@ -87,6 +88,8 @@ class MethodConfig:
     peer_weighting: Union[str, None] = None    # dml: uniform | performance (weights from the peers' val loss)
     generations: Union[int, None] = None       # self: 1 = EMA teacher, K >= 2 = born-again generations
     hidden_weight: Union[float, None] = None   # self: weight of the hidden-layer MSE to the teacher's (0)
+    # several teachers (kd, fitnet): how their logits make one target: mean_logits | mean_probs | weighted
+    teacher_ensemble: Union[str, None] = None
 
 
 @dataclass
@@ -143,7 +146,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     peers: Any = 3                      # a count, or a list of per-peer overrides ({arch, options, lr})
-    teacher: Union[TeacherConfig, None] = None
+    teacher: Union[TeacherConfig, None] = None   # one teacher
+    teachers: Union[list, None] = None           # or several: a list of {arch, checkpoint, options, cache, weight}
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
@@ -163,6 +167,22 @@ class Config:
     @property
     def num_peers(self) -> int:
         return self.peers if isinstance(self.peers, int) else len(self.peers)
+
+    @property
+    def teacher_list(self) -> list[TeacherConfig]:
+        """The run's teachers in member order: ``teacher`` as a list of one, or ``teachers``; [] without any."""
+        if self.teacher is not None:
+            return [self.teacher]
+        return [t if isinstance(t, TeacherConfig) else _build(TeacherConfig, t, f"teachers.{j}")
+                for j, t in enumerate(self.teachers or [])]
+
+    @property
+    def num_teachers(self) -> int:
+        return len(self.teacher_list)
+
+    def teacher_field(self, index: int) -> str:
+        """Where teacher ``index`` is written in this config, for errors: ``teacher`` or ``teachers.{index}``."""
+        return "teacher" if self.teacher is not None else f"teachers.{index}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -369,6 +389,7 @@ def resolve(config: Config, method_defaults) -> Config:
     if isinstance(config.peers, int) and config.peers < 1:
         raise ConfigError("peers", config.peers, "must be at least 1")
     config.peers = config.peer_list
+    _resolve_teachers(config)
     from raydistill.data import dataset_names, default_augment
 
     if config.data.name in dataset_names():
@@ -377,10 +398,27 @@ def resolve(config: Config, method_defaults) -> Config:
             config.data.crop_pad = augment["crop_pad"]
         if config.data.flip is None:
             config.data.flip = augment["flip"]
-    if config.teacher is not None and config.resources.gpus_per_teacher is None:
+    if config.teacher_list and config.resources.gpus_per_teacher is None:
         config.resources.gpus_per_teacher = config.resources.gpus_per_peer
     validate(config, defaults)
     return config
+
+
+def _resolve_teachers(config: Config) -> None:
+    """``teachers`` as TeacherConfig items (errors name ``teachers.{j}.key``); ``teacher`` and ``teachers`` together,
+    or an empty list, are refused. ``teacher`` stays as written: the one-teacher form of a list of one."""
+    if config.teachers is None:
+        return
+    if not isinstance(config.teachers, list):
+        raise ConfigError("teachers", config.teachers, "must be a list of teachers {arch, checkpoint, options, "
+                          "cache, weight}")
+    if config.teacher is not None:
+        raise ConfigError("teachers", [t.get("arch") if isinstance(t, dict) else getattr(t, "arch", t)
+                                       for t in config.teachers],
+                          "give either teacher (one teacher) or teachers (a list of teachers), not both")
+    if not config.teachers:
+        raise ConfigError("teachers", [], "a list of at least one teacher {arch, checkpoint}, or leave it out")
+    config.teachers = config.teacher_list
 
 
 def validate(config: Config, defaults: dict) -> None:
@@ -388,6 +426,7 @@ def validate(config: Config, defaults: dict) -> None:
     _check_run(config)
     _check_archs(config)
     _check_method(config, defaults)
+    _check_teachers(config)
     _check_train(config)
     _check_resources(config)
 
@@ -415,12 +454,11 @@ def _check_archs(config: Config) -> None:
 
     archs = [("model", config.model.arch, config.model.options)]
     archs += [(f"peers.{i}", p.arch, p.options) for i, p in enumerate(config.peers)]
-    if config.teacher is not None:
-        archs.append(("teacher", config.teacher.arch, config.teacher.options))
+    archs += [(config.teacher_field(j), t.arch, t.options) for j, t in enumerate(config.teacher_list)]
     for where, arch, options in archs:
         try:
             check_arch(arch, options)
-        except ConfigError as err:           # name the place in this config: peers.1.arch, teacher.options.x, ...
+        except ConfigError as err:           # name the place in this config: peers.1.arch, teachers.0.options.x, ...
             field = f"{where}.arch" if err.field == "model.arch" else f"{where}.options.{err.field.split('.', 1)[1]}"
             raise ConfigError(field, err.value, err.allowed) from None
 
@@ -443,18 +481,46 @@ def _check_method(config: Config, defaults: dict) -> None:
     if config.num_peers < defaults["min_peers"]:
         raise ConfigError("peers", config.num_peers,
                           f"method {m.name} needs at least {defaults['min_peers']} peers")
+    teachers = config.teacher_list
     if defaults["needs_teacher"]:
-        if config.teacher is None or not config.teacher.checkpoint:
-            raise ConfigError("teacher.checkpoint", None if config.teacher is None else config.teacher.checkpoint,
-                              f"method {m.name} needs a teacher: {{arch, checkpoint}} (a run directory or a .pt file)")
-        if not Path(config.teacher.checkpoint).exists():
-            raise ConfigError("teacher.checkpoint", config.teacher.checkpoint, "does not exist")
-    elif config.teacher is not None:
-        raise ConfigError("teacher", config.teacher.arch, f"none for method {m.name}: only "
+        if not teachers:
+            raise ConfigError("teacher.checkpoint", None, f"method {m.name} needs a teacher: {{arch, checkpoint}} "
+                              "(a run directory or a .pt file), or teachers: a list of them")
+        for j, teacher in enumerate(teachers):
+            field = f"{config.teacher_field(j)}.checkpoint"
+            if not teacher.checkpoint:
+                raise ConfigError(field, teacher.checkpoint, f"method {m.name} needs a teacher: {{arch, checkpoint}} "
+                                  "(a run directory or a .pt file)")
+            if not Path(teacher.checkpoint).exists():
+                raise ConfigError(field, teacher.checkpoint, "does not exist")
+    elif teachers:
+        field, value = ("teacher", config.teacher.arch) if config.teacher else ("teachers", [t.arch for t in teachers])
+        raise ConfigError(field, value, f"none for method {m.name}: only "
                           f"{', '.join(_methods_needing_teacher())} train from a teacher")
     if m.generations is not None and m.generations > config.train.epochs:
         raise ConfigError("method.generations", m.generations, f"at most train.epochs ({config.train.epochs}): "
                           "each generation trains for train.epochs / generations epochs")
+
+
+def _check_teachers(config: Config) -> None:
+    """Each teacher's weight: >= 0, read by method.teacher_ensemble=weighted only, and then given for every teacher
+    with a positive sum (the weights are normalized to sum 1)."""
+    teachers, ensemble = config.teacher_list, config.method.teacher_ensemble
+    for j, teacher in enumerate(teachers):
+        weight = teacher.weight
+        if weight is not None and not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"{config.teacher_field(j)}.weight", weight, "must be a number >= 0")
+        if weight is not None and ensemble != "weighted":
+            raise ConfigError(f"{config.teacher_field(j)}.weight", weight,
+                              f"read only by method.teacher_ensemble=weighted (this run has {ensemble})")
+    if ensemble == "weighted" and teachers:
+        missing = [config.teacher_field(j) for j, t in enumerate(teachers) if t.weight is None]
+        if missing:
+            raise ConfigError("method.teacher_ensemble", ensemble, "needs a weight on every teacher "
+                              f"({', '.join(f'{where}.weight' for where in missing)} not given)")
+        if sum(t.weight for t in teachers) <= 0:
+            raise ConfigError("method.teacher_ensemble", ensemble, "needs teachers' weights with a sum > 0 "
+                              f"(given: {[t.weight for t in teachers]})")
 
 
 def _methods_needing_teacher() -> list[str]:

@@ -464,11 +464,13 @@ def default_output(config: Config) -> Path:
 
 
 def absolute_paths(base: dict) -> dict:
-    """Trials run in their own working directories: data.root and teacher.checkpoint become absolute here."""
-    for section, key in (("data", "root"), ("teacher", "checkpoint")):
-        value = (base.get(section) or {}).get(key)
+    """Trials run in their own working directories: data.root and every teacher's checkpoint become absolute here."""
+    teachers = base.get("teachers") if isinstance(base.get("teachers"), list) else []
+    for node, key in ((base.get("data"), "root"), (base.get("teacher"), "checkpoint"),
+                      *((teacher, "checkpoint") for teacher in teachers)):
+        value = node.get(key) if isinstance(node, dict) else None
         if isinstance(value, str) and value and not os.path.isabs(value):
-            base[section][key] = os.path.abspath(value)
+            node[key] = os.path.abspath(value)
     return base
 
 

@@ -43,6 +43,35 @@ def mean_probs(logits, temperature: float = 1.0) -> torch.Tensor:
     return temperature * log_mean
 
 
+def weighted_probs(logits, weights: Sequence[float], temperature: float = 1.0) -> torch.Tensor:
+    """A weighted mean of the members' softened probabilities, returned as logits at the same temperature.
+
+    p = sum_k w_k softmax(z_k / T) with w_k = weights_k / sum_j weights_j (normalized to sum 1); the result is
+    e = T * log p, so that KD at temperature T toward e is KD toward p (as ``mean_probs``, which is equal weights).
+    A weight of 0 leaves its member out. Used for several teachers (``method.teacher_ensemble: weighted``).
+    """
+    stacked = _stacked(logits)
+    w = _normalized(weights, stacked.shape[0]).to(stacked.dtype)
+    log_probs = F.log_softmax(stacked / temperature, dim=-1)
+    # log sum_k w_k p_k in log space (log 0 = -inf drops a member of weight 0)
+    return temperature * torch.logsumexp(log_probs + w.log().view(-1, 1, 1), dim=0)
+
+
+def weighted_mean(logits, weights: Sequence[float]) -> torch.Tensor:
+    """The weighted mean of the members' outputs, e = sum_k w_k z_k with w normalized to sum 1 (regression's
+    ``weighted`` ensemble of teachers' predictions)."""
+    stacked = _stacked(logits)
+    w = _normalized(weights, stacked.shape[0]).to(stacked.dtype)
+    return (stacked * w.view(-1, 1, 1)).sum(dim=0)
+
+
+def _normalized(weights: Sequence[float], members: int) -> torch.Tensor:
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    if w.shape != (members,) or not bool((w >= 0).all()) or not w.sum() > 0:
+        raise ValueError(f"need {members} weights >= 0 with a sum > 0, got {list(weights)}")
+    return w / w.sum()
+
+
 def minlogit(logits, labels: torch.Tensor) -> torch.Tensor:
     """KDCL-MinLogit (Guo et al. 2020): e_c = min_k (z_k,c - z_k,y).
 

@@ -138,3 +138,36 @@ def check_compatible(config, spec, state: dict, source: str) -> None:
         if expected != found:
             raise ConfigError(f"peers.{i}.arch", peer.arch,
                               f"does not match the checkpoint {source} (its parameters differ in names or shapes)")
+    _check_teacher_adapters(config, spec, state, source)
+
+
+def _check_teacher_adapters(config, spec, state: dict, source: str) -> None:
+    """A student's adapters toward the teachers (fitnet) must be those of this config's teachers: as many, each of
+    the shape its teacher's hint asks for; the error names the teacher that differs."""
+    from raydistill.engine.hints import Hint, feature_paths, student_adapters, teacher_adapter_names
+    from raydistill.errors import ConfigError
+    from raydistill.methods import build_method
+    from raydistill.models import build_model
+
+    if build_method(config).feature_target != "teacher" or not config.num_teachers:
+        return
+    names = teacher_adapter_names(config.num_teachers)
+    for i, (peer, saved) in enumerate(zip(config.peers, state["peers"])):
+        found = {}
+        for key, value in (saved.get("adapters") or {}).items():
+            name, _, rest = key.partition(".")
+            found.setdefault(name, {})[rest] = tuple(value.shape)
+        if sorted(found) != sorted(names):
+            field = "teacher" if config.teacher is not None else "teachers"
+            raise ConfigError(field, [t.arch for t in config.teacher_list],
+                              f"the checkpoint {source} holds adapters toward {len(found)} teacher(s) "
+                              f"({', '.join(sorted(found)) or 'none'}), this config has {config.num_teachers}")
+        own = Hint(build_model(peer.arch, spec, **peer.options), feature_paths(config.method).get("student"),
+                   "method.features.student", spec).shape
+        expected = student_adapters(config, spec, i, own, "teacher")
+        for j, name in enumerate(names):
+            shapes = {k: tuple(v.shape) for k, v in expected[name].state_dict().items()}
+            if shapes != found[name]:
+                raise ConfigError(f"{config.teacher_field(j)}.arch", config.teacher_list[j].arch,
+                                  f"does not match the checkpoint {source} (peer {i}'s adapter toward this teacher "
+                                  "has other shapes)")

@@ -1,9 +1,10 @@
 """The feature side of a peer or teacher: a tap on its hint layer and, for a student, the adapters it owns. No Ray.
 
-Hint layers are module paths (``method.features: {student: layer2, teacher: layer2}``; ``net.`` may be left out),
-the middle stage of each network by default (FitNet). A student's adapter maps its hint to the shape of what it
-learns from: the teacher's hint (fitnet), each other peer's hint (peer feature alignment), or nothing (self: the same
-network, the same shape).
+Hint layers are module paths (``method.features: {student: layer2, teacher: layer2}``; ``net.`` may be left out;
+with several teachers ``teacher`` may be a list, one path per teacher), the middle stage of each network by default
+(FitNet). A student's adapter maps its hint to the shape of what it learns from: each teacher's hint (fitnet: the
+adapter ``teacher``, or ``teacher0``, ``teacher1``... with several teachers), each other peer's hint (peer feature
+alignment: ``peer{j}``), or nothing (self: the same network, the same shape).
 """
 from __future__ import annotations
 
@@ -39,6 +40,24 @@ def feature_paths(method_config) -> dict:
     return features
 
 
+def teacher_hint_layers(method_config, count: int) -> list[tuple[str | None, str]]:
+    """(configured module path or None for the middle stage, the field that names it) of each of ``count`` teachers:
+    ``features.teacher`` names one layer for every teacher, or is a list of one per teacher."""
+    configured = feature_paths(method_config).get("teacher")
+    if not isinstance(configured, list):
+        return [(configured, "method.features.teacher")] * count
+    if len(configured) != count or not all(path is None or isinstance(path, str) for path in configured):
+        raise ConfigError("method.features.teacher", configured, f"one module path for every teacher, or a list of "
+                          f"{count} (one per teacher, null for its middle stage)")
+    return [(path, f"method.features.teacher.{j}") for j, path in enumerate(configured)]
+
+
+def teacher_adapter_names(count: int) -> list[str]:
+    """The names of a student's adapters toward ``count`` teachers, in teacher order: ``teacher`` for one teacher (the
+    name every one-teacher checkpoint holds), ``teacher0``, ``teacher1``... for several."""
+    return ["teacher"] if count == 1 else [f"teacher{j}" for j in range(count)]
+
+
 def hint_shape(arch: str, options: dict, spec, configured: str | None, field: str) -> tuple:
     """Per-sample shape of an architecture's hint (built once with throw-away weights, never trained)."""
     model = build_model(arch, spec, **(options or {}))
@@ -59,16 +78,19 @@ class Hint:
 
 
 def student_adapters(config, spec, index: int, own_shape: tuple, feature_target: str | None) -> nn.ModuleDict:
-    """The adapters peer ``index`` owns: ``teacher`` (toward the teacher's hint) or ``peer{j}`` (toward each other
-    peer's hint); empty when the student compares its hint as it is. Initialized from the run's seed."""
+    """The adapters peer ``index`` owns: ``teacher`` / ``teacher{j}`` (toward each teacher's hint, in teacher order)
+    or ``peer{j}`` (toward each other peer's hint); empty when the student compares its hint as it is. Initialized
+    from the run's seed, in this order (so a one-teacher run's adapter is drawn as it always was)."""
     paths = feature_paths(config.method)
     targets = {}
     if feature_target == "teacher":
-        targets["teacher"] = hint_shape(config.teacher.arch, config.teacher.options, spec, paths.get("teacher"),
-                                        "method.features.teacher")
-        if config.method.at_weight and (len(own_shape) != 3 or len(targets["teacher"]) != 3):
-            raise ConfigError("method.at_weight", config.method.at_weight, "0 unless both hints are feature maps "
-                              f"(attention transfer; the hints are {own_shape} and {targets['teacher']})")
+        teachers = config.teacher_list
+        layers = teacher_hint_layers(config.method, len(teachers))
+        for name, teacher, (layer, field) in zip(teacher_adapter_names(len(teachers)), teachers, layers):
+            targets[name] = hint_shape(teacher.arch, teacher.options, spec, layer, field)
+            if config.method.at_weight and (len(own_shape) != 3 or len(targets[name]) != 3):
+                raise ConfigError("method.at_weight", config.method.at_weight, "0 unless both hints are feature maps "
+                                  f"(attention transfer; the hints are {own_shape} and {targets[name]})")
     elif feature_target == "peers":
         for j, peer in enumerate(config.peers):
             if j != index:

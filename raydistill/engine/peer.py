@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from raydistill.data.views import batch_indices, make_view, num_steps, to_float
-from raydistill.engine.hints import Hint, feature_paths, student_adapters
+from raydistill.engine.hints import Hint, feature_paths, student_adapters, teacher_adapter_names
 from raydistill.engine.optim import learning_rate, make_optimizer
 from raydistill.engine.self_teacher import cpu_state, make_self_teacher
 from raydistill.methods import build_method
@@ -95,11 +95,14 @@ class Peer:
         self.self_teacher = make_self_teacher(self)     # built before the taps, so that its copy carries no hooks
         self.hint = None
         self.adapters = torch.nn.ModuleDict()
+        self.teacher_adapters = []          # the names of its adapters toward the teachers, in teacher order
         if self.method.uses_hint:
             paths = feature_paths(config.method)
             self.hint = Hint(self.model, paths.get("student"), "method.features.student", spec)
             self.adapters = student_adapters(config, spec, index, self.hint.shape,
                                              self.method.feature_target).to(self.device)
+            if self.method.feature_target == "teacher":
+                self.teacher_adapters = teacher_adapter_names(config.num_teachers)
             if self.method.self_teacher:
                 self.self_teacher.attach_hint(self.hint.path)
         self.optimizer = self.make_optimizer()
@@ -153,8 +156,9 @@ class Peer:
         if hint is None:
             return outputs
         outputs["hint"] = hint.float()
-        if "teacher" in self.adapters:
-            outputs["adapted_hint"] = self.adapters["teacher"](outputs["hint"])
+        if self.teacher_adapters:          # one tensor for one teacher, a list in teacher order for several
+            adapted = [self.adapters[name](outputs["hint"]) for name in self.teacher_adapters]
+            outputs["adapted_hint"] = adapted[0] if len(adapted) == 1 else adapted
         others = [name for name in self.adapters if name.startswith("peer")]
         if others:
             outputs["aligned_hints"] = [self.adapters[name](outputs["hint"]) for name in others]

@@ -1,4 +1,8 @@
-"""A frozen teacher: loads a checkpoint, runs forward on the views its students train on. No Ray."""
+"""A frozen teacher: loads a checkpoint, runs forward on the views its students train on. No Ray.
+
+A run has one teacher (``teacher:``) or several (``teachers: [...]``); each is its own member, ``Teacher(j, ...)``
+built from ``config.teacher_list[j]``, and every error about it names where it is written (``teacher.checkpoint``,
+``teachers.1.checkpoint``)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raydistill.engine.hints import Hint, feature_paths
+from raydistill.engine.hints import Hint, teacher_hint_layers
 from raydistill.engine.peer import DataView, autocast, pick_device
 from raydistill.engine.teacher_cache import CachedTeacher
 from raydistill.errors import ConfigError
@@ -15,27 +19,31 @@ from raydistill.methods import build_method
 from raydistill.models import build_model
 
 
-def load_teacher_weights(model: torch.nn.Module, checkpoint: str, arch: str) -> None:
+def load_teacher_weights(model: torch.nn.Module, checkpoint: str, arch: str, field: str = "teacher") -> None:
     """Loads a raydistill run directory (its deployable model), an exported .pt, or a torchvision state dict.
 
-    A checkpoint of another architecture is refused with one line naming teacher.checkpoint.
+    field: where the teacher is written (``teacher``, ``teachers.1``); a checkpoint that is unreadable or of another
+    architecture is refused with one line naming ``{field}.checkpoint``.
     """
+    where = f"{field}.checkpoint"
     path = Path(checkpoint)
     if path.is_dir():
         manifest_path = path / "export" / "manifest.json"
         if not manifest_path.exists():
-            raise ConfigError("teacher.checkpoint", checkpoint, "is a directory without export/manifest.json "
+            raise ConfigError(where, checkpoint, "is a directory without export/manifest.json "
                               "(give a finished raydistill run directory or a .pt file)")
         manifest = json.loads(manifest_path.read_text())
         entry = manifest["models"][manifest["deploy"]["name"]]
         if entry["arch"] != arch:
-            raise ConfigError("teacher.checkpoint", checkpoint,
-                              f"holds a {entry['arch']} model, but teacher.arch is {arch}")
+            raise ConfigError(where, checkpoint, f"holds a {entry['arch']} model, but {field}.arch is {arch}")
         path = path / "export" / entry["file"]
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 — any unreadable file gets the same one-line answer
-        raise ConfigError("teacher.checkpoint", checkpoint, f"cannot be read as a weights file ({err})") from None
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(where, checkpoint, f"cannot be read as a weights file ({first})") from None
+    if not isinstance(state, dict):
+        raise ConfigError(where, checkpoint, f"holds a {type(state).__name__}, not a state dict of weights")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not any(key.startswith("net.") for key in state):     # a plain (e.g. torchvision) state dict of the network
@@ -44,9 +52,8 @@ def load_teacher_weights(model: torch.nn.Module, checkpoint: str, arch: str) -> 
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         missing, unexpected = _key_differences(model, state)
-        raise ConfigError("teacher.checkpoint", checkpoint,
-                          f"does not fit teacher.arch={arch} (missing {missing}, unexpected {unexpected}, "
-                          f"or shapes differ)") from err
+        raise ConfigError(where, checkpoint, f"does not fit {field}.arch={arch} (missing {missing}, unexpected "
+                          f"{unexpected}, or shapes differ)") from err
 
 
 def _key_differences(model, state, show: int = 3):
@@ -57,13 +64,26 @@ def _key_differences(model, state, show: int = 3):
             f"{len(unexpected)} keys such as {unexpected[:show]}" if unexpected else "0 keys")
 
 
-def cache_folder(config) -> str | None:
-    """Where ``teacher.cache`` keeps the teacher's outputs: the folder it names, or None (no cache). ``true`` is
-    replaced by ``<run directory>/teacher_cache`` when the run starts."""
-    cache = config.teacher.cache
+def check_teachers(config, spec) -> None:
+    """Every teacher of a run, as its worker will build it: weights loaded from its checkpoint, its hint layer found
+    where the method reads one. The driver calls it before Ray starts; the first problem is one ConfigError."""
+    method = build_method(config)
+    layers = teacher_hint_layers(config.method, config.num_teachers) if "hint" in method.outputs_needed("teacher") \
+        else [None] * config.num_teachers
+    for j, (settings, layer) in enumerate(zip(config.teacher_list, layers)):
+        model = build_model(settings.arch, spec, **settings.options)
+        load_teacher_weights(model, settings.checkpoint, settings.arch, config.teacher_field(j))
+        if layer is not None:
+            Hint(model, *layer, spec)
+
+
+def cache_folder(config, index: int = 0) -> str | None:
+    """Where teacher ``index``'s ``cache`` keeps its outputs: the folder it names, or None (no cache). ``true`` is
+    replaced by ``<run directory>/teacher_cache`` when the run starts; each teacher writes ``FOLDER/teacher{j}``."""
+    cache = config.teacher_list[index].cache
     if cache is True:
-        raise ConfigError("teacher.cache", cache, "a folder: `raydistill train` sets it to the run directory's "
-                          "teacher_cache/ (an engine Teacher built by hand needs the folder itself)")
+        raise ConfigError(f"{config.teacher_field(index)}.cache", cache, "a folder: `raydistill train` sets it to the "
+                          "run directory's teacher_cache/ (an engine Teacher built by hand needs the folder itself)")
     return cache or None
 
 
@@ -78,13 +98,15 @@ class Teacher:
         method = build_method(config)
         self.views = method.teacher_views()
         self.output_names = list(method.outputs_needed("teacher"))
-        self.model = build_model(config.teacher.arch, spec, **config.teacher.options)
-        load_teacher_weights(self.model, config.teacher.checkpoint, config.teacher.arch)
+        self.settings = config.teacher_list[index]
+        self.model = build_model(self.settings.arch, spec, **self.settings.options)
+        load_teacher_weights(self.model, self.settings.checkpoint, self.settings.arch, config.teacher_field(index))
         self.model.to(self.device).eval()
         self.hint = None
         if "hint" in self.output_names:
-            self.hint = Hint(self.model, feature_paths(config.method).get("teacher"), "method.features.teacher", spec)
-        folder = cache_folder(config)
+            layer, field = teacher_hint_layers(config.method, config.num_teachers)[index]
+            self.hint = Hint(self.model, layer, field, spec)
+        folder = cache_folder(config, index)
         self.cache = CachedTeacher(self, Path(folder) / f"teacher{index}") if folder else None
 
     def forward(self, epoch: int, step: int) -> dict[str, np.ndarray]:

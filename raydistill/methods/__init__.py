@@ -21,7 +21,8 @@ def check_method_config(method_config, task: str) -> None:
 def build_method(config) -> Method:
     """The method object of a resolved run config."""
     return method_class(config.method.name)(config.method, task=config.task, num_peers=config.num_peers,
-                                            epochs=config.train.epochs)
+                                            epochs=config.train.epochs,
+                                            teacher_weights=[t.weight for t in config.teacher_list])
 
 
 __all__ = ["Method", "build_method", "check_method_config", "method_class", "method_defaults", "method_names",

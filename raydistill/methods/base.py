@@ -78,11 +78,14 @@ class Method:
     # adapter per other peer), "self" (the same network's teacher copy, no adapter), or None (no hint)
     feature_target: str | None = None
 
-    def __init__(self, method_config, task: str = "classification", num_peers: int = 1, epochs: int = 1):
+    def __init__(self, method_config, task: str = "classification", num_peers: int = 1, epochs: int = 1,
+                 teacher_weights=()):
+        """teacher_weights: each frozen teacher's ``weight`` (None where not given), in member order."""
         self.config = method_config
         self.task = task
         self.num_peers = num_peers
         self.epochs = epochs
+        self.teacher_weights = list(teacher_weights)
         # built once: hyper() runs every step in every peer and in the coordinator
         self.alpha_schedule = make_schedule(method_config.alpha, None, "method.alpha")
         self.temperature_schedule = make_schedule(method_config.temperature, None, "method.temperature")

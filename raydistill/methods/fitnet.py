@@ -8,20 +8,41 @@ with the hint layer = the middle stage of student and teacher, hint_weight 100 a
 Two-stage (``hint_epochs: H > 0``, the paper's): for epochs < H only the hint term trains the student (ce_weight 0),
 then KD for the rest of the schedule: ce_weight * CE + alpha_e * KD(z, z_t) at the method's temperature.
 The teacher actor sends its logits and its hint-layer features for each student's view.
+
+Several teachers (``teachers: [...]``): each has its own hint layer (``features.teacher``: one module path for every
+teacher, or a list of one per teacher) and the student owns one adapter per teacher (``teacher0``, ``teacher1``...;
+one teacher keeps the single adapter ``teacher``). The hint term is the mean over the M teachers,
+    hint = (1/M) sum_j MSE(r_j(f_s), f_t_j)        (and AT likewise: (1/M) sum_j AT(f_s, f_t_j)),
+so hint_weight keeps its meaning whatever M is; the KD term distils the teachers' ensemble
+(``method.teacher_ensemble``, methods/teachers.py). Teachers' ``weight`` enter the KD target only, never the hints.
 """
+import torch
+
 from raydistill.distill.features import attention_transfer_loss, hint_loss
 from raydistill.errors import ConfigError
-from raydistill.methods.base import Method, register_method
+from raydistill.methods.base import register_method
+from raydistill.methods.teachers import FromTeachers
+
+
+def per_teacher(value) -> list:
+    """A hint target or an adapted hint: one tensor (one teacher) or a list in teacher order (several)."""
+    return value if isinstance(value, list) else [value]
+
+
+def mean_over_teachers(terms: list[torch.Tensor]) -> torch.Tensor:
+    """(1/M) sum_j term_j; one teacher's term as it is, so a one-teacher run computes exactly what it always did."""
+    return terms[0] if len(terms) == 1 else torch.stack(terms).mean()
 
 
 @register_method("fitnet")
-class FitNet(Method):
-    defaults = {**Method.defaults, "temperature": 4.0, "alpha": 1.0, "ce_weight": 1.0, "needs_teacher": True,
+class FitNet(FromTeachers):
+    defaults = {**FromTeachers.defaults, "temperature": 4.0, "alpha": 1.0, "ce_weight": 1.0,
                 "hint_weight": 100.0, "kd_weight": 0.0, "at_weight": 0.0, "hint_epochs": 0, "features": {}}
-    feature_target = "teacher"          # the student's adapter maps its hint to the teacher's hint shape
+    feature_target = "teacher"          # the student's adapters map its hint to each teacher's hint shape
 
     @classmethod
     def check_config(cls, method_config, task):
+        super().check_config(method_config, task)
         m = method_config
         for key in ("hint_weight", "kd_weight", "at_weight"):
             value = getattr(m, key)
@@ -49,14 +70,20 @@ class FitNet(Method):
         return {"hint": hyper["hint_weight"], "kd": hyper["kd_weight"], "at": hyper["at_weight"]}
 
     def targets(self, hyper, peers, teachers, labels, learned_ensemble=None):
-        views = self.teacher_views()
-        teacher = teachers[0]                                            # logits [V, B, C], hint [V, B, ...]
-        return [{"teacher_logits": teacher["logits"][views.index(self.view_index(i))],
-                 "teacher_hint": teacher["hint"][views.index(self.view_index(i))]} for i in range(len(peers))]
+        teacher_logits = self.teacher_logits(hyper, teachers)            # [V, B, C]; each hint [V, B, ...]
+        targets = []
+        for i in range(len(peers)):
+            hints = [self.for_peer(t["hint"], i) for t in teachers]      # shapes may differ between teachers
+            targets.append({"teacher_logits": self.for_peer(teacher_logits, i),
+                            "teacher_hint": hints[0] if len(hints) == 1 else hints})
+        return targets
 
     def distill_terms(self, hyper, outputs, labels, targets):
-        terms = {"hint": hint_loss(outputs["adapted_hint"], targets["teacher_hint"]),
+        adapted, hints = per_teacher(outputs["adapted_hint"]), per_teacher(targets["teacher_hint"])
+        if len(adapted) != len(hints):
+            raise ValueError(f"{len(adapted)} adapted hints for {len(hints)} teachers' hints")
+        terms = {"hint": mean_over_teachers([hint_loss(a, h) for a, h in zip(adapted, hints)]),
                  "kd": self.distill(outputs["logits"], targets["teacher_logits"], hyper["temperature"])}
         if self.config.at_weight:
-            terms["at"] = attention_transfer_loss(outputs["hint"], targets["teacher_hint"])
+            terms["at"] = mean_over_teachers([attention_transfer_loss(outputs["hint"], h) for h in hints])
         return terms

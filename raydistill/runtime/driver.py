@@ -68,7 +68,7 @@ class RayWorkers:
         self.transport = placement.resolve_transport(config)
         self.layout = placement.layout(config, self.transport, driver_cpus)
         self.members = self.layout.members
-        self.num_teachers = 1 if config.teacher is not None else 0
+        self.num_teachers = config.num_teachers
         self.owns_group = group is None
         tic = time.perf_counter()
         if group is None:
@@ -259,7 +259,7 @@ class RayWorkers:
         return report
 
     def prepare_epoch(self, epoch: int) -> None:
-        if self.num_teachers and self.config.teacher.cache:
+        if any(t.cache for t in self.config.teacher_list):
             self._get_all([w.prepare_epoch.remote(epoch) for w in self.workers])
 
     def evaluate(self, split: str) -> dict:

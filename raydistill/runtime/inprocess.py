@@ -16,7 +16,7 @@ class InProcessWorkers:
     def __init__(self, config, spec, arrays):
         torch.set_num_threads(config.resources.threads_per_peer)
         self.config = config
-        self.num_teachers = 1 if config.teacher is not None else 0
+        self.num_teachers = config.num_teachers
         members = Members(tuple(range(config.num_peers)), tuple(range(self.num_teachers)))
         self.worker = Worker(config, arrays, spec, members)
 

@@ -15,7 +15,7 @@ from raydistill.config import Config, check_data_fits, dump_config, load_config
 from raydistill.engine.checkpoint import check_compatible, load_latest_checkpoint
 from raydistill.engine.data import load_run_data
 from raydistill.engine.storage import resolve_storage
-from raydistill.engine.teacher import load_teacher_weights
+from raydistill.engine.teacher import check_teachers
 from raydistill.errors import ConfigError
 from raydistill.runtime.inprocess import InProcessWorkers
 from raydistill.runtime.loop import Console, Run, RunResult
@@ -83,7 +83,7 @@ def train(config=None, output=None, *, overrides=None, runtime: str = "ray", res
         if from_checkpoint is not None:
             resume_state, _ = load_latest_checkpoint(from_checkpoint, config.num_peers, single=True)
 
-    if config.teacher is not None:
+    if config.teacher_list:
         config = _absolute_teacher_paths(config, run_dir)
     # everything that can be refused is checked before Ray starts and before the run directory is written
     check_writable(run_dir)
@@ -93,11 +93,7 @@ def train(config=None, output=None, *, overrides=None, runtime: str = "ray", res
     check_data_fits(config, len(arrays["train_y"]))
     if resume_state is not None:
         check_compatible(config, spec, resume_state, str(resume or from_checkpoint))
-    if config.teacher is not None:
-        from raydistill.models import build_model
-
-        load_teacher_weights(build_model(config.teacher.arch, spec, **config.teacher.options),
-                             config.teacher.checkpoint, config.teacher.arch)
+    check_teachers(config, spec)                            # every teacher's weights and hint layer
     started = False
     if runtime == "ray":
         from raydistill.runtime import session
@@ -138,15 +134,16 @@ def train(config=None, output=None, *, overrides=None, runtime: str = "ray", res
 
 
 def _absolute_teacher_paths(config, run_dir: Path):
-    """The actors read the teacher's checkpoint and cache, and they run in the folder their cluster was started in,
-    not in this one: the paths become absolute here (as Tune's trials do). ``cache: true`` is the run's own folder."""
+    """The actors read the teachers' checkpoints and caches, and they run in the folder their cluster was started in,
+    not in this one: the paths become absolute here (as Tune's trials do). ``cache: true`` is the run's own folder
+    (each teacher j writes its own ``teacher_cache/teacher{j}``)."""
     config = copy.deepcopy(config)
-    teacher = config.teacher
-    teacher.checkpoint = os.path.abspath(teacher.checkpoint)
-    if teacher.cache is True:
-        teacher.cache = str(run_dir.resolve() / "teacher_cache")
-    elif isinstance(teacher.cache, str) and teacher.cache:
-        teacher.cache = os.path.abspath(teacher.cache)
+    for teacher in config.teacher_list:
+        teacher.checkpoint = os.path.abspath(teacher.checkpoint)
+        if teacher.cache is True:
+            teacher.cache = str(run_dir.resolve() / "teacher_cache")
+        elif isinstance(teacher.cache, str) and teacher.cache:
+            teacher.cache = os.path.abspath(teacher.cache)
     return config
 
 

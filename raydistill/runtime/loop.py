@@ -81,7 +81,7 @@ class Run:
         self.console = console
         self.method = build_method(config)
         self.steps = num_steps(len(arrays["train_y"]), config.train.batch_size)
-        self.reports = Reports(config, self.method, spec, len(arrays["val_y"]) > 0, workers.num_teachers)
+        self.reports = Reports(config, self.method, spec, len(arrays["val_y"]) > 0)
         self.state = LoopState()
         self.position = (0, 0)                 # (epoch, step) the workers reach with the current call
 

@@ -39,7 +39,7 @@ def local_cores() -> int:
 
 def members_per_worker(config) -> int:
     r = config.resources
-    total = config.num_peers + (1 if config.teacher is not None else 0)
+    total = config.num_peers + config.num_teachers
     if r.peers_per_worker is not None:
         return r.peers_per_worker
     if r.gpus_per_peer > 0:
@@ -50,10 +50,11 @@ def members_per_worker(config) -> int:
 
 
 def worker_members(config) -> list[Members]:
-    """Contiguous runs of members. GPU peers never share a worker with the teacher (it has its own GPU share)."""
+    """Contiguous runs of members. GPU peers never share a worker with a teacher (each teacher has its own GPU
+    share, ``gpus_per_teacher``, and its own worker)."""
     per = members_per_worker(config)
     peers = list(range(config.num_peers))
-    teachers = [0] if config.teacher is not None else []
+    teachers = list(range(config.num_teachers))
     gpu = config.resources.gpus_per_peer > 0 or (config.resources.gpus_per_teacher or 0) > 0
     if gpu and config.resources.peers_per_worker is None:
         groups = [Members(tuple(peers[i:i + per])) for i in range(0, len(peers), per)]
@@ -112,8 +113,8 @@ def check_capacity(config, cluster: dict[str, float], nodes: list[dict] | None =
     r = config.resources
     found = bundles(config)
     if need.get("GPU", 0) > cluster.get("GPU", 0) + 1e-9:
-        holders = config.num_peers + (1 if config.teacher is not None else 0)
-        teacher_gpus = (r.gpus_per_teacher or 0) if config.teacher is not None else 0
+        holders = config.num_peers + config.num_teachers
+        teacher_gpus = (r.gpus_per_teacher or 0) if config.num_teachers else 0
         asking = [name for name, value in (("gpus_per_peer", r.gpus_per_peer), ("gpus_per_teacher", teacher_gpus))
                   if value > 0 and not (name == "gpus_per_teacher" and value == r.gpus_per_peer)]
         raise ConfigError(f"resources.{asking[0]}", getattr(r, asking[0]),

@@ -70,12 +70,11 @@ def figures(evaluation: dict | None, kind: str, index: int) -> dict:
 
 
 class Reports:
-    def __init__(self, config, method, spec, has_val: bool, num_teachers: int):
+    def __init__(self, config, method, spec, has_val: bool):
         self.config = config
         self.method = method
         self.spec = spec
         self.has_val = has_val
-        self.num_teachers = num_teachers
         self.metric, self.mode = primary_metric(config.task)
 
     # ---- the models and the choices made among them ------------------------------------------------------------
@@ -83,7 +82,7 @@ class Reports:
         models = [Model("peer", i, p.arch) for i, p in enumerate(self.config.peers)]
         if self.method.uses_ema_teacher:
             models += [Model("ema_teacher", i, p.arch) for i, p in enumerate(self.config.peers)]
-        models += [Model("teacher", i, self.config.teacher.arch) for i in range(self.num_teachers)]
+        models += [Model("teacher", j, t.arch) for j, t in enumerate(self.config.teacher_list)]
         if self.config.num_peers > 1:
             models.append(Model("ensemble", 0, "ensemble"))
         return models
@@ -189,8 +188,8 @@ class Reports:
         ema_teachers = [{"index": i, "name": model_name("ema_teacher", i), "arch": p.arch,
                          "node": nodes["peers"][i], **self.model_summary(history, "ema_teacher", i)}
                         for i, p in enumerate(self.config.peers)] if self.method.uses_ema_teacher else []
-        teachers = [{"index": i, "arch": self.config.teacher.arch, "node": nodes["teachers"][i],
-                     **self.model_summary(history, "teacher", i)} for i in range(self.num_teachers)]
+        teachers = [{"index": j, "name": model_name("teacher", j), "arch": t.arch, "node": nodes["teachers"][j],
+                     **self.model_summary(history, "teacher", j)} for j, t in enumerate(self.config.teacher_list)]
         summary = {"name": self.config.name, "method": self.config.method.name, "dataset": self.config.data.name,
                    "task": self.config.task, "runtime": runtime, "transport": transport,
                    "epochs_completed": state.epochs_completed, "epochs": self.config.train.epochs,
