@@ -1,21 +1,15 @@
 """load_model(): a trained model without Ray — a torch.nn.Module in eval mode over float images in [0, 1], NCHW."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 
 from raydistill.data import DataSpec
+from raydistill.engine.manifest import model_file, read_manifest
 from raydistill.errors import ConfigError
 from raydistill.models import build_model
 
 
-def read_manifest(run_dir) -> dict:
-    path = Path(run_dir) / "export" / "manifest.json"
-    if not path.is_file():
-        raise ConfigError("run_dir", str(run_dir), "has no export/manifest.json (the run has not finished)")
-    return json.loads(path.read_text())
 
 
 def load_model(run_dir, peer: int | None = None, name: str | None = None, device: str = "cpu") -> torch.nn.Module:
@@ -40,7 +34,7 @@ def load_model(run_dir, peer: int | None = None, name: str | None = None, device
     entry = models[name]
     spec = DataSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["spec"].items()})
     model = build_model(entry["arch"], spec, **entry["options"])
-    state = torch.load(Path(run_dir) / "export" / entry["file"], map_location="cpu", weights_only=True)
+    state = torch.load(model_file(run_dir, entry), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.requires_grad_(False).to(device).eval()
 

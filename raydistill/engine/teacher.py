@@ -5,13 +5,13 @@ built from ``config.teacher_list[j]``, and every error about it names where it i
 ``teachers.1.checkpoint``)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from raydistill.engine.hints import Hint, teacher_hint_layers
+from raydistill.engine.manifest import deployed_entry, manifest_path, model_file, read_manifest
 from raydistill.engine.peer import DataView, autocast, pick_device
 from raydistill.engine.teacher_cache import CachedTeacher
 from raydistill.errors import ConfigError
@@ -28,15 +28,13 @@ def load_teacher_weights(model: torch.nn.Module, checkpoint: str, arch: str, fie
     where = f"{field}.checkpoint"
     path = Path(checkpoint)
     if path.is_dir():
-        manifest_path = path / "export" / "manifest.json"
-        if not manifest_path.exists():
+        if not manifest_path(path).is_file():
             raise ConfigError(where, checkpoint, "is a directory without export/manifest.json "
                               "(give a finished raydistill run directory or a .pt file)")
-        manifest = json.loads(manifest_path.read_text())
-        entry = manifest["models"][manifest["deploy"]["name"]]
+        entry = deployed_entry(read_manifest(path, where))
         if entry["arch"] != arch:
             raise ConfigError(where, checkpoint, f"holds a {entry['arch']} model, but {field}.arch is {arch}")
-        path = path / "export" / entry["file"]
+        path = model_file(path, entry)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 — any unreadable file gets the same one-line answer

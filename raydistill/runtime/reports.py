@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from raydistill.engine.evaluation import primary_metric
-from raydistill.engine.recorder import write_json
+from raydistill.engine.manifest import write_export
 
-MANIFEST = "manifest.json"
-EXPORT_DIR = "export"
 
 
 @dataclass
@@ -209,22 +205,8 @@ class Reports:
     # ---- export ------------------------------------------------------------------------------------------------
     def write_export(self, run_dir: Path, states: dict, deploy: dict) -> None:
         """Writes export/ (models loadable without Ray: state dicts and a manifest), atomically."""
-        import torch
-
-        tmp, final = Path(run_dir) / ".export.tmp", Path(run_dir) / EXPORT_DIR
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        models = {}
-        for name, entry in states.items():
-            settings = self.config.peers[entry["index"]]
-            torch.save(entry["state"], tmp / f"{name}.pt")
-            models[name] = {"kind": entry["kind"], "index": entry["index"], "arch": settings.arch,
-                            "options": settings.options, "file": f"{name}.pt"}
-        manifest = {"spec": dataclasses.asdict(self.spec), "task": self.config.task, "models": models,
-                    "deploy": deploy, "input": "float images in [0, 1], NCHW (normalization is inside the model)"}
-        write_json(tmp / MANIFEST, manifest)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        write_export(run_dir, dataclasses.asdict(self.spec), self.config.task, states,
+                     lambda index: self.config.peers[index], deploy)
 
     # ---- console -----------------------------------------------------------------------------------------------
     def epoch_line(self, record: dict) -> str:
