@@ -39,7 +39,7 @@ from raydistill.data.views import batch_indices, make_view
 from raydistill.engine.checkpoint import list_checkpoints, load_latest_checkpoint
 from raydistill.engine.data import load_run_data
 from raydistill.runtime.inprocess import InProcessWorkers
-from raydistill.runtime.loop import Console, Run
+from raydistill.runtime.loop import Console, Run, WorkerLost
 from raydistill.seeding import generator
 from tests.conftest import tiny_dml
 from tests.test_runtime import assert_same_parameters, final_parameters, tensorboard_scalars
@@ -58,10 +58,10 @@ ROLLBACK_LINE = ("train.health (non_finite): non-finite loss at epoch 4 step 0 o
                  "of at most 1)")
 
 
-def drill_data():
+def drill_data(**overrides):
     """(config, spec, arrays, poisoned index): the digits arrays as floats with one training sample set to inf, a
     sample that epoch 4's first attempt draws and no other attempt of the run does (epochs 1-3, replays of 3-4)."""
-    config = raydistill.load_config(DRILL)
+    config = raydistill.load_config(DRILL, overrides)
     spec, arrays = load_run_data(config)
     n, size = len(arrays["train_y"]), config.train.batch_size
 
@@ -125,18 +125,43 @@ def test_a_failure_of_one_data_order_rolls_back_replays_in_another_and_finishes(
 
 
 @pytest.mark.timeout(300)
-def test_the_drill_through_ray_rolls_back_the_same_way(ray_session, drill, tmp_path):
+@pytest.mark.parametrize("transport", ["collective", "object_store"])
+def test_the_drill_through_ray_rolls_back_the_same_way(ray_session, drill, tmp_path, transport):
     from raydistill.runtime.driver import RayWorkers
 
-    config, spec, arrays, _ = drill_data()
+    config, spec, arrays, _ = drill_data(**{"resources.transport": transport})
     workers = RayWorkers(config, spec, arrays)
     try:
         summary, text = run_drill(workers, config, spec, arrays, tmp_path / "ray", "ray")
     finally:
         workers.shutdown()
-    assert summary["runtime"] == "ray" and summary["transport"] == "collective"
+    assert summary["runtime"] == "ray" and summary["transport"] == transport
     assert_reports_the_rollback(tmp_path / "ray", summary, text)
     assert_same_parameters(final_parameters(tmp_path / "ray", 3), final_parameters(drill[0], 3))
+
+
+class LosesAWorkerInTheReplay(InProcessWorkers):
+    """The in-process workers, except that the first call of a replayed epoch reports a lost worker after it ran (the
+    loop's recovery drill, as tests/test_runtime.py's LosesAWorkerOnce; real killed processes: test_failures.py)."""
+
+    fired = False
+
+    def run_steps(self, epoch, first, count, replay=0):
+        report = super().run_steps(epoch, first, count, replay)
+        if replay and not self.fired:
+            self.fired = True
+            raise WorkerLost("drill")
+        return report
+
+
+def test_a_worker_lost_during_a_replay_replays_it_again_with_the_same_order(drill, tmp_path):
+    config, spec, arrays, _ = drill_data()
+    workers = LosesAWorkerInTheReplay(config, spec, arrays)
+    summary, text = run_drill(workers, config, spec, arrays, tmp_path / "lost", "inprocess")
+    assert workers.fired and summary["restarts"] == 1 and summary["steps_redone"] == 1
+    assert "rolled back to epoch 3 step 0 (1 steps to redo)" in text     # the replayed epoch 3, from its start
+    assert summary["rollbacks"] == drill[1]["rollbacks"]           # the same replay, not a second rollback
+    assert_same_parameters(final_parameters(tmp_path / "lost", 3), final_parameters(drill[0], 3))
 
 
 class Killed(Exception):

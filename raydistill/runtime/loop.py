@@ -312,7 +312,7 @@ class Run:
     def stop(self, decision: Decision) -> TrainingError:
         """The error that ends the run, naming the rule that fired and the command that goes on; with train.health,
         summary.json says so too (its rollbacks among the rest)."""
-        if self.health.health is None:
+        if self.config.train.health is None:            # the stop a non-finite loss has always been
             return TrainingError(f"{decision.reason}; the run stopped. Lower train.lr or method.temperature: "
                                  f"{self.kept()}, e.g. with --set train.lr=...")
         if self.state.history:
