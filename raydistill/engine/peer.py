@@ -64,7 +64,7 @@ class DataView:
 
     def view(self, idx, epoch: int, step: int, view_index: int, replay: int = 0) -> torch.Tensor:
         return make_view(self.x["train"][idx], self.config.seed, epoch, step, view_index, self.crop_pad, self.flip,
-                         replay)
+                         replay=replay)
 
     @torch.no_grad()
     def predict(self, model: torch.nn.Module, split: str) -> np.ndarray:
