@@ -15,7 +15,8 @@ This test covers:
   ``action: stop`` stops at once, on the consistency rule and on a non-finite loss;
 - a watch that never fires changes nothing: the parameters of the run without train.health, tolerance 0;
 - every member of a run draws the same batch for a replay, a replay's batches and views differ from the first
-  attempt's, and a first attempt's are the numbers of a run without train.health;
+  attempt's, and a first attempt's are the numbers of a run without train.health; a cached teacher runs live for a
+  replay (its cache holds first attempts only);
 - the absorption rate in metrics.parquet equals its hand computation from the run's val figures and logged weights;
   None at epoch 1 and where the distillation weight is 0;
 - each train.health refusal is one line naming the field, the value and what is allowed.
@@ -38,6 +39,8 @@ from raydistill.cli import main
 from raydistill.data.views import batch_indices, make_view
 from raydistill.engine.checkpoint import list_checkpoints, load_latest_checkpoint
 from raydistill.engine.data import load_run_data
+from raydistill.engine.teacher import Teacher
+from raydistill.models import build_model
 from raydistill.runtime.inprocess import InProcessWorkers
 from raydistill.runtime.loop import Console, Run, WorkerLost
 from raydistill.seeding import generator
@@ -279,6 +282,24 @@ def test_every_member_draws_the_same_replayed_batch_and_a_first_attempt_keeps_it
     first = make_view(x, config.seed, 1, 2, 0, crop_pad=1, flip=True)
     assert torch.equal(first, make_view(x, config.seed, 1, 2, 0, crop_pad=1, flip=True, replay=0))
     assert not torch.equal(first, make_view(x, config.seed, 1, 2, 0, crop_pad=1, flip=True, replay=1))
+
+
+def test_a_cached_teacher_runs_live_for_a_replay_and_sees_the_replayed_views(tmp_path):
+    """The cache holds first attempts: a replayed step's targets come from the live teacher on the replay's views."""
+    spec, arrays = load_run_data(raydistill.load_config(tiny()))
+    torch.manual_seed(0)
+    torch.save(build_model("mlp", spec, hidden=[16]).state_dict(), tmp_path / "teacher.pt")
+    config = raydistill.load_config(tiny(**{
+        "method.name": "kd", "peers": 2, "method.per_peer_views": True,
+        "teacher": {"arch": "mlp", "options": {"hidden": [16]}, "checkpoint": str(tmp_path / "teacher.pt"),
+                    "cache": str(tmp_path / "cache")}}))
+    teacher = Teacher(0, config, arrays, spec)
+    first = teacher.forward(1, 2)["logits"]
+    np.testing.assert_array_equal(first, teacher.live_forward(1, 2)["logits"])
+    assert teacher.cache.computed_epochs == [1]                          # the first attempt came from the cache
+    replayed = teacher.forward(1, 2, replay=1)["logits"]
+    np.testing.assert_array_equal(replayed, teacher.live_forward(1, 2, replay=1)["logits"])
+    assert not np.array_equal(replayed, first) and teacher.cache.computed_epochs == [1]
 
 
 # ---- the knowledge absorption rate ---------------------------------------------------------------------------------
