@@ -26,6 +26,7 @@ SCHEDULES = ("cosine", "step", "constant", "onecycle")
 ONECYCLE_DEFAULTS = {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4}   # torch OneCycleLR's
 OPTIMIZERS = ("sgd", "adam", "adamw")
 TASKS = ("classification", "regression")
+HEALTH_ACTIONS = ("rollback", "stop")
 
 
 @dataclass
@@ -93,6 +94,15 @@ class MethodConfig:
 
 
 @dataclass
+class HealthConfig:
+    """train.health: the health watch (runtime/health.py). Absent or null: off, and a non-finite loss stops the run."""
+    max_consistency: Union[float, None] = None   # bound on the peers' validation consistency (null: not watched)
+    patience: int = 1                   # epochs in a row above max_consistency before the rule fires
+    action: str = "rollback"            # rollback (to the last good checkpoint, data re-seeded) | stop
+    max_rollbacks: int = 3              # rollbacks a run may take; the next unhealthy stretch stops it
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 20
     batch_size: int = 64
@@ -120,6 +130,7 @@ class TrainConfig:
     grad_clip: Union[float, None] = None  # clip the gradient's global L2 norm to this (null: no clipping)
     accumulate_steps: int = 1           # optimizer step every N steps, on the mean gradient of their batches
     bf16: bool = False                  # bfloat16 autocast of the forward passes on a GPU (ignored on a CPU)
+    health: Union[HealthConfig, None] = None   # the health watch: {max_consistency, patience, action, max_rollbacks}
 
 
 @dataclass
@@ -213,6 +224,9 @@ def _coerce(tp, value, path):
     if origin is Union:
         if value is None and type(None) in args:
             return None
+        choices = [a for a in args if a is not type(None)]
+        if len(choices) == 1 and dataclasses.is_dataclass(choices[0]):
+            return _coerce(choices[0], value, path)     # an optional section: its own error names the inner field
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -568,6 +582,28 @@ def _check_train(config: Config) -> None:
         raise ConfigError("data.pad_mode", config.data.pad_mode, f"one of: {', '.join(PAD_MODES)}")
     if t.optimizer not in OPTIMIZERS:
         raise ConfigError("train.optimizer", t.optimizer, f"one of: {', '.join(OPTIMIZERS)}")
+    if t.health is not None:
+        _check_health(config)
+
+
+def _check_health(config: Config) -> None:
+    h = config.train.health
+    if h.action not in HEALTH_ACTIONS:
+        raise ConfigError("train.health.action", h.action, f"one of: {', '.join(HEALTH_ACTIONS)}")
+    if h.patience < 1:
+        raise ConfigError("train.health.patience", h.patience, "must be >= 1 (epochs in a row)")
+    if h.max_rollbacks < 0:
+        raise ConfigError("train.health.max_rollbacks", h.max_rollbacks, "must be >= 0 (0: stop at the first)")
+    if h.max_consistency is None:
+        return
+    if not _positive(h.max_consistency):
+        raise ConfigError("train.health.max_consistency", h.max_consistency, "must be a finite number > 0, or null")
+    if config.task != "classification" or config.num_peers < 2:
+        raise ConfigError("train.health.max_consistency", h.max_consistency,
+                          "needs 2 or more peers of a classification task (consistency is their mean pairwise KL)")
+    if config.data.val_fraction == 0:
+        raise ConfigError("train.health.max_consistency", h.max_consistency,
+                          "needs a validation split (data.val_fraction > 0): the test split never decides a rollback")
 
 
 def _check_resources(config: Config) -> None:

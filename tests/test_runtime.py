@@ -77,8 +77,8 @@ def test_metrics_tensorboard_and_summary_agree(ray_run):
                 tag = f"{row['model']}/{column.replace('_', '/', 1)}"
                 assert (row["epoch"], pytest.approx(row[column], abs=1e-6)) in \
                     [(step, pytest.approx(v, abs=1e-6)) for step, v in scalars[tag]], tag
-    for tag, points in scalars.items():
-        assert [step for step, _ in points] == [1, 2], tag                 # one point per epoch, no duplicate
+    for tag, points in scalars.items():                                  # one point per epoch, no duplicate
+        assert [step for step, _ in points] == ([2] if tag.endswith("/absorption") else [1, 2]), tag
     last = metrics[metrics.epoch == 2].set_index("model")
     for i, peer in enumerate(summary["peers"]):
         assert peer["val_acc"] == pytest.approx(last.loc[f"peer{i}", "val_acc"])
@@ -197,8 +197,8 @@ class LosesAWorkerOnce(InProcessWorkers):
         super().__init__(*args)
         self.at, self.fired = at, False
 
-    def run_steps(self, epoch, first, count):
-        report = super().run_steps(epoch, first, count)
+    def run_steps(self, epoch, first, count, replay=0):
+        report = super().run_steps(epoch, first, count, replay)
         if not self.fired and epoch == self.at[0] and first <= self.at[1] < first + count:
             self.fired = True
             raise WorkerLost("drill")

@@ -3,6 +3,9 @@
 Every peer draws the same sample indices from (seed, epoch), and its own augmentation from
 (seed, epoch, step, view index), so any process can rebuild exactly the batch and the view a peer saw. Random numbers
 are drawn on the CPU and then moved to the data's device, so a GPU run augments like a CPU run.
+
+An epoch replayed after a health rollback (``train.health``) draws both from its replay number as well:
+(seed, epoch) becomes (seed, epoch, replay) for replay >= 1 only, so a run without rollbacks keeps its numbers.
 """
 from functools import lru_cache
 
@@ -13,14 +16,20 @@ from raydistill.errors import ConfigError
 from raydistill.seeding import generator
 
 
+def replay_parts(replay: int) -> tuple:
+    """What a replay adds to a seed's parts: nothing for a first attempt (replay 0), so its numbers never change."""
+    return ("replay", replay) if replay else ()
+
+
 @lru_cache(maxsize=4)
-def _permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    return torch.randperm(n, generator=generator(seed, "epoch", epoch))
+def _permutation(seed: int, epoch: int, n: int, replay: int = 0) -> torch.Tensor:
+    return torch.randperm(n, generator=generator(seed, "epoch", epoch, *replay_parts(replay)))
 
 
-def epoch_indices(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The sample order of an epoch: a permutation of range(n), the same in every process."""
-    return _permutation(seed, epoch, n).clone()
+def epoch_indices(seed: int, epoch: int, n: int, replay: int = 0) -> torch.Tensor:
+    """The sample order of an epoch (of its ``replay``-th replay): a permutation of range(n), the same in every
+    process."""
+    return _permutation(seed, epoch, n, replay).clone()
 
 
 def num_steps(n: int, batch_size: int) -> int:
@@ -32,13 +41,13 @@ def num_steps(n: int, batch_size: int) -> int:
     return max(1, n // batch_size)
 
 
-def batch_indices(seed: int, epoch: int, step: int, n: int, batch_size: int) -> torch.Tensor:
+def batch_indices(seed: int, epoch: int, step: int, n: int, batch_size: int, replay: int = 0) -> torch.Tensor:
     """Sample indices of one step: the step-th slice of the epoch's permutation (min(batch_size, n) of them)."""
     steps = num_steps(n, batch_size)
     if not 0 <= step < steps:
         raise ConfigError("step", step, f"a step of the epoch, 0..{steps - 1}")
     size = min(batch_size, n)
-    return _permutation(seed, epoch, n)[step * size : (step + 1) * size].clone()
+    return _permutation(seed, epoch, n, replay)[step * size : (step + 1) * size].clone()
 
 
 def to_float(x) -> torch.Tensor:
@@ -63,15 +72,15 @@ def reflect_index(index: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def make_view(x_uint8, seed: int, epoch: int, step: int, view_index: int, crop_pad: int, flip: bool,
-              pad_mode: str = "zeros") -> torch.Tensor:
+              pad_mode: str = "zeros", replay: int = 0) -> torch.Tensor:
     """One augmented view of a batch [N, C, H, W]: pad by crop_pad, random crop back to H x W, then horizontal flip
     with p=0.5, each per sample; returns float32 in [0, 1] on the batch's device.
 
     pad_mode: ``zeros`` (torchvision's ``RandomCrop(32, padding=4)``, the default of most CIFAR codes) or ``reflect``
     (``F.pad(mode="reflect")``: "random crops from image padded by 4 pixels on each side, filling missing pixels with
     reflections of original image", Zagoruyko & Komodakis 2016, the recipe DML (Zhang et al. 2018) follows).
-    The crop offsets and flip bits are drawn on the CPU from generator(seed, "view", epoch, step, view_index), always
-    in the same order whatever the pad mode, and the crop and flip are one gather, so no loop runs over samples and a
+    The crop offsets and flip bits are drawn on the CPU from generator(seed, "view", epoch, step, view_index) (and the
+    replay number of a replayed epoch), always in the same order whatever the pad mode, and the crop and flip are one gather, so no loop runs over samples and a
     GPU view is bit-identical to the CPU one. Reflection pads nothing: it maps the crop's coordinates back into the
     image (``reflect_index``), so uint8 images stay uint8 until the end.
     Float (tabular) input is returned unchanged as float32.
@@ -89,7 +98,7 @@ def make_view(x_uint8, seed: int, epoch: int, step: int, view_index: int, crop_p
     if pad_mode == "reflect" and crop_pad >= min(height, width):
         raise ConfigError("data.crop_pad", crop_pad,
                           f"below the image side ({min(height, width)}) for pad_mode reflect")
-    gen = generator(seed, "view", epoch, step, view_index)
+    gen = generator(seed, "view", epoch, step, view_index, *replay_parts(replay))
     top = torch.randint(0, 2 * crop_pad + 1, (n,), generator=gen)
     left = torch.randint(0, 2 * crop_pad + 1, (n,), generator=gen)
     flipped = torch.randint(0, 2, (n,), generator=gen).bool() & flip

@@ -19,17 +19,28 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, epoch: int, state: dict, keep: int) -> Path:
+def checkpoint_path(run_dir: Path, epoch: int) -> Path:
+    """The folder of the checkpoint after ``epoch`` epochs (epoch_0000: a run's starting state)."""
+    return checkpoint_dir(run_dir) / f"epoch_{epoch:04d}"
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """The number of epochs completed at a checkpoint folder."""
+    return int(PATTERN.match(Path(path).name).group(1))
+
+
+def save_checkpoint(run_dir: Path, epoch: int, state: dict, keep: int, keep_from: int | None = None) -> Path:
     """state: {"peers": [...], "coordinator": {...}, "loop": {json-able}}. epoch = the number of epochs completed.
 
     Written to a temporary folder and renamed. A checkpoint of the same epoch (a rerun after a rollback) is first
     renamed aside, never removed before the new one is in place: a crash at any moment leaves a whole checkpoint
-    of every epoch that had one (list_checkpoints puts a set-aside folder back)."""
+    of every epoch that had one (list_checkpoints puts a set-aside folder back). The newest ``keep`` checkpoints
+    stay, and with ``keep_from`` every one of that epoch or later too (a health rollback's possible targets)."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".epoch_*.tmp"):          # what a crash in the middle of writing left
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"epoch_{epoch:04d}"
+    final = checkpoint_path(run_dir, epoch)
     tmp = root / f".epoch_{epoch:04d}.tmp"
     aside = root / f".epoch_{epoch:04d}.old"
     tmp.mkdir()
@@ -44,8 +55,20 @@ def save_checkpoint(run_dir: Path, epoch: int, state: dict, keep: int) -> Path:
     os.replace(tmp, final)
     shutil.rmtree(aside, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if keep_from is None or checkpoint_epoch(old) < keep_from:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def discard_after(run_dir: Path, epoch: int) -> None:
+    """Removes the checkpoints of later epochs than ``epoch``: an attempt a health rollback abandoned, which a resume
+    must never continue. Each is renamed to a temporary name first (one atomic step; the next save clears them)."""
+    for path in reversed(list_checkpoints(run_dir)):
+        if checkpoint_epoch(path) > epoch:
+            doomed = path.with_name(f".{path.name}.tmp")
+            shutil.rmtree(doomed, ignore_errors=True)        # what a crash in the middle of a save left
+            os.replace(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -82,11 +82,16 @@ class Coordinator:
         if config.method.ensemble == LEARNED_HEAD:
             self.head = EnsembleHead(config, spec.num_classes, num_steps(len(labels["train"]), config.train.batch_size))
 
-    def targets(self, epoch: int, step: int, *outputs: dict) -> list[dict[str, np.ndarray]]:
+    def batch_labels(self, epoch: int, step: int, replay: int = 0) -> np.ndarray:
+        """The labels of a step's batch: the very indices every peer draws (``DataView.batch``)."""
+        idx = batch_indices(self.config.seed, epoch, step, len(self.labels["train"]), self.config.train.batch_size,
+                            replay)
+        return self.labels["train"][idx.numpy()]
+
+    def targets(self, epoch: int, step: int, *outputs: dict, replay: int = 0) -> list[dict[str, np.ndarray]]:
         """outputs: the peers' outputs, then the teachers'. Returns one target dict per peer."""
         peers, teachers = list(outputs[:self.num_peers]), list(outputs[self.num_peers:])
-        idx = batch_indices(self.config.seed, epoch, step, len(self.labels["train"]), self.config.train.batch_size)
-        labels = self.labels["train"][idx.numpy()]
+        labels = self.batch_labels(epoch, step, replay)
         learned = None
         if self.head is not None:
             learned = self.head.step(epoch, step, [p["features"] for p in peers], labels)

@@ -58,13 +58,14 @@ class DataView:
         self.pad_mode = config.data.pad_mode
         self.steps_per_epoch = num_steps(len(self.x["train"]), config.train.batch_size)
 
-    def batch(self, epoch: int, step: int):
-        idx = batch_indices(self.config.seed, epoch, step, len(self.x["train"]), self.config.train.batch_size)
+    def batch(self, epoch: int, step: int, replay: int = 0):
+        """The step's sample indices; replay: how many times the run rolled back over this epoch (train.health)."""
+        idx = batch_indices(self.config.seed, epoch, step, len(self.x["train"]), self.config.train.batch_size, replay)
         return idx.to(self.device)
 
-    def view(self, idx, epoch: int, step: int, view_index: int) -> torch.Tensor:
+    def view(self, idx, epoch: int, step: int, view_index: int, replay: int = 0) -> torch.Tensor:
         return make_view(self.x["train"][idx], self.config.seed, epoch, step, view_index, self.crop_pad, self.flip,
-                         self.pad_mode)
+                         self.pad_mode, replay=replay)
 
     @torch.no_grad()
     def predict(self, model: torch.nn.Module, split: str) -> np.ndarray:
@@ -122,11 +123,12 @@ class Peer:
         return make_optimizer(self.config.train, self.parameters(), self.settings.lr)
 
     # ---- the step protocol ---------------------------------------------------------------------------------------
-    def forward(self, epoch: int, step: int) -> dict[str, np.ndarray]:
-        """Runs the model on this peer's view of the step's batch; keeps the graph for learn(); returns detached outputs."""
+    def forward(self, epoch: int, step: int, replay: int = 0) -> dict[str, np.ndarray]:
+        """Runs the model on this peer's view of the step's batch (of the epoch's ``replay``-th replay); keeps the graph
+        for learn(); returns detached outputs."""
         self.self_teacher.before_forward(epoch)
-        idx = self.data.batch(epoch, step)
-        x = self.data.view(idx, epoch, step, self.view_index)
+        idx = self.data.batch(epoch, step, replay)
+        x = self.data.view(idx, epoch, step, self.view_index, replay)
         seed_device(self.device, self.config.seed, "forward", self.index, epoch, step)   # dropout, in any order
         self.model.train()
         with self.autocast():

@@ -107,20 +107,20 @@ class Teacher:
         folder = cache_folder(config, index)
         self.cache = CachedTeacher(self, Path(folder) / f"teacher{index}") if folder else None
 
-    def forward(self, epoch: int, step: int) -> dict[str, np.ndarray]:
+    def forward(self, epoch: int, step: int, replay: int = 0) -> dict[str, np.ndarray]:
         """The teacher's outputs for each view the peers train on at this step: logits [V, B, C] (and its hint
         features [V, B, ...] where the method asks for them), from the cache when there is one."""
-        if self.cache is not None:
+        if self.cache is not None and not replay:       # the cache holds first attempts only, never a replay's order
             return self.cache.forward(epoch, step)
-        return self.live_forward(epoch, step)
+        return self.live_forward(epoch, step, replay)
 
     @torch.no_grad()
-    def live_forward(self, epoch: int, step: int) -> dict[str, np.ndarray]:
-        idx = self.data.batch(epoch, step)
+    def live_forward(self, epoch: int, step: int, replay: int = 0) -> dict[str, np.ndarray]:
+        idx = self.data.batch(epoch, step, replay)
         outputs = {name: [] for name in self.output_names}
         for v in self.views:
             with autocast(self.device, self.config.train.bf16):
-                outputs["logits"].append(self.model(self.data.view(idx, epoch, step, v)).float())
+                outputs["logits"].append(self.model(self.data.view(idx, epoch, step, v, replay)).float())
             if self.hint is not None:
                 outputs["hint"].append(self.hint.value.float())
         return {name: torch.stack(values).cpu().numpy() for name, values in outputs.items()}

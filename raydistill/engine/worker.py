@@ -99,21 +99,24 @@ class Worker:
         self.exchange = exchange or LocalExchange()
 
     # ---- the two halves of a step (the object-store transport drives them one by one) ------------------------------
-    def forward(self, epoch: int, step: int) -> list[dict]:
-        """The local members' outputs: each peer's dict of arrays, then each teacher's."""
-        return [p.forward(epoch, step) for p in self.peers] + [t.forward(epoch, step) for t in self.teachers]
+    def forward(self, epoch: int, step: int, replay: int = 0) -> list[dict]:
+        """The local members' outputs: each peer's dict of arrays, then each teacher's. replay: the epoch's replay
+        number after health rollbacks (it re-seeds the batch and the views; 0 for a first attempt)."""
+        return ([p.forward(epoch, step, replay) for p in self.peers]
+                + [t.forward(epoch, step, replay) for t in self.teachers])
 
     def learn(self, epoch: int, step: int, targets: list[dict]) -> dict[int, dict]:
         """targets: one dict per local peer, in order. Returns each local peer's step metrics by peer index."""
         return {p.index: p.learn(epoch, step, t) for p, t in zip(self.peers, targets)}
 
     # ---- whole calls (a collective exchange, or one process) -------------------------------------------------------
-    def run_steps(self, epoch: int, first: int, count: int) -> CallReport:
-        """Steps first..first+count-1 of an epoch: forward, exchange, targets, learn; figures come back once."""
+    def run_steps(self, epoch: int, first: int, count: int, replay: int = 0) -> CallReport:
+        """Steps first..first+count-1 of an epoch (of its replay-th replay): forward, exchange, targets, learn;
+        figures come back once."""
         report = CallReport()
         for step in range(first, first + count):
-            outputs = self.exchange.gather("step", self.forward(epoch, step))
-            targets = self.coordinator.targets(epoch, step, *outputs)
+            outputs = self.exchange.gather("step", self.forward(epoch, step, replay))
+            targets = self.coordinator.targets(epoch, step, *outputs, replay=replay)
             report.add_step(epoch, step, self.learn(epoch, step, [targets[p.index] for p in self.peers]))
         return report
 

@@ -43,11 +43,11 @@ class WorkerShell(_Shell):
     def leave_group(self) -> None:
         self.worker.set_exchange(None)
 
-    def run_steps(self, epoch, first, count):
-        return self.worker.run_steps(epoch, first, count)
+    def run_steps(self, epoch, first, count, replay=0):
+        return self.worker.run_steps(epoch, first, count, replay)
 
-    def forward(self, epoch, step):
-        return self.worker.forward(epoch, step)
+    def forward(self, epoch, step, replay=0):
+        return self.worker.forward(epoch, step, replay)
 
     def learn(self, epoch, step, targets):
         return self.worker.learn(epoch, step, targets)
@@ -88,9 +88,9 @@ class CoordinatorShell(_Shell):
         self.coordinator = Coordinator(config, labels, spec)
         self.members = members
 
-    def targets(self, epoch, step, *worker_outputs):
+    def targets(self, epoch, step, *worker_outputs, replay=0):
         outputs = [member for outputs in worker_outputs for member in outputs]
-        targets = self.coordinator.targets(epoch, step, *outputs)
+        targets = self.coordinator.targets(epoch, step, *outputs, replay=replay)
         per_worker = [[targets[i] for i in m.peers] for m in self.members]
         return per_worker if len(per_worker) > 1 else per_worker[0]    # num_returns=1 returns the value itself
 

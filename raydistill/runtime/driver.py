@@ -232,21 +232,22 @@ class RayWorkers:
                 pass
 
     # ---- the loop's protocol ----------------------------------------------------------------------------------------
-    def run_steps(self, epoch: int, first: int, count: int) -> CallReport:
+    def run_steps(self, epoch: int, first: int, count: int, replay: int = 0) -> CallReport:
         self.check_restarted()
         if self.transport == "collective":
-            reports = self._get_all([w.run_steps.remote(epoch, first, count) for w in self.workers])
+            reports = self._get_all([w.run_steps.remote(epoch, first, count, replay) for w in self.workers])
             return _merge(reports)
-        return self._drive_steps(epoch, first, count)
+        return self._drive_steps(epoch, first, count, replay)
 
-    def _drive_steps(self, epoch: int, first: int, count: int) -> CallReport:
+    def _drive_steps(self, epoch: int, first: int, count: int, replay: int) -> CallReport:
         """The object-store transport: three rounds of calls per step, at most train.steps_in_flight outstanding."""
         report, pending = CallReport(), deque()
         learners = [w for w, m in zip(self.workers, self.members) if m.peers]
         try:
             for step in range(first, first + count):
-                outputs = [w.forward.remote(epoch, step) for w in self.workers]
-                targets = self.coordinator.targets.options(num_returns=len(learners)).remote(epoch, step, *outputs)
+                outputs = [w.forward.remote(epoch, step, replay) for w in self.workers]
+                targets = self.coordinator.targets.options(num_returns=len(learners)).remote(epoch, step, *outputs,
+                                                                                             replay=replay)
                 targets = targets if len(learners) > 1 else [targets]
                 pending.append((step, [w.learn.remote(epoch, step, t) for w, t in zip(learners, targets)]))
                 while len(pending) > self.config.train.steps_in_flight or (pending and step == first + count - 1):

@@ -5,6 +5,8 @@ workers run this very code, each over its share of the members, with a collectiv
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from raydistill.engine.worker import CallReport, Members, Worker
@@ -23,8 +25,8 @@ class InProcessWorkers:
     def describe(self) -> str:
         return "one process"
 
-    def run_steps(self, epoch: int, first: int, count: int) -> CallReport:
-        return self.worker.run_steps(epoch, first, count)
+    def run_steps(self, epoch: int, first: int, count: int, replay: int = 0) -> CallReport:
+        return self.worker.run_steps(epoch, first, count, replay)
 
     def prepare_epoch(self, epoch: int) -> None:
         self.worker.prepare_epoch(epoch)
@@ -38,6 +40,9 @@ class InProcessWorkers:
                 "coordinator": state["coordinator"]}
 
     def set_state(self, state: dict) -> None:
+        # a copy, as Ray's object store hands its workers: a loaded optimizer keeps the tensors it is given, and
+        # training would change a rollback point kept in memory (its second use would then differ from Ray's)
+        state = copy.deepcopy(state)
         self.worker.load_state_dict({"peers": dict(enumerate(state["peers"])), "coordinator": state["coordinator"]})
 
     def export(self) -> dict:

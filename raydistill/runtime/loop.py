@@ -6,8 +6,9 @@ only: ``run_steps(epoch, first, count)`` runs a call of steps and returns its fi
 finiteness check fall on those boundaries.
 
 Responsibilities, each a method: the epoch loop (``train``), one epoch's calls (``train_epoch``), rollback points
-and recovery from a lost worker (``mark_rollback``, ``recover``), the non-finite stop (``check_finite``). What a run
-reports is ``reports.Reports``'s job.
+and recovery from a lost worker (``mark_rollback``, ``recover``), carrying out the health watch's decisions on a
+non-finite loss or an unhealthy stretch (``check_finite``, ``carry_out``: ``roll_back`` or ``stop``). What a run
+reports is ``reports.Reports``'s job; what is healthy is ``health.HealthWatch``'s.
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raydistill.data.views import num_steps
-from raydistill.engine.checkpoint import latest_checkpoint, save_checkpoint
+from raydistill.engine.checkpoint import (checkpoint_epoch, checkpoint_path, discard_after, latest_checkpoint,
+                                          list_checkpoints, load_checkpoint, save_checkpoint)
 from raydistill.engine.recorder import Recorder
 from raydistill.engine.storage import mirror
 from raydistill.engine.worker import CallReport
 from raydistill.methods import build_method
+from raydistill.runtime.health import Action, Decision, HealthWatch, replay_of
 from raydistill.runtime.reports import LoopState, Reports
 
 
@@ -32,6 +35,14 @@ class TrainingError(RuntimeError):
 
 class WorkerLost(RuntimeError):
     """A worker or the coordinator died (its process or its node), or the group broke; the runtime recovers."""
+
+
+class Unhealthy(Exception):
+    """A call of steps ended unhealthy (a non-finite loss): the epoch stops, and the loop carries out the decision."""
+
+    def __init__(self, decision: Decision):
+        super().__init__(decision.reason)
+        self.decision = decision
 
 
 @dataclass
@@ -82,6 +93,7 @@ class Run:
         self.method = build_method(config)
         self.steps = num_steps(len(arrays["train_y"]), config.train.batch_size)
         self.reports = Reports(config, self.method, spec, len(arrays["val_y"]) > 0)
+        self.health = HealthWatch(config.train.health)
         self.state = LoopState()
         self.position = (0, 0)                 # (epoch, step) the workers reach with the current call
 
@@ -95,6 +107,7 @@ class Run:
         epochs = self.config.train.epochs
         wall_before = self.state.wall_s
         self.mark_rollback(first, 0, self.start(resume_state), CallReport())
+        self.save_start()
         epoch = first
         try:
             while epoch < epochs:
@@ -108,19 +121,26 @@ class Run:
                 except WorkerLost as lost:
                     epoch = self.recover(lost)
                     continue
+                except Unhealthy as unhealthy:
+                    epoch = self.carry_out(unhealthy.decision)
+                    continue
                 train = [figures.peers[i].means() for i in range(self.config.num_peers)]
                 samples = self.steps * self.config.train.batch_size
-                record = self.reports.epoch_record(epoch, train, evaluation, seconds, samples)
+                previous = self.state.history[-1] if self.state.history else None
+                record = self.reports.epoch_record(epoch, train, evaluation, seconds, samples, previous,
+                                                   replay_of(self.state.rollbacks, epoch), len(self.state.rollbacks))
                 self.state.history.append(record)
                 self.state.epochs_completed = epoch + 1
                 self.state.wall_s = wall_before + time.perf_counter() - start
                 recorder.log_epoch(epoch + 1, *self.reports.rows_and_scalars(record))
                 self.console.line(self.reports.epoch_line(record))
+                decision = self.health.after_epoch(self.state, self.checkpoint_epochs())
+                if decision.action is not Action.CONTINUE:     # the epoch's checkpoint is not written
+                    epoch = self.carry_out(decision)
+                    continue
                 checkpoint = None
                 if due:
-                    checkpoint = save_checkpoint(self.run_dir, epoch + 1,
-                                                 {**worker_state, "loop": self.state.to_dict()},
-                                                 self.config.train.keep_checkpoints)
+                    checkpoint = self.save(epoch + 1, worker_state)
                     self.mark_rollback(epoch + 1, 0, worker_state, CallReport())
                     self.mirror()
                 if self.on_epoch is not None:
@@ -172,9 +192,10 @@ class Run:
         self.position = (epoch, start_step)
         self.workers.prepare_epoch(epoch)
         every = self.config.train.checkpoint_every_steps
+        replay = replay_of(self.state.rollbacks, epoch)    # 0 unless a health rollback replays this epoch
         for first, count in self.calls(start_step):
             self.position = (epoch, first + count)         # a call lost midway is counted as redone whole
-            report = self.workers.run_steps(epoch, first, count)
+            report = self.workers.run_steps(epoch, first, count, replay)
             self.check_finite(report)
             figures.merge(report)
             self.console.progress(epoch, self.config.train.epochs, first + count, self.steps)
@@ -188,6 +209,25 @@ class Run:
     def mirror(self) -> None:
         if self.config.train.storage:
             mirror(self.run_dir, self.config.train.storage)
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def save(self, epochs_completed: int, worker_state: dict) -> Path:
+        """The checkpoint after ``epochs_completed`` epochs, with the loop state; pruned to train.keep_checkpoints
+        except the health watch's possible rollback targets."""
+        keep_from = None
+        if self.health.rolls_back:
+            keep_from = self.health.keep_from(self.state, [*self.checkpoint_epochs(), epochs_completed])
+        return save_checkpoint(self.run_dir, epochs_completed, {**worker_state, "loop": self.state.to_dict()},
+                               self.config.train.keep_checkpoints, keep_from)
+
+    def save_start(self) -> None:
+        """With health rollbacks, the run's starting point is on disk too (epoch_0000 for a new run), so that an
+        unhealthy stretch from the first epoch on has a checkpoint to roll back to, after a resume as well."""
+        if self.health.rolls_back and self.state.epochs_completed not in self.checkpoint_epochs():
+            self.save(self.state.epochs_completed, self.rollback.workers)
+
+    def checkpoint_epochs(self) -> list[int]:
+        return [checkpoint_epoch(path) for path in list_checkpoints(self.run_dir)]
 
     # ---- failures ----------------------------------------------------------------------------------------------
     def mark_rollback(self, epoch: int, step: int, worker_state: dict, figures: CallReport) -> None:
@@ -258,10 +298,63 @@ class Run:
                  else "from the beginning (no checkpoint yet)")
         return f"`raydistill train --resume {self.run_dir}` goes on {where}"
 
+    # ---- the health watch's decisions --------------------------------------------------------------------------
     def check_finite(self, report: CallReport) -> None:
         if report.nonfinite:
-            epoch, step, _ = report.nonfinite[0]
-            peers = sorted({peer for e, s, peer in report.nonfinite if (e, s) == (epoch, step)})
-            raise TrainingError(
-                f"non-finite loss at epoch {epoch + 1} step {step} on peer(s) {peers}; the run stopped. Lower "
-                f"train.lr or method.temperature: {self.kept()}, e.g. with --set train.lr=...")
+            raise Unhealthy(self.health.after_nonfinite(report.nonfinite, self.state, self.checkpoint_epochs()))
+
+    def carry_out(self, decision: Decision) -> int:
+        """Rolls back (returns the epoch to continue from) or stops (raises TrainingError)."""
+        if decision.action is Action.ROLLBACK:
+            return self.roll_back(decision)
+        raise self.stop(decision) from None
+
+    def stop(self, decision: Decision) -> TrainingError:
+        """The error that ends the run, naming the rule that fired and the command that goes on; with train.health,
+        summary.json says so too (its rollbacks among the rest)."""
+        if self.config.train.health is None:            # the stop a non-finite loss has always been
+            return TrainingError(f"{decision.reason}; the run stopped. Lower train.lr or method.temperature: "
+                                 f"{self.kept()}, e.g. with --set train.lr=...")
+        if self.state.history:
+            summary = self.reports.summary(self.state, self.runtime, self.workers.transport, self.workers.nodes())
+            summary["stopped"] = {"rule": decision.rule, "reason": decision.reason, "epoch": decision.epoch}
+            self.recorder.write_summary(summary)
+        return TrainingError(f"train.health ({decision.rule}): {decision.reason}; the run stopped: {self.kept()}")
+
+    def roll_back(self, decision: Decision) -> int:
+        """Rolls every worker back to the health watch's target checkpoint and replays from there in a new data order
+        (the rollback joins the loop state, so ``replay_of`` gives the replayed epochs their next replay number).
+        The records of the abandoned epochs are rewound, its checkpoints removed, and the target written again with
+        the new loop state, so a resumed run replays the same way. Returns the epoch to continue from."""
+        point = self.health_point(decision.back_to)
+        rollbacks = [*self.state.rollbacks, decision.event()]
+        self.position = (point.epoch, 0)
+        while True:
+            try:
+                self.workers.set_state(point.workers)
+                break
+            except WorkerLost as lost:
+                self.restart(lost)
+        if self.state.epochs_completed > point.epoch:
+            self.recorder.rewind(point.epoch)
+        restarts, steps_redone = self.state.restarts, self.state.steps_redone
+        self.state = copy.deepcopy(point.loop)
+        self.state.restarts, self.state.steps_redone, self.state.rollbacks = restarts, steps_redone, rollbacks
+        discard_after(self.run_dir, point.epoch)
+        self.save(point.epoch, point.workers)
+        self.mark_rollback(point.epoch, 0, point.workers, CallReport())
+        self.mirror()
+        limit = self.config.train.health.max_rollbacks
+        where = "the run's start" if point.epoch == 0 else f"the end of epoch {point.epoch}"
+        self.console.line(f"train.health ({decision.rule}): {decision.reason}; rolled back to checkpoint "
+                          f"epoch_{point.epoch:04d} ({where}), replaying from epoch {point.epoch + 1} in a new data "
+                          f"order (rollback {len(rollbacks)} of at most {limit})")
+        return point.epoch
+
+    def health_point(self, epoch: int) -> RollbackPoint:
+        """The rollback point of an epoch checkpoint: the one in memory when it is that one, else read from disk."""
+        if (self.rollback.epoch, self.rollback.step) == (epoch, 0):
+            return self.rollback
+        state = load_checkpoint(checkpoint_path(self.run_dir, epoch), self.config.num_peers)
+        return RollbackPoint(epoch, 0, {"peers": state["peers"], "coordinator": state["coordinator"]},
+                             loop=LoopState.from_dict(state["loop"]))

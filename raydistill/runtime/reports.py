@@ -6,6 +6,12 @@ peers' ensemble, each named once (``model_name``): peer0, peer0_ema, teacher0, e
 deployable model are chosen on the validation split; with no validation split (``data.val_fraction: 0``) nothing is
 chosen by a held-out figure: no best epoch is reported, and the deployable model is the candidate with the lowest
 last-epoch training loss, which the summary says.
+
+Each peer's knowledge absorption rate of an epoch is its validation metric's gain over its own previous epoch divided
+by the epoch's distillation weight, alpha_e times the method's ramp w(e) where it has one (pcl, dkel): the factor
+every distillation term of the loss shares (term-specific factors such as dkel's beta or fitnet's hint weight are not
+in it). The gain is signed so that an improvement is positive (a loss-like metric's fall). None at the first epoch,
+without a validation split, and where the weight is 0.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ class LoopState:
     wall_s: float = 0.0
     restarts: int = 0
     steps_redone: int = 0
+    rollbacks: list = field(default_factory=list)     # the health watch's rollbacks: {epoch, rule, reason, back_to}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,9 +126,29 @@ class Reports:
         return {"kind": kind, "index": index, "name": model_name(kind, index), "chosen_by": chosen_by}
 
     # ---- per epoch ---------------------------------------------------------------------------------------------
-    def epoch_record(self, epoch: int, train: list[dict], evaluation: dict, seconds: float, samples: int) -> dict:
-        return {"epoch": epoch, "hyper": self.method.hyper(epoch), "train": train, "val": evaluation["val"],
-                "test": evaluation["test"], "seconds": seconds, "samples_per_s": samples / max(seconds, 1e-9)}
+    def epoch_record(self, epoch: int, train: list[dict], evaluation: dict, seconds: float, samples: int,
+                     previous: dict | None = None, replay: int = 0, rollbacks: int = 0) -> dict:
+        """previous: the record of the epoch before (None at the first); replay: the epoch's replay number after
+        health rollbacks; rollbacks: the health rollbacks of the run so far."""
+        hyper = self.method.hyper(epoch)
+        return {"epoch": epoch, "hyper": hyper, "train": train, "val": evaluation["val"],
+                "test": evaluation["test"], "seconds": seconds, "samples_per_s": samples / max(seconds, 1e-9),
+                "absorption": self.absorption(previous, evaluation["val"], hyper),
+                "replay": replay, "rollbacks": rollbacks}
+
+    @staticmethod
+    def distill_weight(hyper: dict) -> float:
+        """The distillation weight absorption is measured against: alpha_e times the ramp w(e) where there is one."""
+        return hyper["alpha"] * hyper.get("ramp", 1.0)
+
+    def absorption(self, previous: dict | None, val: dict | None, hyper: dict) -> list:
+        """Each peer's validation metric gain over its previous epoch per unit of distillation weight (or None)."""
+        weight = self.distill_weight(hyper)
+        if previous is None or not previous["val"] or not val or weight == 0:
+            return [None] * self.config.num_peers
+        sign = 1.0 if self.mode == "max" else -1.0
+        return [sign * (now[self.metric] - before[self.metric]) / weight
+                for now, before in zip(val["peers"], previous["val"]["peers"])]
 
     def rows_and_scalars(self, record: dict) -> tuple[list[dict], dict]:
         """metrics.parquet rows and TensorBoard scalars of an epoch (numbered from 1 there, as on the console)."""
@@ -129,14 +156,21 @@ class Reports:
         val, test = record["val"] or {}, record["test"]
         if "consistency" in test:
             common["consistency"] = (val or test).get("consistency", test["consistency"])
+        if self.config.train.health is not None:      # which attempt of the epoch this is, and the rollbacks so far
+            common.update(replay=record.get("replay", 0), rollbacks=record.get("rollbacks", 0))
         rows, scalars = [], {f"hyper/{k}": v for k, v in record["hyper"].items()}
         scalars["throughput/samples_per_s"] = record["samples_per_s"]
         if "consistency" in common:
             scalars["consistency"] = common["consistency"]
+        if "rollbacks" in common:
+            scalars.update({"health/replay": common["replay"], "health/rollbacks": common["rollbacks"]})
+        absorption = record.get("absorption") or [None] * self.config.num_peers
         for model in self.models():
             row = {**common, "model": model.name, "kind": model.kind, "index": model.index, "arch": model.arch}
             if model.kind == "peer":
                 row.update({f"train_{k}": v for k, v in record["train"][model.index].items()})
+                row["absorption"] = absorption[model.index]
+                scalars[f"{model.name}/absorption"] = absorption[model.index]
             for split, evaluation in (("val", val), ("test", test)):
                 row.update({f"{split}_{k}": v for k, v in figures(evaluation, model.kind, model.index).items()})
             rows.append(row)
@@ -199,7 +233,8 @@ class Reports:
         train_s = max(state.train_s, 1e-9)
         summary.update(wall_s=state.wall_s, train_samples_per_s=state.samples / train_s,
                        peer_samples_per_s=self.config.num_peers * state.samples / train_s,
-                       restarts=state.restarts, steps_redone=state.steps_redone)
+                       restarts=state.restarts, steps_redone=state.steps_redone,
+                       rollbacks={"count": len(state.rollbacks), "events": list(state.rollbacks)})
         return summary
 
     # ---- export ------------------------------------------------------------------------------------------------
@@ -227,6 +262,8 @@ class Reports:
             parts.append("teacher " + " ".join(f"{t[metric]:.4f}" for t in evaluation["teachers"]))
         parts.append(f"{record['samples_per_s']:.0f} samples/s")
         parts.append(f"{record['seconds']:.1f}s")
+        if record.get("replay"):
+            parts.append(f"replay {record['replay']}")
         return " | ".join(parts)
 
     def final_table(self, summary: dict, run_dir: Path) -> str:
