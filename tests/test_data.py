@@ -21,7 +21,7 @@ from raydistill.data import (
 )
 from raydistill.data.safe_pickle import safe_load
 from raydistill.errors import ConfigError
-from raydistill.seeding import generator
+from tests.conftest import reference_view
 
 CIFAR10_SUBSET = Path(
     os.environ.get("RAYDISTILL_CIFAR10_SUBSET", Path(__file__).resolve().parents[2] / "shared/data/cifar10-subset")
@@ -318,28 +318,11 @@ def test_indices_are_seeded_permutations():
         batch_indices(3, 0, 3, 50, 16)
 
 
-def _reference_view(x, seed, epoch, step, view_index, crop_pad, flip):
-    """Per-sample loop: pad, crop at the drawn offset, then flip if drawn; random numbers in make_view's order."""
-    gen = generator(seed, "view", epoch, step, view_index)
-    n, _, h, w = x.shape
-    top = torch.randint(0, 2 * crop_pad + 1, (n,), generator=gen)
-    left = torch.randint(0, 2 * crop_pad + 1, (n,), generator=gen)
-    flips = torch.randint(0, 2, (n,), generator=gen)
-    out = []
-    for i in range(n):
-        padded = torch.nn.functional.pad(x[i], (crop_pad,) * 4)
-        crop = padded[:, top[i] : top[i] + h, left[i] : left[i] + w]
-        if flip and flips[i]:
-            crop = crop.flip(-1)
-        out.append(crop.float() / 255.0)
-    return torch.stack(out), flips
-
-
 @pytest.mark.parametrize("crop_pad, flip", [(4, True), (1, False), (0, True), (3, True)])
 def test_make_view_equals_per_sample_reference(crop_pad, flip):
     x = torch.randint(0, 256, (64, 3, 6, 5), dtype=torch.uint8)  # H != W catches swapped axes
     view = make_view(x, 7, 2, 3, 1, crop_pad, flip)
-    expected, flips = _reference_view(x, 7, 2, 3, 1, crop_pad, flip)
+    expected, flips = reference_view(x, 7, 2, 3, 1, crop_pad, flip)
     assert view.dtype == torch.float32 and view.shape == x.shape
     torch.testing.assert_close(view, expected, rtol=0, atol=0)
     assert 0 < int(flips.sum()) < 64  # both flipped and unflipped samples were exercised

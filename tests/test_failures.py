@@ -31,7 +31,6 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-import yaml
 
 import raydistill
 from raydistill.cli import main
@@ -41,7 +40,7 @@ from raydistill.runtime.driver import actor_name
 from raydistill.runtime.inprocess import InProcessWorkers
 from raydistill.runtime.loop import Console, Run, TrainingError, WorkerLost
 from raydistill.runtime.reaper import descendants
-from tests.conftest import tiny_dml
+from tests.conftest import one_line, tiny_dml, write_config
 from tests.test_runtime import assert_same_parameters, final_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,16 +138,6 @@ def reference(tmp_path_factory):
                             progress=False)
 
 
-def write_config(path: Path, config: dict) -> str:
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
-def one_line(text: str) -> str:
-    """The single line a failing command prints."""
-    lines = text.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 # ---- a non-finite loss -------------------------------------------------------------------------------------------

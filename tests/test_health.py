@@ -32,7 +32,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 import raydistill
 from raydistill.cli import main
@@ -44,7 +43,7 @@ from raydistill.models import build_model
 from raydistill.runtime.inprocess import InProcessWorkers
 from raydistill.runtime.loop import Console, Run, WorkerLost
 from raydistill.seeding import generator
-from tests.conftest import tiny_dml
+from tests.conftest import one_line, tiny_dml, write_config
 from tests.test_runtime import assert_same_parameters, final_parameters, tensorboard_scalars
 
 
@@ -194,15 +193,6 @@ def test_a_run_killed_during_its_replay_resumes_it_exactly(drill, tmp_path):
 
 
 # ---- the consistency rule, and stops -------------------------------------------------------------------------------
-def write_config(path, config: dict) -> str:
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
-def one_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 def test_a_consistency_bound_crossed_rolls_back_then_stops_after_max_rollbacks(tmp_path, capsys):

@@ -5,14 +5,13 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import raydistill
 from raydistill.config import ONECYCLE_DEFAULTS, TrainConfig, preset_names
 from raydistill.data.views import make_view, reflect_index
 from raydistill.engine.optim import learning_rate, onecycle_lr
 from raydistill.errors import ConfigError
-from raydistill.seeding import generator
+from tests.conftest import reference_view
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -90,30 +89,13 @@ def test_onecycle_knobs_are_checked_and_never_silently_ignored():
 # data.pad_mode: reflect
 
 
-def reflect_reference(x, seed, epoch, step, view_index, crop_pad, flip):
-    """Per sample: F.pad(mode="reflect"), crop at the drawn offset, flip if drawn; make_view's random numbers."""
-    gen = generator(seed, "view", epoch, step, view_index)
-    n, _, h, w = x.shape
-    top = torch.randint(0, 2 * crop_pad + 1, (n,), generator=gen)
-    left = torch.randint(0, 2 * crop_pad + 1, (n,), generator=gen)
-    flips = torch.randint(0, 2, (n,), generator=gen)
-    out = []
-    for i in range(n):
-        padded = F.pad(x[i:i + 1].float(), (crop_pad,) * 4, mode="reflect")[0]   # reflect pads float input only
-        crop = padded[:, top[i]:top[i] + h, left[i]:left[i] + w]
-        if flip and flips[i]:
-            crop = crop.flip(-1)
-        out.append(crop / 255.0)
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("crop_pad, flip, shape", [(4, True, (64, 3, 32, 32)), (4, True, (48, 3, 6, 5)),
                                                    (2, False, (32, 1, 3, 7)), (1, True, (32, 3, 2, 2))])
 def test_reflect_view_equals_f_pad_reflect_then_crop(crop_pad, flip, shape):
     x = torch.randint(0, 256, shape, dtype=torch.uint8)
     view = make_view(x, 11, 1, 4, 2, crop_pad, flip, pad_mode="reflect")
     assert view.dtype == torch.float32 and view.shape == x.shape
-    torch.testing.assert_close(view, reflect_reference(x, 11, 1, 4, 2, crop_pad, flip), rtol=0, atol=0)
+    torch.testing.assert_close(view, reference_view(x, 11, 1, 4, 2, crop_pad, flip, mode="reflect")[0], rtol=0, atol=0)
     zeros = make_view(x, 11, 1, 4, 2, crop_pad, flip, pad_mode="zeros")
     assert not torch.equal(view, zeros)          # the border differs: reflection never writes a 0 from the padding
 

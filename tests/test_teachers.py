@@ -31,6 +31,7 @@ from raydistill.engine.peer import Peer
 from raydistill.engine.teacher import Teacher
 from raydistill.engine.worker import labels_of
 from raydistill.errors import ConfigError
+from tests.conftest import set_keys
 from tests.test_bad_input import assert_one_line, run_cli, sets
 from tests.test_equivalence import assert_identical, check_equivalence, peer_states
 from tests.test_runtime import tensorboard_scalars
@@ -67,13 +68,7 @@ def two_teacher_config(teacher_runs, method: str, ensemble: str = "mean_logits",
               "teachers": teachers_list(teacher_runs, **({"weight": [3.0, 1.0]} if ensemble == "weighted" else {})),
               "method": {"name": method, "per_peer_views": True, "teacher_ensemble": ensemble},
               "train": {"epochs": 1, "batch_size": 256, "lr": 0.05}}
-    for key, value in overrides.items():
-        node = config
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return config
+    return set_keys(config, overrides)
 
 
 # ---- kd's target, by hand ------------------------------------------------------------------------------------------
