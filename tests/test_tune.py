@@ -113,6 +113,10 @@ def test_every_shipped_space_loads_against_every_preset_of_its_method(tmp_path):
             base = raw_config(preset)
             if base.get("teacher"):
                 base = apply_overrides(base, [f"teacher.checkpoint={tmp_path}"])
+            if base["data"].get("val_fraction", 0.1) <= 0:      # a reference recipe trains on all its training images
+                with pytest.raises(ConfigError, match=r"^data\.val_fraction=0\.0: a search selects on the validation"):
+                    load_space(path, base)
+                base = apply_overrides(base, ["data.val_fraction=0.1"])
             space = load_space(path, base)
             assert space.params == {key: tuple(spec.items())[0] for key, spec in written.items()
                                     if key not in SETTINGS}, (path.name, preset)
