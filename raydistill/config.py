@@ -21,7 +21,7 @@ from raydistill.errors import ConfigError, read_yaml
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "dml-digits"
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-TRANSPORTS = ("auto", "collective", "object_store")
+TRANSPORTS = ("auto", "collective", "object_store", "codistill")
 SCHEDULES = ("cosine", "step", "constant", "onecycle")
 ONECYCLE_DEFAULTS = {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4}   # torch OneCycleLR's
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -91,6 +91,8 @@ class MethodConfig:
     hidden_weight: Union[float, None] = None   # self: weight of the hidden-layer MSE to the teacher's (0)
     # several teachers (kd, fitnet): how their logits make one target: mean_logits | mean_probs | weighted
     teacher_ensemble: Union[str, None] = None
+    # resources.transport=codistill (dml, kdcl, pcl, dkel): the peers exchange weights every k steps of an epoch
+    codistill_every: Union[int, None] = None
 
 
 @dataclass
@@ -142,7 +144,7 @@ class ResourcesConfig:
     strategy: str = "PACK"
     address: Union[str, None] = None    # null: a local Ray started for the run (or the one already connected)
     threads_per_peer: int = 1           # torch intra-op threads in each actor; the same in both runtimes
-    transport: str = "auto"             # how a step's outputs travel: auto | collective | object_store
+    transport: str = "auto"             # how a step's outputs travel: auto | collective | object_store | codistill
     peers_per_worker: Union[int, None] = None   # peers (and teachers) one worker process hosts (null: auto)
     collective_timeout_s: float = 60.0  # a collective that waits longer fails, and the run recovers
     max_restarts: int = 3               # how often Ray restarts a dead peer/teacher/coordinator before the run stops
@@ -443,6 +445,7 @@ def validate(config: Config, defaults: dict) -> None:
     _check_teachers(config)
     _check_train(config)
     _check_resources(config)
+    _check_codistill(config)
 
 
 NAME_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -625,6 +628,40 @@ def _check_resources(config: Config) -> None:
         raise ConfigError("resources.threads_per_peer", r.threads_per_peer, "must be >= 1")
     if r.peers_per_worker is not None and r.peers_per_worker < 1:
         raise ConfigError("resources.peers_per_worker", r.peers_per_worker, "must be >= 1, or null (auto)")
+
+
+CODISTILL_EVERY = 10      # method.codistill_every where resources.transport=codistill leaves it unset
+
+
+def _check_codistill(config: Config) -> None:
+    """Codistillation: the peers' weights travel every method.codistill_every steps and each worker computes the
+    other peers' outputs from its stale copies. Only outputs a copy can compute (logits, EMA-teacher logits)."""
+    m, codistill = config.method, config.resources.transport == "codistill"
+    if not codistill:
+        if m.codistill_every is not None:
+            raise ConfigError("method.codistill_every", m.codistill_every,
+                              "read only with resources.transport=codistill")
+        return
+    from raydistill.methods import methods_using
+
+    if m.name not in methods_using("codistill_every"):
+        raise ConfigError("resources.transport", "codistill",
+                          f"not for method {m.name}: codistillation exchanges the weights of peers that learn "
+                          f"from each other ({', '.join(methods_using('codistill_every'))})")
+    if m.codistill_every is None:
+        m.codistill_every = CODISTILL_EVERY
+    k = m.codistill_every
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError("method.codistill_every", k, "an integer >= 1 (steps between two exchanges of weights)")
+    if m.ensemble == "learned_head" or (m.feature_weight or 0) > 0:
+        field, value = (("method.ensemble", m.ensemble) if m.ensemble == "learned_head"
+                        else ("method.feature_weight", m.feature_weight))
+        raise ConfigError(field, value, "not with resources.transport=codistill: it needs the peers' features of "
+                          "every step; use an ensemble of logits or probabilities, feature_weight 0")
+    every = config.train.checkpoint_every_steps
+    if every is not None and every % k:
+        raise ConfigError("train.checkpoint_every_steps", every, f"a multiple of method.codistill_every ({k}) with "
+                          "resources.transport=codistill: a rollback point must be an exchange of weights")
 
 
 def check_data_fits(config: Config, num_train: int) -> None:

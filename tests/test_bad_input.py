@@ -68,6 +68,16 @@ def sets(*overrides):
     (["train.batch_size=5000"], "train.batch_size=5000", "at most the 1,294 training samples of data set digits"),
     # a root for a data set that reads no files would be silently ignored
     (["data.root=data/digits"], "data.root='data/digits'", "none for data set digits: it reads no files"),
+    # codistillation: only what a stale copy can compute, and rollback points on exchanges of weights
+    (["resources.transport=codistill", "method.codistill_every=0"], "method.codistill_every=0",
+     "an integer >= 1 (steps between two exchanges of weights)"),
+    (["method.codistill_every=5"], "method.codistill_every=5", "read only with resources.transport=codistill"),
+    (["resources.transport=codistill", "method.name=pcl", "method.ensemble=learned_head"],
+     "method.ensemble='learned_head'", "not with resources.transport=codistill: it needs the peers' features"),
+    (["resources.transport=codistill", "train.checkpoint_every_steps=5", "method.codistill_every=2"],
+     "train.checkpoint_every_steps=5", "a multiple of method.codistill_every (2) with resources.transport=codistill"),
+    (["resources.transport=codistill", "method.name=independent"], "resources.transport='codistill'",
+     "not for method independent: codistillation exchanges the weights of peers that learn from each other"),
     (["data.name=diabetes", "task=regression", "data.root=/data"], "data.root='/data'",
      "none for data set diabetes: it reads no files (its data are embedded in scikit-learn); remove data.root"),
 ])

@@ -131,6 +131,12 @@ CASES["torchvision-peers-on-cifar-shaped-data"] = {
                                       "options": {"shape": [3, 32, 32], "num_train": 64, "num_test": 32}},
     "model": {"arch": "mobilenet_v3_small"}, "peers": [{}, {"arch": "cnn_small"}],
     "method": {"name": "dml", "per_peer_views": True}, "train": {"epochs": 1, "batch_size": 16, "lr": 0.05}}
+# codistillation: weights every 3 steps of 6, calls of 2 steps that cross the exchanges, one peer per worker / two
+CASES["codistill-dml-3-workers"] = tiny_dml(**{"resources.transport": "codistill", "method.codistill_every": 3,
+                                                "resources.peers_per_worker": 1, "train.steps_per_call": 2,
+                                                "train.epochs": 2})
+CASES["codistill-pcl-2-workers"] = tiny_dml(**{"method.name": "pcl", "resources.transport": "codistill",
+                                                "method.codistill_every": 4, "train.epochs": 2})
 OBJECT_STORE_TOO = {"pcl-learned_head", "4-peers-in-2-workers", "heterogeneous-aligned-accumulated-clipped"}
 CASES["pcl-learned_head"] = tiny_dml(**{"method.name": "pcl", "method.ensemble": "learned_head", "peers": 2,
                                         "train.epochs": 2, "train.batch_size": 512})
@@ -139,6 +145,8 @@ CASES["pcl-learned_head"] = tiny_dml(**{"method.name": "pcl", "method.ensemble":
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_run_shapes_run_the_same_on_every_transport(ray_session, tmp_path, case):
     transports = ("collective", "object_store") if case in OBJECT_STORE_TOO else ("collective",)
+    if case.startswith("codistill"):
+        transports = ("codistill",)
     config = CASES[case]
     config.setdefault("train", {}).setdefault("batch_size", 256)
     check_equivalence(config, tmp_path, transports)

@@ -6,7 +6,8 @@ peers 0..N-1, then teachers); the coordinator's target logic turns them into one
 learns. With a collective exchange (or in one process) every worker holds a replica of the coordinator and computes
 the same targets from the same gathered outputs, bitwise, so a whole call of steps runs without leaving the worker:
 ``run_steps``. With the object-store transport the driver drives the two halves of each step (``forward``, ``learn``)
-and one coordinator actor computes the targets in between.
+and one coordinator actor computes the targets in between. With codistillation (engine/codistill.py) the exchange
+carries weights every few steps instead, and each worker computes the other peers' outputs from stale copies.
 """
 from __future__ import annotations
 
@@ -97,6 +98,11 @@ class Worker:
         self.teachers = [Teacher(j, config, arrays, spec) for j in members.teachers]
         self.coordinator = Coordinator(config, labels_of(arrays), spec) if coordinator else None
         self.exchange = exchange or LocalExchange()
+        self.codistill = None
+        if config.resources.transport == "codistill" and self.peers:
+            from raydistill.engine.codistill import Codistillation
+
+            self.codistill = Codistillation(config, spec, self.peers, self.coordinator)
 
     # ---- the two halves of a step (the object-store transport drives them one by one) ------------------------------
     def forward(self, epoch: int, step: int, replay: int = 0) -> list[dict]:
@@ -114,6 +120,11 @@ class Worker:
         """Steps first..first+count-1 of an epoch (of its replay-th replay): forward, exchange, targets, learn;
         figures come back once."""
         report = CallReport()
+        if self.codistill is not None:
+            for step in range(first, first + count):
+                targets = self.codistill.targets(epoch, step, replay, self.exchange.gather)
+                report.add_step(epoch, step, self.learn(epoch, step, targets))
+            return report
         for step in range(first, first + count):
             outputs = self.exchange.gather("step", self.forward(epoch, step, replay))
             targets = self.coordinator.targets(epoch, step, *outputs, replay=replay)
@@ -168,6 +179,8 @@ class Worker:
             peer.load_state_dict(state["peers"][peer.index])
         if self.coordinator is not None and state.get("coordinator") is not None:
             self.coordinator.load_state_dict(state["coordinator"])
+        if self.codistill is not None:
+            self.codistill.invalidate()
 
     def export(self) -> dict:
         return {name: entry for p in self.peers for name, entry in p.export().items()}
@@ -175,6 +188,8 @@ class Worker:
     def set_exchange(self, exchange) -> None:
         self.exchange.close()
         self.exchange = exchange or LocalExchange()
+        if self.codistill is not None:
+            self.codistill.invalidate()
 
 
 def as_arrays(outputs: dict) -> dict:

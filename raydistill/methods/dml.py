@@ -16,7 +16,7 @@ from raydistill.methods.base import Method, peer_alignment_term, register_method
 @register_method("dml")
 class DeepMutualLearning(Method):
     defaults = {**Method.defaults, "min_peers": 2, "feature_weight": 0.0, "peer_weighting": "uniform",
-                "features": {}}
+                "features": {}, "codistill_every": None}
 
     @classmethod
     def check_config(cls, method_config, task):

@@ -12,7 +12,7 @@ from raydistill.methods.online import ENSEMBLES, check_online_config, peer_ensem
 @register_method("kdcl")
 class KnowledgeDistillationCollaborativeLearning(Method):
     defaults = {**Method.defaults, "temperature": 3.0, "per_peer_views": True, "min_peers": 2,
-                "ensemble": "minlogit", "feature_weight": 0.0, "features": {}}
+                "ensemble": "minlogit", "feature_weight": 0.0, "features": {}, "codistill_every": None}
 
     @classmethod
     def check_config(cls, method_config, task):

@@ -24,7 +24,7 @@ from raydistill.methods.online import ENSEMBLES, LEARNED_HEAD, check_online_conf
 class PeerCollaborativeLearning(Method):
     defaults = {**Method.defaults, "temperature": 3.0, "per_peer_views": True, "min_peers": 2,
                 "ensemble": "mean_logits", "rampup_epochs": 80.0, "ema_momentum": 0.999, "teacher_init_steps": 0,
-                "reference_quirks": False}
+                "reference_quirks": False, "codistill_every": None}
     uses_ema_teacher = True
     ema_targets = True
 

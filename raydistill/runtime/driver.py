@@ -24,6 +24,7 @@ from raydistill.runtime.actors import CoordinatorActor, WorkerActor
 from raydistill.runtime.collective import CollectiveError
 from raydistill.runtime.loop import Console, WorkerLost
 
+GROUP_TRANSPORTS = ("collective", "codistill")   # the workers form a group and run whole calls of steps
 PLACEMENT_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 600.0          # workers import torch and build their models: minutes on a loaded small machine
 
@@ -112,7 +113,7 @@ class RayWorkers:
         # again from its constructor arguments, so they must stay in the object store.
         self.data_ref = ray.put(arrays)
         restartable = {"max_restarts": r.max_restarts, "max_task_retries": 0}
-        replicas = self.transport == "collective"
+        replicas = self.transport in GROUP_TRANSPORTS
         for rank, (members, bundle) in enumerate(zip(self.members, self.layout.workers)):
             need = placement.worker_bundle(self.config, members)
             self.workers.append(WorkerActor.options(
@@ -212,7 +213,7 @@ class RayWorkers:
     # ---- the group ------------------------------------------------------------------------------------------------
     def form_group(self) -> None:
         """A new torch.distributed group over the workers on a new port (a restarted rank cannot rejoin an old one)."""
-        if self.transport != "collective" or len(self.workers) < 2:
+        if self.transport not in GROUP_TRANSPORTS or len(self.workers) < 2:
             return
         timeout = self.config.resources.collective_timeout_s
         address, port = ray.get(self.workers[0].address.remote(), timeout=READY_TIMEOUT_S)
@@ -221,7 +222,7 @@ class RayWorkers:
                        for rank, w in enumerate(self.workers)], timeout + 30.0)
 
     def leave_group(self) -> None:
-        if self.transport != "collective" or len(self.workers) < 2:
+        if self.transport not in GROUP_TRANSPORTS or len(self.workers) < 2:
             return
         refs = [w.leave_group.remote() for w in self.workers]
         ray.wait(refs, num_returns=len(refs), timeout=30.0)
@@ -234,7 +235,7 @@ class RayWorkers:
     # ---- the loop's protocol ----------------------------------------------------------------------------------------
     def run_steps(self, epoch: int, first: int, count: int, replay: int = 0) -> CallReport:
         self.check_restarted()
-        if self.transport == "collective":
+        if self.transport in GROUP_TRANSPORTS:
             reports = self._get_all([w.run_steps.remote(epoch, first, count, replay) for w in self.workers])
             return _merge(reports)
         return self._drive_steps(epoch, first, count, replay)
@@ -264,7 +265,7 @@ class RayWorkers:
             self._get_all([w.prepare_epoch.remote(epoch) for w in self.workers])
 
     def evaluate(self, split: str) -> dict:
-        if self.transport == "collective":
+        if self.transport in GROUP_TRANSPORTS:
             return self._get_all([w.evaluate.remote(split) for w in self.workers])[0]
         outputs = [w.evaluate_outputs.remote(split) for w in self.workers]
         return self._get_all([self.coordinator.evaluate.remote(split, *outputs)])[0]

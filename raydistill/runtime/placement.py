@@ -95,8 +95,11 @@ def bundles(config, driver_cpus: float = 0.0, transport: str | None = None) -> l
 
 def resolve_transport(config) -> str:
     """auto: the collective wherever there is more than one worker to exchange between, and also for one worker
-    (which then exchanges with itself, no copy); the object store only when asked for."""
-    return "object_store" if config.resources.transport == "object_store" else "collective"
+    (which then exchanges with itself, no copy); the object store only when asked for; codistill (the group carries
+    weights every few steps) when asked for."""
+    if config.resources.transport in ("object_store", "codistill"):
+        return config.resources.transport
+    return "collective"
 
 
 def required(config, driver_cpus: float = 0.0) -> dict[str, float]:

@@ -1,0 +1,107 @@
+"""Codistillation (Anil et al. 2018): peers exchange weights every k steps, not outputs every step. No Ray.
+
+Each worker keeps a stale copy of every peer (its model, and its EMA teacher where the method's targets read one),
+refreshed from the peers' weights at every step of an epoch that is a multiple of ``method.codistill_every`` (and
+after any state was loaded: a rollback or resume starts from an exchange). Between two exchanges a peer's targets are
+computed from its own live outputs and the other peers' outputs as their stale copies give them on the step's batch,
+each on that peer's own view, so the result does not depend on which worker hosts which peer: co-located peers see
+each other stale too, and ``codistill_every: 1`` is the per-step exchange, bit for bit.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from raydistill.models import build_model
+from raydistill.seeding import seed_device
+
+INDEX = "index"
+
+
+def weights_of(peer) -> dict[str, np.ndarray]:
+    """What one peer sends at an exchange: its floating-point model state (and its EMA teacher's where the targets
+    read EMA logits) as float32 arrays, with its index."""
+    arrays = {INDEX: np.array([peer.index], np.float32)}
+    models = {"model": peer.model}
+    if "ema_logits" in peer.method.outputs_needed("peer"):
+        models["ema"] = peer.self_teacher.model
+    for prefix, model in models.items():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                arrays[f"{prefix}.{name}"] = np.ascontiguousarray(tensor.detach().float().cpu().numpy())
+    return arrays
+
+
+class StaleCopy:
+    """Another peer as it was at the last exchange: its outputs on its own view of a step's batch, as its forward
+    gives them (train mode, the same dropout seed), without a graph."""
+
+    def __init__(self, index: int, config, spec, data, method):
+        self.index = index
+        self.config = config
+        self.data = data                        # a local peer's DataView: the same arrays, batches and views
+        self.view_index = method.view_index(index)
+        self.needed = method.outputs_needed("peer")
+        settings = config.peers[index]
+        self.models = {"model": build_model(settings.arch, spec, **settings.options).to(data.device)}
+        if "ema_logits" in self.needed:
+            self.models["ema"] = build_model(settings.arch, spec, **settings.options).to(data.device)
+        for model in self.models.values():
+            model.requires_grad_(False)
+
+    def load(self, arrays: dict) -> None:
+        with torch.no_grad():
+            for prefix, model in self.models.items():
+                for name, tensor in model.state_dict().items():
+                    if tensor.is_floating_point():
+                        tensor.copy_(torch.from_numpy(np.asarray(arrays[f"{prefix}.{name}"])).view_as(tensor))
+
+    @torch.no_grad()
+    def outputs(self, epoch: int, step: int, replay: int, autocast) -> dict[str, np.ndarray]:
+        idx = self.data.batch(epoch, step, replay)
+        x = self.data.view(idx, epoch, step, self.view_index, replay)
+        seed_device(self.data.device, self.config.seed, "forward", self.index, epoch, step)
+        out = {}
+        for prefix, key in (("model", "logits"), ("ema", "ema_logits")):
+            if prefix in self.models:
+                model = self.models[prefix]
+                model.train()
+                with autocast():
+                    out[key] = model(x).float().cpu().numpy()
+        return out
+
+
+class Codistillation:
+    """A worker's side of codistillation: the stale copies, the exchanges of weights, each local peer's targets."""
+
+    def __init__(self, config, spec, peers: list, coordinator):
+        self.config = config
+        self.every = config.method.codistill_every
+        self.peers = peers
+        self.coordinator = coordinator
+        data, method = peers[0].data, peers[0].method
+        self.copies = [StaleCopy(j, config, spec, data, method) for j in range(config.num_peers)]
+        self.fresh = False                      # the copies hold the weights of the last exchange
+
+    def invalidate(self) -> None:
+        """After a state was loaded: the next step exchanges weights whatever its number."""
+        self.fresh = False
+
+    def exchange(self, gather) -> None:
+        for arrays in gather("weights", [weights_of(p) for p in self.peers]):
+            self.copies[int(arrays[INDEX][0])].load(arrays)
+        self.fresh = True
+
+    def targets(self, epoch: int, step: int, replay: int, gather) -> list[dict]:
+        """One target dict per local peer (in order), each from its own live outputs and the others' stale ones."""
+        if step % self.every == 0 or not self.fresh:
+            self.exchange(gather)
+        live = {p.index: p.forward(epoch, step, replay) for p in self.peers}
+        autocast = self.peers[0].autocast
+        stale = {j: c.outputs(epoch, step, replay, autocast) for j, c in enumerate(self.copies)
+                 if any(p.index != j for p in self.peers)}
+        result = []
+        for peer in self.peers:
+            outputs = [live[j] if j == peer.index else stale[j] for j in range(self.config.num_peers)]
+            result.append(self.coordinator.targets(epoch, step, *outputs, replay=replay)[peer.index])
+        return result

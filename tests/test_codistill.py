@@ -1,0 +1,99 @@
+"""Codistillation (resources.transport=codistill): weights every k steps, the other peers' outputs from stale copies.
+
+Its equivalence with the in-process run on Ray (several workers, calls that cross the exchanges) is in
+test_equivalence.py (the codistill-* run shapes); here: what it is against the per-step exchange, and its state."""
+import pytest
+import torch
+
+import raydistill
+from raydistill.config import load_config
+from tests.conftest import tiny_dml
+from tests.test_equivalence import assert_identical, peer_states
+
+
+def config(method: str, **overrides) -> dict:
+    return tiny_dml(**{"method.name": method, "train.epochs": 2, "model.options": {"hidden": [16]},
+                       "train.batch_size": 128, **overrides})
+
+
+def codistill(k: int) -> dict:
+    return {"resources.transport": "codistill", "method.codistill_every": k}
+
+
+@pytest.mark.parametrize("method", ["dml", "kdcl", "pcl", "dkel"])
+def test_an_exchange_every_step_is_the_per_step_exchange_and_a_stale_one_is_not(method, tmp_path):
+    """k = 1: every stale copy holds the weights its peer runs forward with, so the run equals the per-step exchange
+    bit for bit (students and EMA teachers); k = 4 trains from outputs up to 3 steps old, and ends elsewhere."""
+    outputs = raydistill.train(config(method), tmp_path / "outputs", runtime="inprocess", progress=False)
+    every = raydistill.train(config(method, **codistill(1)), tmp_path / "k1", runtime="inprocess", progress=False)
+    stale = raydistill.train(config(method, **codistill(4)), tmp_path / "k4", runtime="inprocess", progress=False)
+    expected = peer_states(outputs.run_dir, 3)
+    assert_identical(peer_states(every.run_dir, 3), expected)
+    differences = [(a - b).abs().max().item() for got, want in zip(peer_states(stale.run_dir, 3)["peers"],
+                                                                  expected["peers"])
+                   for a, b in zip(got["model"].values(), want["model"].values()) if a.is_floating_point()]
+    assert max(differences) > 1e-4
+
+
+def test_the_run_states_its_exchange_interval_and_the_default_is_ten():
+    assert load_config(config("dml", **{"resources.transport": "codistill"})).method.codistill_every == 10
+    assert load_config(config("dml")).method.codistill_every is None
+
+
+def test_a_codistilled_run_resumed_mid_interval_ends_as_the_uninterrupted_run(tmp_path):
+    """11 steps per epoch, an exchange every 4: epoch 2 starts 3 steps after epoch 1's last exchange. A resume starts
+    from an exchange at the epoch's first step, as the uninterrupted run does."""
+    run = config("pcl", **codistill(4))
+    whole = raydistill.train(run, tmp_path / "whole", runtime="inprocess", progress=False)
+    stopped = tmp_path / "stopped"
+    raydistill.train(run, stopped, runtime="inprocess", stop_after_epoch=1, progress=False)
+    raydistill.train(resume=stopped, runtime="inprocess", progress=False)
+    assert_identical(peer_states(stopped, 3), peer_states(whole.run_dir, 3))
+
+
+def test_a_stale_copy_gives_its_peers_outputs_for_its_weights():
+    """The copy's outputs on a step are the peer's forward outputs on it, when it holds the peer's weights."""
+    from raydistill.engine.codistill import StaleCopy, weights_of
+    from raydistill.engine.data import load_run_data
+    from raydistill.engine.peer import Peer
+
+    run = load_config(config("pcl", **codistill(3)))
+    spec, arrays = load_run_data(run)
+    peers = [Peer(i, run, arrays, spec) for i in range(2)]
+    copy = StaleCopy(1, run, spec, peers[0].data, peers[0].method)
+    copy.load(weights_of(peers[1]))
+    got = copy.outputs(0, 2, 0, peers[0].autocast)
+    want = peers[1].forward(0, 2)
+    assert sorted(got) == sorted(want) == ["ema_logits", "logits"]
+    for key in got:
+        assert torch.equal(torch.from_numpy(got[key]), torch.from_numpy(want[key])), key
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_killed_mid_call_comes_back_from_an_exchange_and_the_run_ends_as_uninterrupted(ray_session,
+                                                                                                 tmp_path):
+    """Rollback points every 6 steps, an exchange every 3: worker 1 is killed during a call of epoch 2; Ray restarts
+    it, every worker loads the last rollback point and exchanges weights there again, as the uninterrupted run did."""
+    import signal
+    import threading
+
+    import ray
+
+    from raydistill.runtime.driver import actor_name
+    from tests.test_failures import Watcher, signal_during_a_call, tiny
+
+    run = tiny(**{"name": "codistill-kill", "method.name": "pcl", **codistill(3),
+                  "train.checkpoint_every_steps": 6, "resources.peers_per_worker": 1})
+    driver, drill = threading.current_thread(), {}
+
+    def kill_during_epoch_2(record, checkpoint):
+        if record["epoch"] == 1:
+            handle = ray.get_actor(actor_name(raydistill.load_config(run), "worker1"))
+            pid = ray.get(handle.pid.remote(), timeout=60)
+            drill["watcher"] = Watcher(lambda: signal_during_a_call(pid, signal.SIGKILL, driver))
+
+    summary = raydistill.train(run, tmp_path / "run", progress=False, on_epoch=kill_during_epoch_2).summary
+    drill["watcher"].finish()
+    assert (summary["transport"], summary["epochs_completed"], summary["restarts"]) == ("codistill", 2, 1)
+    uninterrupted = raydistill.train(run, tmp_path / "reference", runtime="inprocess", progress=False)
+    assert_identical(peer_states(tmp_path / "run", 3), peer_states(uninterrupted.run_dir, 3))
