@@ -51,7 +51,7 @@ def classify(err: BaseException) -> str:
     because one did), or "error" (anything else: raised as it is)."""
     if user_error(err) is not None:
         return "user"
-    if isinstance(err, LOST) or isinstance(_cause(err), (*LOST, CollectiveError)):
+    if isinstance(err, (*LOST, WorkerLost)) or isinstance(_cause(err), (*LOST, CollectiveError)):
         return "lost"
     return "error"
 
@@ -147,9 +147,11 @@ class RayWorkers:
         return [*self.workers, *([self.coordinator] if self.coordinator is not None else [])]
 
     # ---- calls ----------------------------------------------------------------------------------------------------
-    def _get_all(self, refs: list, timeout: float | None = None) -> list:
+    def _get_all(self, refs: list, timeout: float | None = None, hung=None) -> list:
         """Every call's result, after every call has ended (none is left running into a broken group): a ConfigError
-        raised in an actor as itself, a lost actor or broken group as WorkerLost, anything else as it was raised."""
+        raised in an actor as itself, a lost actor or broken group as WorkerLost, anything else as it was raised.
+        Calls still running at the timeout hang: their actors are killed (Ray restarts them), found by ``hung``
+        (pending refs -> actors) or, by default, by position (refs[i] is a call of worker i)."""
         pending, deadline = list(refs), None if timeout is None else time.monotonic() + timeout
         failures = []
         while pending:
@@ -166,17 +168,14 @@ class RayWorkers:
                         timeout_s = self.config.resources.collective_timeout_s      # compute) once one has failed
                         deadline = time.monotonic() + timeout_s + min(30.0, timeout_s + 5.0)
         if pending:                           # calls that never ended: their worker hangs; restart it
-            self._restart_hung(refs, pending)
-            failures.append(WorkerLost(f"{len(pending)} calls did not end"))
+            actors = hung(pending) if hung is not None else [self.workers[refs.index(ref)] for ref in pending
+                                                              if refs.index(ref) < len(self.workers)]
+            for actor in actors:
+                ray.kill(actor, no_restart=False)
+            failures.append(WorkerLost(f"{len(pending)} call(s) did not end in time: their worker hangs, restarted"))
         if failures:
             self._raise(failures)
         return ray.get(refs)
-
-    def _restart_hung(self, refs: list, pending: list) -> None:
-        for ref in pending:
-            index = refs.index(ref)
-            if index < len(self.workers):
-                ray.kill(self.workers[index], no_restart=False)
 
     def _raise(self, failures: list) -> None:
         kinds = [classify(err) for err in failures]
@@ -188,6 +187,8 @@ class RayWorkers:
                 self.check_restarted()        # a worker restarted between calls fails its next call: not set up
                 raise err
         lost = failures[0]
+        if isinstance(lost, WorkerLost):
+            raise lost
         raise WorkerLost(type(_cause(lost)).__name__) from lost
 
     def _identify(self) -> list:
@@ -243,18 +244,24 @@ class RayWorkers:
     def _drive_steps(self, epoch: int, first: int, count: int, replay: int) -> CallReport:
         """The object-store transport: three rounds of calls per step, at most train.steps_in_flight outstanding."""
         report, pending = CallReport(), deque()
-        learners = [w for w, m in zip(self.workers, self.members) if m.peers]
+        learners = [i for i, m in enumerate(self.members) if m.peers]
+        calls = StepCalls(len(self.workers))
+        stall_s = self.config.resources.collective_timeout_s     # a step computes within it, as with a collective
         try:
             for step in range(first, first + count):
                 outputs = [w.forward.remote(epoch, step, replay) for w in self.workers]
                 targets = self.coordinator.targets.options(num_returns=len(learners)).remote(epoch, step, *outputs,
                                                                                              replay=replay)
                 targets = targets if len(learners) > 1 else [targets]
-                pending.append((step, [w.learn.remote(epoch, step, t) for w, t in zip(learners, targets)]))
+                learns = [self.workers[i].learn.remote(epoch, step, t) for i, t in zip(learners, targets)]
+                calls.add(outputs, targets, learners, learns)
+                pending.append((step, learns))
                 while len(pending) > self.config.train.steps_in_flight or (pending and step == first + count - 1):
                     done_step, refs = pending.popleft()
-                    parts = self._get_all(refs)
+                    parts = self._get_all(refs, stall_s + min(30.0, stall_s + 5.0),
+                                          hung=lambda _: calls.hung(self.workers, self.coordinator))
                     report.add_step(epoch, done_step, {i: m for part in parts for i, m in part.items()})
+                    calls.forget_done()
         except BaseException:
             _drain([ref for _, refs in pending for ref in refs])
             raise
@@ -338,6 +345,46 @@ def _merge(reports: list[CallReport]) -> CallReport:
         merged.merge(report)
     merged.nonfinite.sort()
     return merged
+
+
+class StepCalls:
+    """The object-store transport's calls in flight, per actor in submission order, to tell which actor hangs when a
+    step does not end: a worker whose oldest unfinished call is a forward, or a learn whose targets are there; the
+    coordinator when a step's forwards are all done and its targets are not. A worker whose learn waits for targets
+    only waits (an actor runs its calls in order, so its next forward waits behind that learn)."""
+
+    def __init__(self, workers: int):
+        self.queues = [deque() for _ in range(workers)]      # per worker: (ref, the targets it waits for, or None)
+        self.steps = deque()                                  # (forward refs, targets refs) per step
+
+    def add(self, outputs: list, targets: list, learners: list, learns: list) -> None:
+        for queue, ref in zip(self.queues, outputs):
+            queue.append((ref, None))
+        for i, target, ref in zip(learners, targets, learns):
+            self.queues[i].append((ref, target))
+        self.steps.append((outputs, targets))
+
+    @staticmethod
+    def _done(ref) -> bool:
+        return bool(ray.wait([ref], timeout=0)[0])
+
+    def forget_done(self) -> None:
+        for queue in self.queues:
+            while queue and self._done(queue[0][0]):
+                queue.popleft()
+        while self.steps and all(self._done(ref) for ref in self.steps[0][1]):
+            self.steps.popleft()
+
+    def hung(self, workers: list, coordinator) -> list:
+        actors = []
+        for worker, queue in zip(workers, self.queues):
+            waiting = next(((ref, target) for ref, target in queue if not self._done(ref)), None)
+            if waiting is not None and (waiting[1] is None or self._done(waiting[1])):
+                actors.append(worker)
+        if not actors and any(all(self._done(ref) for ref in outputs) and not all(self._done(t) for t in targets)
+                              for outputs, targets in self.steps):
+            actors.append(coordinator)
+        return actors
 
 
 def _drain(refs: list) -> None:
