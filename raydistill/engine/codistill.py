@@ -80,7 +80,9 @@ class Codistillation:
         self.peers = peers
         self.coordinator = coordinator
         data, method = peers[0].data, peers[0].method
-        self.copies = [StaleCopy(j, config, spec, data, method) for j in range(config.num_peers)]
+        # a copy of every peer some local peer learns from (a worker's only peer needs none of itself)
+        self.copies = {j: StaleCopy(j, config, spec, data, method) for j in range(config.num_peers)
+                       if any(p.index != j for p in peers)}
         self.fresh = False                      # the copies hold the weights of the last exchange
 
     def invalidate(self) -> None:
@@ -89,7 +91,9 @@ class Codistillation:
 
     def exchange(self, gather) -> None:
         for arrays in gather("weights", [weights_of(p) for p in self.peers]):
-            self.copies[int(arrays[INDEX][0])].load(arrays)
+            index = int(arrays[INDEX][0])
+            if index in self.copies:
+                self.copies[index].load(arrays)
         self.fresh = True
 
     def targets(self, epoch: int, step: int, replay: int, gather) -> list[dict]:
@@ -98,8 +102,7 @@ class Codistillation:
             self.exchange(gather)
         live = {p.index: p.forward(epoch, step, replay) for p in self.peers}
         autocast = self.peers[0].autocast
-        stale = {j: c.outputs(epoch, step, replay, autocast) for j, c in enumerate(self.copies)
-                 if any(p.index != j for p in self.peers)}
+        stale = {j: c.outputs(epoch, step, replay, autocast) for j, c in self.copies.items()}
         result = []
         for peer in self.peers:
             outputs = [live[j] if j == peer.index else stale[j] for j in range(self.config.num_peers)]
