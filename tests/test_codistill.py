@@ -41,8 +41,9 @@ def test_the_run_states_its_exchange_interval_and_the_default_is_ten():
 
 
 def test_a_codistilled_run_resumed_mid_interval_ends_as_the_uninterrupted_run(tmp_path):
-    """11 steps per epoch, an exchange every 4: epoch 2 starts 3 steps after epoch 1's last exchange. A resume starts
-    from an exchange at the epoch's first step, as the uninterrupted run does."""
+    """10 steps per epoch, an exchange every 4 steps of an epoch: epoch 1's last at its step 8. The resumed run (no
+    copies yet) exchanges at epoch 2's first step, and so does the uninterrupted one: an epoch starts with an
+    exchange (counting steps over the run instead, epoch 2 would start mid-interval, and the two would differ)."""
     run = config("pcl", **codistill(4))
     whole = raydistill.train(run, tmp_path / "whole", runtime="inprocess", progress=False)
     stopped = tmp_path / "stopped"
