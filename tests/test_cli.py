@@ -11,11 +11,8 @@ A subprocess that starts its own Ray costs ~15 s; the others join the session's 
 import json
 import os
 import re
-import shlex
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -162,40 +159,6 @@ def test_address_joins_the_running_cluster_and_verbose_shows_rays_own_lines(ray_
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["peers"][0]["node"] == ray_session.get_runtime_context().get_node_id()
     assert "Connecting to existing Ray cluster" in (run_dir / "ray.log").read_text()
-
-
-@pytest.mark.slow
-def test_ctrl_c_prints_a_resume_command_that_finishes_the_run(ray_session, tmp_path):
-    """SIGINT to the driver's process group (as a terminal's Ctrl+C) once the first checkpoint is written: exit 130 and
-    the command to continue; that command trains the remaining epochs."""
-    run_dir = tmp_path / "run"
-    config = config_file(tmp_path, **{"train.epochs": 4, "resources.peers_per_worker": 3})
-    proc = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "train", str(config), "--output", str(run_dir),
-                             "--address", session_address(ray_session)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=environment(), start_new_session=True)
-    watchdog = threading.Timer(SUBPROCESS_TIMEOUT_S, proc.kill)
-    watchdog.start()
-    try:
-        seen = []
-        for line in proc.stdout:               # epoch 2's line: epoch 1's checkpoint is on disk
-            seen.append(line)
-            if line.startswith("epoch   2/4"):
-                os.killpg(proc.pid, signal.SIGINT)
-                break
-        out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
-    finally:
-        watchdog.cancel()
-    out = "".join(seen) + out
-    assert proc.returncode == 130, out + err
-    assert err.splitlines() == ["raydistill: interrupted"], err
-    resume = re.findall(r"^interrupted: continue with `(raydistill train --resume .+)`$", out, re.M)
-    assert resume == [f"raydistill train --resume {run_dir}"], out
-    assert (run_dir / "checkpoints" / "epoch_0001").is_dir()
-
-    argv = shlex.split(resume[0])[1:]          # the printed command, run in this process (its Ray is the session's)
-    assert main([*argv, "--quiet"]) == 0
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["epochs_completed"] == 4 and "deploy" in summary
 
 
 @pytest.mark.slow
