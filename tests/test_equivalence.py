@@ -12,6 +12,7 @@ Each case compares every peer's whole state (model, optimizer, EMA teacher, adap
 and the coordinator's, with tolerance 0.
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -106,9 +107,39 @@ def test_the_comparison_is_of_trained_weights(tmp_path):
         assert (before["model"]["net.fc.weight"] - after["model"]["net.fc.weight"]).abs().max() > 1e-3
 
 
+def ray_shape(name: str) -> tuple:
+    """What of a shrunk preset the runtime sees: the method, the task, the peers and teachers, a coordinator with
+    state, born-again generations. Presets that differ only in numbers (learning rates, schedules, temperatures,
+    padding) run the very same code on either runtime: those numbers never leave the engine."""
+    raw = raw_config(name)
+    method = raw.get("method") or {}
+    peers = raw.get("peers", 3)
+    return (method.get("name"), raw.get("task", "classification"), peers if isinstance(peers, int) else len(peers),
+            bool(raw.get("teacher") or raw.get("teachers")), method.get("ensemble") == "learned_head",
+            method.get("generations"))
+
+
+ON_RAY = {shape: name for name in reversed(preset_names()) for shape in [ray_shape(name)]}   # the first of each
+
+
 @pytest.mark.parametrize("name", preset_names())
-def test_every_preset_shrunk_runs_the_same_on_ray_as_in_process(ray_session, teachers, tmp_path, name):
-    check_equivalence(shrink(raw_config(name), teachers), tmp_path)
+def test_every_preset_shrunk_trains_and_one_of_each_shape_runs_the_same_on_ray(ray_session, teachers, tmp_path,
+                                                                               name):
+    """Every preset, shrunk, trains in process; the first preset of each runtime shape also on Ray (where the two
+    runs must end with identical states): every method, task, single peer and teacher is there."""
+    config = shrink(raw_config(name), teachers)
+    if ON_RAY[ray_shape(name)] == name:
+        check_equivalence(config, tmp_path)
+        return
+    summary = raydistill.train(config, tmp_path / "inprocess", runtime="inprocess", progress=False).summary
+    assert summary["epochs_completed"] == config["train"]["epochs"]
+    figure = "test_mse" if summary["task"] == "regression" else "test_acc"
+    assert all(math.isfinite(peer[figure]) for peer in summary["peers"]), summary["peers"]
+
+
+def test_one_preset_of_each_shape_runs_on_ray():
+    assert len(ON_RAY) >= 11 and {"teacher-diabetes", "kd-diabetes", "self-digits", "kd-cifar10", "fitnet-cifar10",
+                                  "dml-diabetes", "pcl-cifar10"} <= set(ON_RAY.values())
 
 
 CASES = {
