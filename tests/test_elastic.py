@@ -1,0 +1,164 @@
+"""Elastic peers: a peer added to and another removed from a running run, on the Ray runtime and both transports.
+
+This file covers:
+- the drill: a 6-epoch run, a peer added after epoch 2 and another removed after epoch 4 through control requests
+  written into its run directory (what ``raydistill peers add|remove`` writes), a bad request refused in one line while
+  the run goes on; every peer's history (metrics.parquet, TensorBoard, summary, export, the final table) under its
+  stable name;
+- exactness: the live changes on Ray end with the parameters of the same changes made offline in this process
+  (``--resume DIR --set peers=...`` after epochs 2 and 4);
+- the command line against a running ``raydistill train``, and its one-line refusals;
+- the methods whose coordinator keeps per-peer state refuse a change in one line.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import raydistill
+from raydistill.engine.checkpoint import latest_checkpoint, load_checkpoint
+from raydistill.engine.elastic import requested_config
+from raydistill.errors import ConfigError
+from raydistill.runtime import control
+from tests.conftest import one_line, tiny_dml, write_config
+from tests.test_runtime import assert_same_parameters, tensorboard_scalars
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def drill(run_dir, init: str):
+    """on_epoch: after epoch 2 a peer joins; after epoch 4 peer1 leaves, and a request for an unknown peer is made."""
+    def on_epoch(report, checkpoint):
+        if report["epoch"] == 2:
+            control.submit(run_dir, {"action": "add", "arch": "mlp", "init": init})
+        if report["epoch"] == 4:
+            control.submit(run_dir, {"action": "remove", "peer": 1})
+            control.submit(run_dir, {"action": "remove", "peer": 7})
+    return on_epoch
+
+
+def final_parameters_by_name(run_dir) -> dict:
+    state = load_checkpoint(latest_checkpoint(run_dir), 0)
+    return dict(zip(state["loop"]["peers"], (peer["model"] for peer in state["peers"])))
+
+
+def offline(tmp_path, init: str) -> dict:
+    """The same changes made by stopping and resuming in this process with another peer list."""
+    run_dir = tmp_path / "offline"
+    raydistill.train(tiny_dml(**{"train.epochs": 6}), run_dir, runtime="inprocess", stop_after_epoch=2,
+                     progress=False)
+    raydistill.train(resume=run_dir, overrides={"peers.3": {"arch": "mlp", "init": init}}, runtime="inprocess",
+                     stop_after_epoch=4, progress=False)
+    raydistill.train(resume=run_dir, overrides={"peers": [{"id": 0}, {"id": 2}, {"id": 3, "init": init}]},
+                     runtime="inprocess", progress=False)
+    return final_parameters_by_name(run_dir)
+
+
+@pytest.mark.parametrize("transport,init", [("collective", "ensemble"), ("object_store", "peer:0")])
+def test_a_peer_added_at_epoch_2_and_another_removed_at_epoch_4_keep_their_histories(ray_session, tmp_path, capsys,
+                                                                                    transport, init):
+    run_dir = tmp_path / "live"
+    result = raydistill.train(tiny_dml(**{"train.epochs": 6, "resources.transport": transport}), run_dir,
+                              on_epoch=drill(run_dir, init))
+    out = capsys.readouterr().out
+
+    # phase 1: the requests were answered, the bad one refused in one line, and the run went on to its end
+    answers = sorted(p.suffix for p in (run_dir / "control").iterdir())
+    assert answers == [".done", ".done", ".refused"]
+    assert "peers: added peer3 (mlp, init " in out and "peers: removed peer1 after epoch 4" in out
+    assert "peers: refused: --peer=7: not a peer of the run (its peers: peer0, peer2, peer3)" in out
+    assert not (run_dir / "control" / "running.json").exists()
+
+    # phase 2: metrics.parquet keeps every peer's rows under its name: peer3 from epoch 3, peer1 up to epoch 4
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    epochs = metrics.groupby("model")["epoch"].apply(sorted).to_dict()
+    assert epochs == {"peer0": [1, 2, 3, 4, 5, 6], "peer1": [1, 2, 3, 4], "peer2": [1, 2, 3, 4, 5, 6],
+                      "peer3": [3, 4, 5, 6], "ensemble": [1, 2, 3, 4, 5, 6]}
+    scalars = tensorboard_scalars(run_dir)
+    assert [step for step, _ in scalars["peer1/val/acc"]] == [1, 2, 3, 4]
+    assert [step for step, _ in scalars["peer3/val/acc"]] == [3, 4, 5, 6]
+    assert [step for step, _ in scalars["peer2/val/acc"]] == [1, 2, 3, 4, 5, 6]
+
+    # phase 3: the summary, the final table and the export list every peer that ever trained
+    summary = json.loads((run_dir / "summary.json").read_text())
+    peers = {p["name"]: p for p in summary["peers"]}
+    assert sorted(peers) == ["peer0", "peer1", "peer2", "peer3"]
+    assert peers["peer1"]["removed_at_epoch"] == 4 and "removed_at_epoch" not in peers["peer3"]
+    last_peer1 = metrics[(metrics.model == "peer1") & (metrics.epoch == 4)]["val_acc"].item()
+    assert peers["peer1"]["val_acc"] == pytest.approx(last_peer1)
+    assert [(c["action"], c["peer"], c["epoch"]) for c in summary["peer_changes"]] == \
+        [("add", "peer3", 2), ("remove", "peer1", 4)]
+    assert "peer1 (removed at epoch 4)" in out and "\npeer3 " in out
+    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert sorted(manifest["models"]) == ["peer0", "peer1", "peer2", "peer3"]
+    assert manifest["models"]["peer1"]["removed"] is True
+    assert summary["deploy"]["name"] in ("peer0", "peer2", "peer3")
+    removed = raydistill.load_model(run_dir, peer=1)
+    assert all(p.dtype.is_floating_point for p in removed.parameters())
+    assert result.summary["epochs_completed"] == 6
+
+    # phase 4: exactness: the live changes on Ray equal the same changes made offline in this process
+    live = final_parameters_by_name(run_dir)
+    reference = offline(tmp_path, init)
+    assert sorted(live) == sorted(reference) == ["peer0", "peer2", "peer3"]
+    assert_same_parameters([live[n] for n in sorted(live)], [reference[n] for n in sorted(live)])
+
+
+def test_a_removed_peers_name_is_never_reused_and_bad_requests_name_what_is_allowed():
+    config = raydistill.load_config(tiny_dml())
+    loop = {"changes": [{"epoch": 1, "action": "remove", "peer": "peer3", "arch": "mlp"}]}
+    added = requested_config(config, {"action": "add", "init": "scratch"}, loop)
+    assert added.peer_names == ["peer0", "peer1", "peer2", "peer4"]
+    with pytest.raises(ConfigError, match=r"peers\.3\.arch='nosuch'"):
+        requested_config(config, {"action": "add", "arch": "nosuch"}, loop)
+    with pytest.raises(ConfigError, match=r"peers\.3\.init='peer:x'"):
+        requested_config(config, {"action": "add", "init": "peer:x"}, loop)
+    single = raydistill.load_config(tiny_dml(**{"peers": 1, "method.name": "independent"}))
+    with pytest.raises(ConfigError, match="the run's last peer"):
+        requested_config(single, {"action": "remove", "peer": 0}, {})
+    performance = raydistill.load_config(tiny_dml(**{"method.peer_weighting": "performance"}))
+    with pytest.raises(ConfigError, match=r"^method\.peer_weighting='performance': .*peer_weighting: uniform$"):
+        requested_config(performance, {"action": "remove", "peer": 0}, {})
+
+
+def raydistill_cli(*args, cwd=None, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "raydistill.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, **kwargs)
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_the_cli_removes_a_peer_of_a_running_train_and_refuses_a_run_that_is_not_running(tmp_path):
+    missing = raydistill_cli("peers", "remove", str(tmp_path / "nothing"), "--peer", "1")
+    assert missing.returncode == 2
+    assert one_line(missing.stderr).startswith("raydistill: error: RUN=")
+    config = write_config(tmp_path / "run.yaml", tiny_dml(**{"train.epochs": 300}))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    train = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "train", config, "--output", str(run_dir),
+                              "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: control.running(run_dir) or train.poll() is not None, 180, "the run to start")
+        removed = raydistill_cli("peers", "remove", str(run_dir), "--peer", "2", "--timeout", "120")
+        assert removed.returncode == 0, removed.stderr
+        assert "removed peer2 after epoch" in removed.stdout
+        unknown = raydistill_cli("peers", "remove", str(run_dir), "--peer", "2")
+        assert unknown.returncode == 1
+        assert one_line(unknown.stderr) == \
+            "raydistill: refused: --peer=2: not a peer of the run (its peers: peer0, peer1)"
+    finally:
+        train.terminate()
+        train.wait(60)
+    stopped = raydistill_cli("peers", "add", str(run_dir))
+    assert stopped.returncode == 2 and "shows no running run" in one_line(stopped.stderr)
