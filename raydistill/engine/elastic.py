@@ -68,34 +68,6 @@ def renumber(config, state: dict):
     return config
 
 
-def requested_config(config, request: dict, loop: dict):
-    """The config after a control request ({action: add, arch, init} or {action: remove, peer}); bad requests
-    raise a ConfigError (an unknown peer, the last peer, an unknown arch or init)."""
-    from raydistill.config import load_config
-
-    check_elastic(config)
-    data = config.to_dict()
-    names = config.peer_names
-    action = request.get("action")
-    if action == "add":
-        arch = request.get("arch") or config.model.arch
-        used = {int(n[len("peer"):]) for n in [*names, *(c["peer"] for c in loop.get("changes", []))]}
-        entry = {"arch": arch, "id": max(used) + 1, "init": request.get("init") or "scratch"}
-        if arch != config.model.arch:
-            entry["options"] = dict(request.get("options") or {})
-        data["peers"] = [*data["peers"], entry]
-    elif action == "remove":
-        name = f"peer{request.get('peer')}"
-        if name not in names:
-            raise ConfigError("--peer", request.get("peer"), f"not a peer of the run (its peers: {', '.join(names)})")
-        if len(names) == 1:
-            raise ConfigError("--peer", request.get("peer"), "is the run's last peer; a run keeps at least one")
-        data["peers"] = [p for p, n in zip(data["peers"], names) if n != name]
-    else:
-        raise ConfigError("action", action, "one of: add, remove")
-    return load_config(data)
-
-
 def _model(settings, spec, state: dict, device):
     model = build_model(settings.arch, spec, **settings.options).to(device)
     model.load_state_dict(state["model"])

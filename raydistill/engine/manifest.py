@@ -40,8 +40,8 @@ def deployed_entry(manifest: dict) -> dict:
 
 def write_export(run_dir, spec: dict, task: str, states: dict, settings_of, deploy: dict) -> None:
     """export/ written to a temporary name and renamed: one ``NAME.pt`` per model (states: name -> {kind, index,
-    state}, or with its own ``settings`` and index None: a peer removed from the run) and the manifest (each model's kind, index, arch and options from ``settings_of(index)``, the data spec,
-    the task, and the deploy choice)."""
+    state}, or with its own ``settings`` and index None: a peer removed from the run) and the manifest (each model's
+    kind, index, arch and options from ``settings_of(index)``, the data spec, the task, and the deploy choice)."""
     import torch
 
     tmp, final = Path(run_dir) / f".{EXPORT_DIR}.tmp", Path(run_dir) / EXPORT_DIR

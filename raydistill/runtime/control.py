@@ -3,7 +3,8 @@
 ``raydistill peers add|remove RUN`` writes a request (``<time>-<pid>.json``, under a temporary name and renamed);
 the run's loop reads the pending requests on its next epoch boundary, carries each out or refuses it, and answers by
 writing ``<request>.done`` or ``<request>.refused`` (the request and a one-line message) and removing the request.
-A running run marks itself with ``running.json`` (its host and pid), removed when it ends.
+A running run marks itself with ``running.json`` (its host and pid), removed when it ends. ``requested_config`` turns
+a request into the config of the new peer set (engine/elastic.py carries the state over to it).
 """
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ import os
 import socket
 import time
 from pathlib import Path
+
+from raydistill.config import load_config
+from raydistill.engine.elastic import check_elastic
+from raydistill.errors import ConfigError
 
 CONTROL_DIR = "control"
 RUNNING = "running.json"
@@ -110,3 +115,29 @@ def wait_answer(path: Path, timeout: float, poll_s: float = 0.2) -> tuple[str, s
         if time.monotonic() >= deadline:
             return None
         time.sleep(poll_s)
+
+
+def requested_config(config, request: dict, loop: dict):
+    """The config after a control request ({action: add, arch, init} or {action: remove, peer}); bad requests
+    raise a ConfigError (an unknown peer, the last peer, an unknown arch or init)."""
+    check_elastic(config)
+    data = config.to_dict()
+    names = config.peer_names
+    action = request.get("action")
+    if action == "add":
+        arch = request.get("arch") or config.model.arch
+        used = {int(n[len("peer"):]) for n in [*names, *(c["peer"] for c in loop.get("changes", []))]}
+        entry = {"arch": arch, "id": max(used) + 1, "init": request.get("init") or "scratch"}
+        if arch != config.model.arch:
+            entry["options"] = dict(request.get("options") or {})
+        data["peers"] = [*data["peers"], entry]
+    elif action == "remove":
+        name = f"peer{request.get('peer')}"
+        if name not in names:
+            raise ConfigError("--peer", request.get("peer"), f"not a peer of the run (its peers: {', '.join(names)})")
+        if len(names) == 1:
+            raise ConfigError("--peer", request.get("peer"), "is the run's last peer; a run keeps at least one")
+        data["peers"] = [p for p, n in zip(data["peers"], names) if n != name]
+    else:
+        raise ConfigError("action", action, "one of: add, remove")
+    return load_config(data)

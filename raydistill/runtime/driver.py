@@ -121,13 +121,15 @@ class RayWorkers:
             need = placement.worker_bundle(self.config, members)
             self.workers.append(WorkerActor.options(
                 num_cpus=need["CPU"], num_gpus=need.get("GPU", 0), scheduling_strategy=self._bundle(bundle),
-                name=actor_name(self.config, f"worker{rank}", self.generation), runtime_env=self._hide_gpus(need), **restartable)
+                name=actor_name(self.config, f"worker{rank}", self.generation), runtime_env=self._hide_gpus(need),
+                **restartable)
                 .remote(self.config, spec, members, replicas))
         if not replicas:
             # the coordinator needs no GPU; Ray no longer hides GPUs from 0-GPU actors, so hide them here
             self.coordinator = CoordinatorActor.options(
                 num_cpus=r.cpus_per_coordinator, num_gpus=0, scheduling_strategy=self._bundle(self.layout.head),
-                name=actor_name(self.config, "coordinator", self.generation), runtime_env=self._hide_gpus({}), **restartable,
+                name=actor_name(self.config, "coordinator", self.generation), runtime_env=self._hide_gpus({}),
+                **restartable,
             ).remote(self.config, labels_of(arrays), spec, [m for m in self.members if m.peers])
 
     def setup(self) -> None:

@@ -121,8 +121,6 @@ def train(config=None, output=None, *, overrides=None, runtime: str = "ray", res
             return InProcessWorkers(changed, spec, arrays)
 
         workers = InProcessWorkers(config, spec, arrays)
-    if placement_group is not None:           # a Tune trial holds exactly its group: its peers stay
-        rebuild = None
     created = not run_dir.exists()
     run = None
     try:
@@ -134,7 +132,8 @@ def train(config=None, output=None, *, overrides=None, runtime: str = "ray", res
         save_retired(run_dir, retired)
         if started:
             session.log_to(run_dir)
-        run = Run(config, spec, arrays, workers, run_dir, runtime, console, on_epoch=on_epoch, rebuild=rebuild)
+        run = Run(config, spec, arrays, workers, run_dir, runtime, console, on_epoch=on_epoch,
+                  rebuild=rebuild if placement_group is None else None)   # a Tune trial's group holds its peers
         return run.train(resume_state, stop_after_epoch)
     except KeyboardInterrupt:
         if not any(run_dir.glob("checkpoints/epoch_*")):

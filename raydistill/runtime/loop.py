@@ -20,9 +20,9 @@ from pathlib import Path
 
 from raydistill.config import dump_config
 from raydistill.data.views import num_steps
+from raydistill.engine import elastic
 from raydistill.engine.checkpoint import (checkpoint_epoch, checkpoint_path, discard_after, latest_checkpoint,
                                           list_checkpoints, load_checkpoint, save_checkpoint)
-from raydistill.engine import elastic
 from raydistill.engine.recorder import Recorder
 from raydistill.engine.storage import mirror
 from raydistill.engine.worker import CallReport
@@ -259,7 +259,7 @@ class Run:
                 if self.rebuild is None:
                     raise ConfigError("peers", self.config.num_peers, "this run's peers cannot change while it runs "
                                       "(a Tune trial's)")
-                config = elastic.requested_config(self.config, request, self.state.to_dict())
+                config = control.requested_config(self.config, request, self.state.to_dict())
                 message = self.change_peers(config, epochs_completed, worker_state)
             except ConfigError as err:
                 message = f"refused: {err}"
@@ -286,10 +286,10 @@ class Run:
         self.workers.shutdown()
         try:
             self.workers = self.rebuild(config)
-        except ConfigError as err:                     # e.g. no room for the new set: the old one goes on
+        except ConfigError:                            # e.g. no room for the new set: the old one goes on
             self.workers = self.rebuild(self.config)
             self.workers.set_state({"peers": state["peers"], "coordinator": state["coordinator"]})
-            raise err
+            raise
         elastic.save_retired(self.run_dir, retired)
         workers_state = {"peers": new_state["peers"], "coordinator": new_state["coordinator"]}
         self.workers.set_state(workers_state)
