@@ -157,7 +157,11 @@ class Run:
                     self.on_epoch(self.reports.epoch_report(record), checkpoint)
                 if last:
                     break
-                self.carry_out_requests(epoch + 1, worker_state)
+                try:
+                    self.carry_out_requests(epoch + 1, worker_state)
+                except WorkerLost as lost:                 # the new set's rollback point if the change was made
+                    epoch = self.recover(lost)
+                    continue
                 epoch += 1
             exported = self.export_states() if self.state.epochs_completed == epochs else None
             summary = self.reports.summary(self.state, self.runtime, self.workers.transport, self.workers.nodes())
@@ -261,6 +265,12 @@ class Run:
                                       "(a Tune trial's)")
                 config = control.requested_config(self.config, request, self.state.to_dict())
                 message = self.change_peers(config, epochs_completed, worker_state)
+            except WorkerLost as lost:
+                changed = self.config.peer_names == config.peer_names
+                control.answer(taken, "done" if changed else "refused",
+                               f"{'changed the peers' if changed else 'refused'}: a worker was lost ({lost}); "
+                               f"the run recovers{'' if changed else ', ask again'}", request)
+                raise
             except ConfigError as err:
                 message = f"refused: {err}"
                 self.console.line(f"peers: {message}")
@@ -292,15 +302,15 @@ class Run:
             raise
         elastic.save_retired(self.run_dir, retired)
         workers_state = {"peers": new_state["peers"], "coordinator": new_state["coordinator"]}
-        self.workers.set_state(workers_state)
         self.config = config
         self.method = build_method(config)
         self.reports = Reports(config, self.method, self.spec, self.reports.has_val)
         self.state = LoopState.from_dict(new_state["loop"])
         dump_config(config, self.run_dir / "config.yaml")
         self.save(epochs_completed, workers_state)
-        self.mark_rollback(epochs_completed, 0, workers_state, CallReport())
+        self.mark_rollback(epochs_completed, 0, workers_state, CallReport())   # a worker lost from here: this point
         self.mirror()
+        self.workers.set_state(workers_state)
         done = "; ".join(f"added {e['peer']} ({e['arch']}, init {e['init']})" if e["action"] == "add"
                          else f"removed {e['peer']}" for e in events)
         return (f"{done} after epoch {epochs_completed}; peers now {', '.join(config.peer_names)} "
