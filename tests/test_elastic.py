@@ -7,7 +7,8 @@ This file covers:
   stable name;
 - exactness: the live changes on Ray end with the parameters of the same changes made offline in this process
   (``--resume DIR --set peers=...`` after epochs 2 and 4);
-- the command line against a running ``raydistill train``, and its one-line refusals;
+- the command line against a running ``raydistill train``, and its one-line refusals; the same changes offline
+  (``train --resume DIR --set peers...``), and a run resumed after a live change;
 - the methods whose coordinator keeps per-peer state refuse a change in one line.
 """
 import json
@@ -21,6 +22,7 @@ import pandas as pd
 import pytest
 
 import raydistill
+from raydistill.cli import main
 from raydistill.engine.checkpoint import latest_checkpoint, load_checkpoint
 from raydistill.errors import ConfigError
 from raydistill.runtime import control
@@ -162,3 +164,47 @@ def test_the_cli_removes_a_peer_of_a_running_train_and_refuses_a_run_that_is_not
         train.wait(60)
     stopped = raydistill_cli("peers", "add", str(run_dir))
     assert stopped.returncode == 2 and "shows no running run" in one_line(stopped.stderr)
+
+
+def test_offline_changes_through_resume_keep_the_histories_and_a_refused_change_is_one_line(tmp_path, capsys):
+    config = write_config(tmp_path / "run.yaml", tiny_dml(**{"train.epochs": 3}))
+    run_dir = str(tmp_path / "run")
+    inprocess = ["--runtime", "inprocess"]
+    assert main(["train", config, "--output", run_dir, "--stop-after-epoch", "1", *inprocess]) == 0
+    assert main(["train", "--resume", run_dir, "--stop-after-epoch", "2", "--set", "peers.3.init=peer:2",
+                 *inprocess]) == 0
+    assert "peers: added peer3 (mlp, init peer:2) after epoch 1; peers now peer0, peer1, peer2, peer3" in \
+        capsys.readouterr().out
+    assert main(["train", "--resume", run_dir, "--set", "peers=[{id: 0}, {id: 2}, {id: 3}]", *inprocess]) == 0
+    assert "peers: removed peer1 after epoch 2; peers now peer0, peer2, peer3" in capsys.readouterr().out
+    metrics = pd.read_parquet(Path(run_dir) / "metrics.parquet")
+    assert metrics.groupby("model")["epoch"].apply(sorted).to_dict() == {
+        "peer0": [1, 2, 3], "peer1": [1, 2], "peer2": [1, 2, 3], "peer3": [2, 3], "ensemble": [1, 2, 3]}
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    assert [(p["name"], p.get("removed_at_epoch")) for p in summary["peers"]] == \
+        [("peer0", None), ("peer2", None), ("peer3", None), ("peer1", 2)]
+
+    pcl = write_config(tmp_path / "pcl.yaml", tiny_dml(**{"train.epochs": 2, "method.name": "pcl",
+                                                          "method.ensemble": "learned_head"}))
+    pcl_dir = str(tmp_path / "pcl")
+    assert main(["train", pcl, "--output", pcl_dir, "--stop-after-epoch", "1", *inprocess]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", pcl_dir, "--set", "peers=2", *inprocess]) == 2
+    assert one_line(capsys.readouterr().err).startswith(
+        "raydistill: error: method.ensemble='learned_head': a learned ensemble head is as wide as the peer set")
+
+
+def test_a_run_resumed_after_a_live_change_goes_on_with_its_new_peers(tmp_path):
+    run_dir = tmp_path / "run"
+
+    def add_after_epoch_1(report, checkpoint):
+        if report["epoch"] == 1:
+            control.submit(run_dir, {"action": "add", "init": "scratch"})
+
+    raydistill.train(tiny_dml(**{"train.epochs": 3}), run_dir, runtime="inprocess", stop_after_epoch=2,
+                     on_epoch=add_after_epoch_1, progress=False)
+    result = raydistill.train(resume=run_dir, runtime="inprocess", progress=False)
+    assert [p["name"] for p in result.summary["peers"]] == ["peer0", "peer1", "peer2", "peer3"]
+    assert load_checkpoint(latest_checkpoint(run_dir), 0)["loop"]["peers"] == ["peer0", "peer1", "peer2", "peer3"]
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    assert sorted(metrics[metrics.model == "peer3"]["epoch"]) == [2, 3]
