@@ -9,7 +9,8 @@ This file covers:
   (``--resume DIR --set peers=...`` after epochs 2 and 4);
 - the command line against a running ``raydistill train``, and its one-line refusals; the same changes offline
   (``train --resume DIR --set peers...``), and a run resumed after a live change;
-- the methods whose coordinator keeps per-peer state refuse a change in one line.
+- the methods whose coordinator keeps per-peer state refuse a change in one line; an added peer the cluster has no
+  room for is refused and the run goes on with its peers, exactly as without the request.
 """
 import json
 import os
@@ -208,3 +209,24 @@ def test_a_run_resumed_after_a_live_change_goes_on_with_its_new_peers(tmp_path):
     assert load_checkpoint(latest_checkpoint(run_dir), 0)["loop"]["peers"] == ["peer0", "peer1", "peer2", "peer3"]
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
     assert sorted(metrics[metrics.model == "peer3"]["epoch"]) == [2, 3]
+
+
+def test_an_added_peer_that_does_not_fit_is_refused_and_the_run_goes_on_as_without_the_request(ray_session,
+                                                                                                 tmp_path):
+    # 3 peers of 2.5 CPUs on the session's 8: workers of 2 and 1 peers (7.5 CPUs); 4 peers would need 10
+    config = tiny_dml(**{"train.epochs": 3, "resources.cpus_per_peer": 2.5, "resources.peers_per_worker": 2})
+    run_dir = tmp_path / "live"
+
+    def add_after_epoch_1(report, checkpoint):
+        if report["epoch"] == 1:
+            control.submit(run_dir, {"action": "add", "init": "scratch"})
+
+    raydistill.train(config, run_dir, on_epoch=add_after_epoch_1, progress=False)
+    refused = [json.loads(p.read_text()) for p in (run_dir / "control").glob("*.refused")]
+    assert [r["message"] for r in refused] == \
+        ["refused: resources.cpus_per_peer=2.5: the run needs 10 CPUs; the cluster has 8"]
+    reference = tmp_path / "reference"
+    raydistill.train(config, reference, runtime="inprocess", progress=False)
+    live, expected = final_parameters_by_name(run_dir), final_parameters_by_name(reference)
+    assert sorted(live) == sorted(expected) == ["peer0", "peer1", "peer2"]
+    assert_same_parameters([live[n] for n in sorted(live)], [expected[n] for n in sorted(live)])
