@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 import raydistill
 from raydistill.cli import main
@@ -57,7 +58,7 @@ def offline(tmp_path, init: str) -> dict:
                      progress=False)
     raydistill.train(resume=run_dir, overrides={"peers.3": {"arch": "mlp", "init": init}}, runtime="inprocess",
                      stop_after_epoch=4, progress=False)
-    raydistill.train(resume=run_dir, overrides={"peers": [{"id": 0}, {"id": 2}, {"id": 3, "init": init}]},
+    raydistill.train(resume=run_dir, overrides={"peers": [{"id": 0}, {"id": 2}, {"id": 3}]},
                      runtime="inprocess", progress=False)
     return final_parameters_by_name(run_dir)
 
@@ -112,7 +113,7 @@ def test_a_peer_added_at_epoch_2_and_another_removed_at_epoch_4_keep_their_histo
     assert_same_parameters([live[n] for n in sorted(live)], [reference[n] for n in sorted(live)])
 
 
-def test_a_removed_peers_name_is_never_reused_and_bad_requests_name_what_is_allowed():
+def test_a_removed_peers_name_is_never_reused_and_bad_requests_name_what_is_allowed(tmp_path):
     config = raydistill.load_config(tiny_dml())
     loop = {"changes": [{"epoch": 1, "action": "remove", "peer": "peer3", "arch": "mlp"}]}
     added = requested_config(config, {"action": "add", "init": "scratch"}, loop)
@@ -124,6 +125,8 @@ def test_a_removed_peers_name_is_never_reused_and_bad_requests_name_what_is_allo
     single = raydistill.load_config(tiny_dml(**{"peers": 1, "method.name": "independent"}))
     with pytest.raises(ConfigError, match="the run's last peer"):
         requested_config(single, {"action": "remove", "peer": 0}, {})
+    with pytest.raises(ConfigError, match=r"^peers\.1\.init='ensemble': a new run has no checkpoint; init starts"):
+        raydistill.train(tiny_dml(peers=[{}, {"init": "ensemble"}]), tmp_path / "run", runtime="inprocess")
     performance = raydistill.load_config(tiny_dml(**{"method.peer_weighting": "performance"}))
     with pytest.raises(ConfigError, match=r"^method\.peer_weighting='performance': .*peer_weighting: uniform$"):
         requested_config(performance, {"action": "remove", "peer": 0}, {})
@@ -176,6 +179,7 @@ def test_offline_changes_through_resume_keep_the_histories_and_a_refused_change_
                  *inprocess]) == 0
     assert "peers: added peer3 (mlp, init peer:2) after epoch 1; peers now peer0, peer1, peer2, peer3" in \
         capsys.readouterr().out
+    assert yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["peers"][3]["init"] is None   # carried out
     assert main(["train", "--resume", run_dir, "--set", "peers=[{id: 0}, {id: 2}, {id: 3}]", *inprocess]) == 0
     assert "peers: removed peer1 after epoch 2; peers now peer0, peer2, peer3" in capsys.readouterr().out
     metrics = pd.read_parquet(Path(run_dir) / "metrics.parquet")

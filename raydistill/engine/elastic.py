@@ -68,6 +68,25 @@ def renumber(config, state: dict):
     return config
 
 
+def check_inits(config, state: dict | None) -> None:
+    """``peers[i].init`` is read for a peer new to a checkpoint only; anywhere else it would be silently ignored."""
+    present = set(names_of(state)) if state is not None else set()
+    for i, (name, peer) in enumerate(zip(config.peer_names, config.peers)):
+        if peer.init is not None and (state is None or name in present):
+            where = f"{name} is in the checkpoint already" if state is not None else "a new run has no checkpoint"
+            raise ConfigError(f"peers.{i}.init", peer.init, f"{where}; init starts a peer added to a checkpoint "
+                              "(raydistill peers add, or train --resume DIR --set peers.N.init=...)")
+
+
+def consumed(config):
+    """The config once its new peers are built: their init has been carried out (summary.json's peer_changes keeps
+    it), so config.yaml does not carry it into a later run."""
+    config = copy.deepcopy(config)
+    for peer in config.peers:
+        peer.init = None
+    return config
+
+
 def _model(settings, spec, state: dict, device):
     model = build_model(settings.arch, spec, **settings.options).to(device)
     model.load_state_dict(state["model"])
@@ -110,6 +129,9 @@ def change_peers(old_config, new_config, state: dict, spec, arrays) -> tuple[dic
     peers, events = [], []
     for i, (name, settings) in enumerate(zip(new_config.peer_names, new_config.peers)):
         if name in placed:
+            if settings.init is not None:
+                raise ConfigError(f"peers.{i}.init", settings.init, f"{name} is in the checkpoint already; init "
+                                  "starts a peer added to it")
             if settings.arch != old_settings[name].arch:
                 raise ConfigError(f"peers.{i}.arch", settings.arch, f"{name} trains {old_settings[name].arch}; a "
                                   "peer's arch cannot change (add a new peer instead)")

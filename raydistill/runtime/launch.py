@@ -14,7 +14,7 @@ from pathlib import Path
 from raydistill.config import Config, check_data_fits, dump_config, load_config
 from raydistill.engine.checkpoint import check_compatible, load_latest_checkpoint
 from raydistill.engine.data import load_run_data
-from raydistill.engine.elastic import change_peers, names_of, renumber, save_retired
+from raydistill.engine.elastic import change_peers, check_inits, consumed, names_of, renumber, save_retired
 from raydistill.engine.storage import resolve_storage
 from raydistill.engine.teacher import check_teachers
 from raydistill.errors import ConfigError
@@ -95,6 +95,8 @@ def train(config=None, output=None, *, overrides=None, runtime: str = "ray", res
     retired = {}
     if resume_state is not None and resume is not None:
         config, resume_state, retired = _changed_peers(run_dir, config, resume_state, spec, arrays, console)
+    elif resume_state is None:
+        check_inits(config, None)
     if resume_state is not None:
         check_compatible(config, spec, resume_state, str(resume or from_checkpoint))
     check_teachers(config, spec)                            # every teacher's weights and hint layer
@@ -154,6 +156,7 @@ def _changed_peers(run_dir: Path, config, state: dict, spec, arrays, console: Co
     run does it). Returns (config, state, the departing peers' deployable models)."""
     config = renumber(config, state)
     if names_of(state) == config.peer_names:
+        check_inits(config, state)
         return config, state, {}
     previous = load_config(run_dir)                          # the peer set the checkpoint was written with
     state, retired, events = change_peers(previous, config, state, spec, arrays)
@@ -161,7 +164,7 @@ def _changed_peers(run_dir: Path, config, state: dict, spec, arrays, console: Co
                      else f"removed {e['peer']}" for e in events)
     console.line(f"peers: {done} after epoch {state['loop']['epochs_completed']}; peers now "
                  f"{', '.join(config.peer_names)}")
-    return config, state, retired
+    return consumed(config), state, retired
 
 
 def _absolute_teacher_paths(config, run_dir: Path):

@@ -302,6 +302,7 @@ class Run:
             raise
         elastic.save_retired(self.run_dir, retired)
         workers_state = {"peers": new_state["peers"], "coordinator": new_state["coordinator"]}
+        config = elastic.consumed(config)
         self.config = config
         self.method = build_method(config)
         self.reports = Reports(config, self.method, self.spec, self.reports.has_val)
