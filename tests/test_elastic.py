@@ -234,3 +234,35 @@ def test_an_added_peer_that_does_not_fit_is_refused_and_the_run_goes_on_as_witho
     live, expected = final_parameters_by_name(run_dir), final_parameters_by_name(reference)
     assert sorted(live) == sorted(expected) == ["peer0", "peer1", "peer2"]
     assert_same_parameters([live[n] for n in sorted(live)], [expected[n] for n in sorted(live)])
+
+
+def test_a_peer_that_joins_from_the_ensemble_agrees_with_it_more_than_one_from_scratch(tmp_path):
+    import torch
+
+    from raydistill.data.views import to_float
+    from raydistill.engine.data import load_run_data
+    from raydistill.engine.elastic import change_peers
+    from raydistill.models import build_model
+
+    run_dir = tmp_path / "run"
+    raydistill.train(tiny_dml(**{"train.epochs": 5}), run_dir, runtime="inprocess", progress=False)
+    old = raydistill.load_config(run_dir)
+    state = load_checkpoint(latest_checkpoint(run_dir), 0)
+    spec, arrays = load_run_data(old)
+    x = to_float(arrays["val_x"])
+
+    def probabilities(settings, model_state):
+        model = build_model(settings.arch, spec, **settings.options)
+        model.load_state_dict(model_state)
+        with torch.no_grad():
+            return model.eval()(x).softmax(1)
+
+    ensemble = torch.stack([probabilities(s, p["model"]) for s, p in zip(old.peers, state["peers"])]).mean(0)
+    disagreement = {}
+    for init in ("scratch", "ensemble"):
+        new = raydistill.load_config(run_dir, {"peers.3.init": init})
+        changed, _, events = change_peers(old, new, state, spec, arrays)
+        assert events == [{"epoch": 5, "action": "add", "peer": "peer3", "arch": "mlp", "init": init}]
+        joined = probabilities(new.peers[3], changed["peers"][3]["model"])
+        disagreement[init] = torch.nn.functional.kl_div(joined.log(), ensemble, reduction="batchmean").item()
+    assert disagreement["ensemble"] < 0.25 * disagreement["scratch"], disagreement

@@ -20,12 +20,13 @@ import torch.nn.functional as F
 
 from raydistill.engine.optim import make_optimizer
 from raydistill.engine.peer import Peer
+from raydistill.engine.self_teacher import EmaTeacher
 from raydistill.errors import ConfigError
 from raydistill.methods import build_method
 from raydistill.methods.online import LEARNED_HEAD
 from raydistill.models import build_model
 
-ENSEMBLE_INIT_STEPS = 20          # distillation steps of a peer that joins with init: ensemble (an epoch at most)
+ENSEMBLE_INIT_STEPS = 50          # distillation steps of a peer that joins with init: ensemble
 RETIRED_DIR = "retired"           # run directory: the deployable models of the peers that left, until the export
 
 
@@ -95,13 +96,15 @@ def _model(settings, spec, state: dict, device):
 
 def distill_from_ensemble(peer: Peer, old_config, old_states: list, spec, epoch: int) -> None:
     """A few steps of the new peer toward the mean of the current peers' probabilities (regression: predictions) on
-    the run's own batches and views of ``epoch``; then a fresh optimizer, as a peer from scratch has."""
+    the run's own batches and views of ``epoch``; then a fresh optimizer, as a peer from scratch has, and an EMA
+    teacher (pcl, dkel) that is a copy of the distilled weights."""
     teachers = [_model(s, spec, st, peer.device) for s, st in zip(old_config.peers, old_states)]
     optimizer = make_optimizer(peer.config.train, peer.model.parameters(), peer.settings.lr)
     peer.model.train()
-    for step in range(min(ENSEMBLE_INIT_STEPS, peer.data.steps_per_epoch)):
-        idx = peer.data.batch(epoch, step)
-        x = peer.data.view(idx, epoch, step, peer.view_index)
+    for k in range(ENSEMBLE_INIT_STEPS):                 # the batches of epoch ``epoch`` on, in the run's order
+        at, step = epoch + k // peer.data.steps_per_epoch, k % peer.data.steps_per_epoch
+        idx = peer.data.batch(at, step)
+        x = peer.data.view(idx, at, step, peer.view_index)
         with torch.no_grad():
             outputs = [t(x) for t in teachers]
         student = peer.model(x)
@@ -113,7 +116,10 @@ def distill_from_ensemble(peer: Peer, old_config, old_states: list, spec, epoch:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    peer.model.zero_grad(set_to_none=True)
     peer.optimizer = peer.make_optimizer()
+    if isinstance(peer.self_teacher, EmaTeacher):       # its EMA teacher starts from the distilled weights
+        peer.self_teacher.ema.load_state_dict(peer.model.state_dict())
 
 
 def change_peers(old_config, new_config, state: dict, spec, arrays) -> tuple[dict, dict, list]:
