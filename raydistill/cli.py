@@ -26,6 +26,20 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress output")
     train.add_argument("--verbose", action="store_true", help="show Ray's own log lines (else in DIR/ray.log)")
 
+    peers = commands.add_parser("peers", help="add or remove a peer of a running run (at its next epoch boundary)")
+    peer_commands = peers.add_subparsers(dest="peers_command", required=True)
+    add = peer_commands.add_parser("add", help="add a peer to a running run")
+    add.add_argument("run", help="the run directory, or a run name under runs/")
+    add.add_argument("--arch", help="the new peer's architecture (default: the run's model.arch)")
+    add.add_argument("--init", default="scratch", metavar="scratch|ensemble|peer:K",
+                     help="scratch (default); ensemble: distilled toward the current ensemble for a few steps; "
+                          "peer:K: a copy of peerK")
+    add.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the run's answer (120)")
+    remove = peer_commands.add_parser("remove", help="remove a peer from a running run (its records stay)")
+    remove.add_argument("run", help="the run directory, or a run name under runs/")
+    remove.add_argument("--peer", type=int, required=True, metavar="K", help="the peer to remove: peerK")
+    remove.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the run's answer (120)")
+
     evaluate = commands.add_parser("eval", help="accuracy of every exported model of a run on its test split")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--data", help="another data set name")
@@ -68,6 +82,44 @@ def cmd_train(args) -> int:
     result = train(args.config, args.output, overrides=overrides, runtime=args.runtime, resume=args.resume,
                    stop_after_epoch=args.stop_after_epoch, progress=not args.quiet, verbose=args.verbose)
     print(f"summary: {result.run_dir / 'summary.json'}")
+    return 0
+
+
+def cmd_peers(args) -> int:
+    """Writes a control request into a running run's directory and prints the run's answer."""
+    from pathlib import Path
+
+    from raydistill.errors import ConfigError
+    from raydistill.runtime import control
+
+    run_dir = Path(args.run)
+    if not run_dir.is_dir() and (Path("runs") / args.run).is_dir():
+        run_dir = Path("runs") / args.run
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError("RUN", args.run, "is not a run directory (nor a run name under runs/)")
+    if not control.running(run_dir):
+        raise ConfigError("RUN", args.run, "shows no running run; change a stopped run's peers with "
+                          f"raydistill train --resume {run_dir} --set peers=...")
+    if args.peers_command == "add":
+        request = {"action": "add", "arch": args.arch, "init": args.init}
+    else:
+        request = {"action": "remove", "peer": args.peer}
+    path = control.submit(run_dir, request)
+    answer = control.wait_answer(path, args.timeout)
+    if answer is None and control.withdraw(path):
+        print(f"raydistill: the run did not answer within {args.timeout:g}s (it answers at its next epoch "
+              "boundary); the request was withdrawn", file=sys.stderr)
+        return 1
+    answer = answer or control.wait_answer(path, args.timeout)      # taken: the change is under way
+    if answer is None:
+        print(f"raydistill: the run took the request but has not answered within {2 * args.timeout:g}s; its "
+              f"answer will be {path.with_suffix('.done')} or .refused", file=sys.stderr)
+        return 1
+    outcome, message = answer
+    if outcome == "refused":
+        print(f"raydistill: {message}", file=sys.stderr)
+        return 1
+    print(message)
     return 0
 
 
@@ -144,7 +196,7 @@ def cmd_cluster(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     handler = {"bench": cmd_bench, "train": cmd_train, "tune": cmd_tune, "eval": cmd_eval, "presets": cmd_presets,
-               "cluster": cmd_cluster, "results": cmd_results}[args.command]
+               "cluster": cmd_cluster, "results": cmd_results, "peers": cmd_peers}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

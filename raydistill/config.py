@@ -52,6 +52,11 @@ class PeerConfig:
     arch: Union[str, None] = None       # null: model.arch
     options: Union[dict, None] = None    # null: model.options
     lr: Union[float, None] = None       # null: train.lr
+    id: Union[int, None] = None         # the peer's stable number: it is named peer<id> in every record (null: next)
+    init: Union[str, None] = None       # a peer added to a checkpoint: scratch (default) | ensemble | peer:K
+
+
+PEER_INITS = ("scratch", "ensemble", "peer:K")
 
 
 @dataclass
@@ -173,9 +178,17 @@ class Config:
             items = [PeerConfig() for _ in range(self.peers)]
         else:
             items = [p if isinstance(p, PeerConfig) else _build(PeerConfig, p, "peers") for p in self.peers]
+        taken = [p.id for p in items if isinstance(p.id, int) and not isinstance(p.id, bool)]
+        fresh = iter(range(max(taken, default=-1) + 1, max(taken, default=-1) + 1 + len(items)))
         return [PeerConfig(arch=p.arch or self.model.arch,
                            options=dict(self.model.options if p.options is None else p.options),
-                           lr=self.train.lr if p.lr is None else p.lr) for p in items]
+                           lr=self.train.lr if p.lr is None else p.lr,
+                           id=p.id if p.id is not None else next(fresh), init=p.init) for p in items]
+
+    @property
+    def peer_names(self) -> list[str]:
+        """Each peer's stable name in records, summary and export: peer<id>."""
+        return [f"peer{p.id}" for p in self.peer_list]
 
     @property
     def num_peers(self) -> int:
@@ -333,7 +346,10 @@ def apply_overrides(data: dict, overrides) -> dict:
         node = data
         for depth, part in enumerate(parts[:-1]):
             if isinstance(node, list):
-                node = node[_list_index(node, part, parts[:depth + 1])]
+                index = _list_index(node, part, parts[:depth + 1])
+                if index == len(node):                  # `peers.3.arch=...` after 3 peers: a fourth
+                    node.append({})
+                node = node[index]
                 continue
             if part == "peers" and isinstance(node.get(part), int):
                 node[part] = [{} for _ in range(node[part])]    # `peers.1.arch=...` over a peer count
@@ -342,7 +358,8 @@ def apply_overrides(data: dict, overrides) -> dict:
             node = node[part]
         last = parts[-1]
         if isinstance(node, list):
-            node[_list_index(node, last, parts)] = value
+            index = _list_index(node, last, parts)
+            node[index:index + 1] = [value]
         elif isinstance(node, dict):
             node[last] = value
         else:
@@ -351,8 +368,9 @@ def apply_overrides(data: dict, overrides) -> dict:
 
 
 def _list_index(node: list, part: str, parts) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(".".join(parts), part, f"must be an index below {len(node)}")
+    """An item's index, or the list's length: one item more (a peer added by ``--set peers.3.arch=...``)."""
+    if not part.isdigit() or int(part) > len(node):
+        raise ConfigError(".".join(parts), part, f"must be an index up to {len(node)} ({len(node)}: one more)")
     return int(part)
 
 
@@ -563,6 +581,7 @@ def _check_train(config: Config) -> None:
             raise ConfigError(f"train.{name}", getattr(t, name), "must be >= 1 or null")
     if not _positive(t.lr):
         raise ConfigError("train.lr", t.lr, "must be a finite number > 0")
+    _check_peer_ids(config)
     for i, peer in enumerate(config.peers):
         if not _positive(peer.lr):
             raise ConfigError(f"peers.{i}.lr", peer.lr, "must be a finite number > 0")
@@ -587,6 +606,19 @@ def _check_train(config: Config) -> None:
         raise ConfigError("train.optimizer", t.optimizer, f"one of: {', '.join(OPTIMIZERS)}")
     if t.health is not None:
         _check_health(config)
+
+
+def _check_peer_ids(config: Config) -> None:
+    seen = set()
+    for i, peer in enumerate(config.peers):
+        if isinstance(peer.id, bool) or not isinstance(peer.id, int) or peer.id < 0 or peer.id in seen:
+            raise ConfigError(f"peers.{i}.id", peer.id, "must be a whole number >= 0, unique among the peers "
+                              "(or null: the next unused number)")
+        seen.add(peer.id)
+        init = peer.init
+        if init is not None and init not in ("scratch", "ensemble") and not (
+                isinstance(init, str) and init.startswith("peer:") and init[5:].isdigit()):
+            raise ConfigError(f"peers.{i}.init", init, f"one of: {', '.join(PEER_INITS)} (K: a peer's number)")
 
 
 def _check_health(config: Config) -> None:

@@ -13,7 +13,8 @@ from raydistill.models import build_model
 
 
 def load_model(run_dir, peer: int | None = None, name: str | None = None, device: str = "cpu") -> torch.nn.Module:
-    """The deployable model of a run (default), peer ``peer``, or the exported model called ``name``.
+    """The deployable model of a run (default), peer ``peer`` (peer<peer>, removed from the run or not), or the
+    exported model called ``name``.
 
     The module normalizes inside: give it float tensors in [0, 1] (images NCHW, tabular [N, F]). It comes in eval mode
     with its parameters frozen (``requires_grad=False``): its outputs carry no autograd history, so inference keeps no
@@ -24,7 +25,7 @@ def load_model(run_dir, peer: int | None = None, name: str | None = None, device
     if peer is not None and name is not None:
         raise ConfigError("peer", peer, f"give peer or name, not both (name={name!r})")
     if peer is not None:
-        peers = sorted(entry["index"] for entry in models.values() if entry["kind"] == "peer")
+        peers = sorted(int(n[len("peer"):]) for n, entry in models.items() if entry["kind"] == "peer")
         if f"peer{peer}" not in models:
             raise ConfigError("peer", peer, f"one of: {', '.join(map(str, peers))}")
         name = f"peer{peer}"

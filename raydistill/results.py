@@ -211,7 +211,7 @@ def chosen_on_test(deploy: dict) -> bool:
 def model_figures(summary: dict, metric: str) -> dict[str, dict]:
     """Per model name: {"last", "best", "best_epoch"} test figures of one run, best only where chosen on validation."""
     has_val = any(p.get(f"best_val_{metric}") is not None for p in summary["peers"])
-    entries = [(f"peer{p['index']}", p) for p in summary["peers"]]
+    entries = [(p.get("name", f"peer{p['index']}"), p) for p in summary["peers"]]
     entries += [(t["name"], t) for t in summary.get("ema_teachers", [])]
     ensemble = {k[len("ensemble_"):]: v for k, v in summary.items() if k.startswith("ensemble_")}
     if ensemble:

@@ -107,8 +107,10 @@ def _load(path: Path, num_peers: int) -> dict:
             raise _Unreadable(path / name, f"{type(err).__name__}: "
                                            f"{str(err).splitlines()[0] if str(err) else 'empty'}") from None
 
-    return {"peers": [read(f"peer_{i}.pt") for i in range(num_peers)], "coordinator": read("coordinator.pt"),
-            "loop": read("loop.json")}
+    loop = read("loop.json")
+    count = len(loop["peers"]) if loop.get("peers") else num_peers    # the peers it was written with (elastic)
+    return {"peers": [read(f"peer_{i}.pt") for i in range(count)], "coordinator": read("coordinator.pt"),
+            "loop": loop}
 
 
 def load_checkpoint(path: Path, num_peers: int) -> dict:

@@ -5,6 +5,7 @@ that learns from a finished run (``read_manifest``, ``deployed_entry``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -39,8 +40,8 @@ def deployed_entry(manifest: dict) -> dict:
 
 def write_export(run_dir, spec: dict, task: str, states: dict, settings_of, deploy: dict) -> None:
     """export/ written to a temporary name and renamed: one ``NAME.pt`` per model (states: name -> {kind, index,
-    state}) and the manifest (each model's kind, index, arch and options from ``settings_of(index)``, the data spec,
-    the task, and the deploy choice)."""
+    state}, or with its own ``settings`` and index None: a peer removed from the run) and the manifest (each model's
+    kind, index, arch and options from ``settings_of(index)``, the data spec, the task, and the deploy choice)."""
     import torch
 
     tmp, final = Path(run_dir) / f".{EXPORT_DIR}.tmp", Path(run_dir) / EXPORT_DIR
@@ -48,10 +49,11 @@ def write_export(run_dir, spec: dict, task: str, states: dict, settings_of, depl
     tmp.mkdir()
     models = {}
     for name, entry in states.items():
-        settings = settings_of(entry["index"])
+        settings = entry.get("settings") or dataclasses.asdict(settings_of(entry["index"]))   # a removed peer's own
         torch.save(entry["state"], tmp / f"{name}.pt")
-        models[name] = {"kind": entry["kind"], "index": entry["index"], "arch": settings.arch,
-                        "options": settings.options, "file": f"{name}.pt"}
+        models[name] = {"kind": entry["kind"], "index": entry["index"], "arch": settings["arch"],
+                        "options": settings["options"], "file": f"{name}.pt",
+                        **({"removed": True} if entry.get("settings") else {})}
     manifest = {"spec": spec, "task": task, "models": models, "deploy": deploy,
                 "input": "float images in [0, 1], NCHW (normalization is inside the model)"}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=float))

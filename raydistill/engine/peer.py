@@ -85,12 +85,14 @@ class Peer:
         self.index = index
         self.config = config
         self.settings = config.peers[index]
+        self.id = self.settings.id              # its stable number (peer<id>): seeds and names follow it, not its place
+        self.name = f"peer{self.id}"
         self.device = torch.device(device) if device else pick_device(config.resources.gpus_per_peer)
         self.data = DataView(config, arrays, self.device)
         self.method = build_method(config)
-        self.view_index = self.method.view_index(index)
+        self.view_index = self.method.view_index(self.id)
         self.spec = spec
-        torch.manual_seed(derive_seed(config.seed, "init", "peer", index))
+        torch.manual_seed(derive_seed(config.seed, "init", "peer", self.id))
         self.model = build_model(self.settings.arch, spec, **self.settings.options).to(self.device)
         self._pending = None
         self.self_teacher = make_self_teacher(self)     # built before the taps, so that its copy carries no hooks
@@ -129,7 +131,7 @@ class Peer:
         self.self_teacher.before_forward(epoch)
         idx = self.data.batch(epoch, step, replay)
         x = self.data.view(idx, epoch, step, self.view_index, replay)
-        seed_device(self.device, self.config.seed, "forward", self.index, epoch, step)   # dropout, in any order
+        seed_device(self.device, self.config.seed, "forward", self.id, epoch, step)   # dropout, in any order
         self.model.train()
         with self.autocast():
             logits = self.model(x)
@@ -235,7 +237,7 @@ class Peer:
 
     def export(self) -> dict:
         """The deployable models of this peer: name -> {kind, index, state (CPU state dict)}."""
-        models = {f"peer{self.index}": {"kind": "peer", "index": self.index, "state": cpu_state(self.model)}}
+        models = {self.name: {"kind": "peer", "index": self.index, "state": cpu_state(self.model)}}
         return {**models, **self.self_teacher.export()}
 
 

@@ -110,7 +110,7 @@ class EmaTeacher(SelfTeacher):
                 step = k % peer.data.steps_per_epoch
                 idx = peer.data.batch(0, step)
                 x = peer.data.view(idx, 0, step, peer.view_index)
-                seed_device(peer.device, config.seed, "teacher_init", peer.index, k)
+                seed_device(peer.device, config.seed, "teacher_init", peer.id, k)
                 loss = task_loss(teacher(x), peer.data.y["train"][idx], config.task)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -144,7 +144,7 @@ class EmaTeacher(SelfTeacher):
 
     def export(self) -> dict:
         index = self.peer.index
-        return {f"peer{index}_ema": {"kind": "ema_teacher", "index": index, "state": cpu_state(self.ema)}}
+        return {f"{self.peer.name}_ema": {"kind": "ema_teacher", "index": index, "state": cpu_state(self.ema)}}
 
 
 class PreviousGeneration(SelfTeacher):
@@ -173,7 +173,7 @@ class PreviousGeneration(SelfTeacher):
     def start(self, generation: int) -> None:
         peer = self.peer
         self.set_snapshot(peer.model.state_dict())
-        torch.manual_seed(derive_seed(peer.config.seed, "init", "peer", peer.index, "generation", generation))
+        torch.manual_seed(derive_seed(peer.config.seed, "init", "peer", peer.id, "generation", generation))
         fresh = build_model(peer.settings.arch, peer.spec, **peer.settings.options)
         peer.model.load_state_dict(fresh.state_dict())       # in place: the taps and hooks stay on the student
         peer.optimizer = peer.make_optimizer()

@@ -37,9 +37,10 @@ def connect(config, console: Console | None = None, verbose: bool = False) -> bo
     return session.connect(config, console or Console(False), verbose)
 
 
-def actor_name(config, role: str) -> str:
-    """Actors are named after the run and the driver's process, so tools (and failure drills) can find them."""
-    return f"raydistill/{config.name}/{os.getpid()}/{role}"
+def actor_name(config, role: str, generation: int = 0) -> str:
+    """Actors are named after the run and the driver's process, so tools (and failure drills) can find them; the
+    workers started again for a changed peer set are a new generation (g1/worker0, ...)."""
+    return f"raydistill/{config.name}/{os.getpid()}/{f'g{generation}/' if generation else ''}{role}"
 
 
 def _cause(err: BaseException) -> BaseException:
@@ -60,10 +61,12 @@ class RayWorkers:
     """The run's workers (and, for the object-store transport, its coordinator) as Ray actors in one placement group."""
 
     def __init__(self, config, spec, arrays, group=None, driver_cpus: float = 0.0, console: Console | None = None,
-                 shared_memory: bool = True):
+                 shared_memory: bool = True, generation: int = 0):
         """group: an existing placement group laid out as placement.layout(config, driver_cpus) (a Tune trial's);
-        None: reserve one. shared_memory: False sends the step's exchange through gloo even on one node (benchmarks)."""
+        None: reserve one. shared_memory: False sends the step's exchange through gloo even on one node (benchmarks).
+        generation: how many times the run's peer set has changed in this process (it names the actors)."""
         self.shared_memory = shared_memory
+        self.generation = generation
         self.config = config
         self.console = console or Console(False)
         self.transport = placement.resolve_transport(config)
@@ -75,7 +78,7 @@ class RayWorkers:
         if group is None:
             placement.check_capacity(config, ray.cluster_resources(), [n for n in ray.nodes() if n["Alive"]])
             group = placement_group(self.layout.bundles, strategy=config.resources.strategy,
-                                    name=f"raydistill-{config.name}-{os.getpid()}")
+                                    name=f"raydistill-{config.name}-{os.getpid()}-{generation}")
         self.group = group
         self.workers, self.coordinator = [], None
         try:
@@ -95,7 +98,8 @@ class RayWorkers:
                           f"({self.describe()})")
 
     def describe(self) -> str:
-        hosted = ", ".join("+".join([f"peer{i}" for i in m.peers] + [f"teacher{i}" for i in m.teachers])
+        names = self.config.peer_names
+        hosted = ", ".join("+".join([names[i] for i in m.peers] + [f"teacher{i}" for i in m.teachers])
                            for m in self.members)
         return f"transport {self.transport}; workers: {hosted}"
 
@@ -118,13 +122,15 @@ class RayWorkers:
             need = placement.worker_bundle(self.config, members)
             self.workers.append(WorkerActor.options(
                 num_cpus=need["CPU"], num_gpus=need.get("GPU", 0), scheduling_strategy=self._bundle(bundle),
-                name=actor_name(self.config, f"worker{rank}"), runtime_env=self._hide_gpus(need), **restartable)
+                name=actor_name(self.config, f"worker{rank}", self.generation), runtime_env=self._hide_gpus(need),
+                **restartable)
                 .remote(self.config, spec, members, replicas))
         if not replicas:
             # the coordinator needs no GPU; Ray no longer hides GPUs from 0-GPU actors, so hide them here
             self.coordinator = CoordinatorActor.options(
                 num_cpus=r.cpus_per_coordinator, num_gpus=0, scheduling_strategy=self._bundle(self.layout.head),
-                name=actor_name(self.config, "coordinator"), runtime_env=self._hide_gpus({}), **restartable,
+                name=actor_name(self.config, "coordinator", self.generation), runtime_env=self._hide_gpus({}),
+                **restartable,
             ).remote(self.config, labels_of(arrays), spec, [m for m in self.members if m.peers])
 
     def setup(self) -> None:
@@ -337,6 +343,7 @@ class RayWorkers:
             ray.kill(actor, no_restart=True)
         if self.owns_group and getattr(self, "group", None) is not None:
             remove_placement_group(self.group)
+            self.group = None                   # shut down once (a peer-set change, then the run's end)
 
 
 def _merge(reports: list[CallReport]) -> CallReport:

@@ -14,6 +14,7 @@ from pathlib import Path
 from raydistill.config import Config, check_data_fits, dump_config, load_config
 from raydistill.engine.checkpoint import check_compatible, load_latest_checkpoint
 from raydistill.engine.data import load_run_data
+from raydistill.engine.elastic import change_peers, check_inits, consumed, names_of, renumber, save_retired
 from raydistill.engine.storage import resolve_storage
 from raydistill.engine.teacher import check_teachers
 from raydistill.errors import ConfigError
@@ -91,6 +92,11 @@ def train(config=None, output=None, *, overrides=None, runtime: str = "ray", res
         resolve_storage(config.train.storage)
     spec, arrays = load_run_data(config)
     check_data_fits(config, len(arrays["train_y"]))
+    retired = {}
+    if resume_state is not None and resume is not None:
+        config, resume_state, retired = _changed_peers(run_dir, config, resume_state, spec, arrays, console)
+    elif resume_state is None:
+        check_inits(config, None)
     if resume_state is not None:
         check_compatible(config, spec, resume_state, str(resume or from_checkpoint))
     check_teachers(config, spec)                            # every teacher's weights and hint layer
@@ -100,6 +106,11 @@ def train(config=None, output=None, *, overrides=None, runtime: str = "ray", res
         from raydistill.runtime.driver import RayWorkers, connect
 
         started = connect(config, console, verbose)
+        generations = iter(range(1, 1 << 30))
+
+        def rebuild(changed):                 # the workers of a changed peer set (elastic peers)
+            return RayWorkers(changed, spec, arrays, console=console, generation=next(generations))
+
         try:
             workers = RayWorkers(config, spec, arrays, group=placement_group,
                                  driver_cpus=1.0 if placement_group is not None else 0.0, console=console)
@@ -108,17 +119,23 @@ def train(config=None, output=None, *, overrides=None, runtime: str = "ray", res
                 session.shutdown()
             raise
     else:
+        def rebuild(changed):
+            return InProcessWorkers(changed, spec, arrays)
+
         workers = InProcessWorkers(config, spec, arrays)
     created = not run_dir.exists()
+    run = None
     try:
         if restart:
             console.line(f"{run_dir} holds no checkpoint yet: starting it again from the beginning")
             _clear_records(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(config, run_dir / "config.yaml")       # on --resume too: the values it trains with now
+        save_retired(run_dir, retired)
         if started:
             session.log_to(run_dir)
-        run = Run(config, spec, arrays, workers, run_dir, runtime, console, on_epoch=on_epoch)
+        run = Run(config, spec, arrays, workers, run_dir, runtime, console, on_epoch=on_epoch,
+                  rebuild=rebuild if placement_group is None else None)   # a Tune trial's group holds its peers
         return run.train(resume_state, stop_after_epoch)
     except KeyboardInterrupt:
         if not any(run_dir.glob("checkpoints/epoch_*")):
@@ -128,9 +145,26 @@ def train(config=None, output=None, *, overrides=None, runtime: str = "ray", res
             console.line(f"interrupted: continue with `raydistill train --resume {run_dir}`")
         raise
     finally:
-        workers.shutdown()
+        (run.workers if run is not None else workers).shutdown()     # the workers of its last peer set
         if started:
             session.shutdown()
+
+
+def _changed_peers(run_dir: Path, config, state: dict, spec, arrays, console: Console):
+    """``--resume DIR --set peers=...``: the checkpoint's peers matched to the config's by name (peer<id>); a peer
+    that left keeps its records and export, a new one starts as its ``init`` says (elastic.change_peers, as a running
+    run does it). Returns (config, state, the departing peers' deployable models)."""
+    config = renumber(config, state)
+    if names_of(state) == config.peer_names:
+        check_inits(config, state)
+        return config, state, {}
+    previous = load_config(run_dir)                          # the peer set the checkpoint was written with
+    state, retired, events = change_peers(previous, config, state, spec, arrays)
+    done = "; ".join(f"added {e['peer']} ({e['arch']}, init {e['init']})" if e["action"] == "add"
+                     else f"removed {e['peer']}" for e in events)
+    console.line(f"peers: {done} after epoch {state['loop']['epochs_completed']}; peers now "
+                 f"{', '.join(config.peer_names)}")
+    return consumed(config), state, retired
 
 
 def _absolute_teacher_paths(config, run_dir: Path):

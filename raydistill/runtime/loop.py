@@ -18,13 +18,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from raydistill.config import dump_config
 from raydistill.data.views import num_steps
+from raydistill.engine import elastic
 from raydistill.engine.checkpoint import (checkpoint_epoch, checkpoint_path, discard_after, latest_checkpoint,
                                           list_checkpoints, load_checkpoint, save_checkpoint)
 from raydistill.engine.recorder import Recorder
 from raydistill.engine.storage import mirror
 from raydistill.engine.worker import CallReport
+from raydistill.errors import ConfigError
 from raydistill.methods import build_method
+from raydistill.runtime import control
 from raydistill.runtime.health import Action, Decision, HealthWatch, replay_of
 from raydistill.runtime.reports import LoopState, Reports
 
@@ -83,8 +87,12 @@ class Console:
 
 class Run:
     def __init__(self, config, spec, arrays: dict, workers, run_dir: Path, runtime: str, console: Console,
-                 on_epoch=None):
+                 on_epoch=None, rebuild=None):
+        """rebuild(config) -> workers: starts the workers of another peer set (elastic peers); None: a run whose
+        peer set cannot change while it runs (a Tune trial's), which refuses such requests."""
         self.config = config
+        self.spec, self.arrays = spec, arrays
+        self.rebuild = rebuild
         self.on_epoch = on_epoch
         self.workers = workers
         self.run_dir = Path(run_dir)
@@ -106,9 +114,11 @@ class Run:
         recorder = self.recorder = Recorder(self.run_dir, resume_epoch=first if resume_state is not None else None)
         epochs = self.config.train.epochs
         wall_before = self.state.wall_s
+        self.state.peers = self.config.peer_names
         self.mark_rollback(first, 0, self.start(resume_state), CallReport())
         self.save_start()
         epoch = first
+        control.mark_running(self.run_dir)
         try:
             while epoch < epochs:
                 last = epoch + 1 == epochs or (stop_after_epoch is not None and epoch + 1 >= stop_after_epoch)
@@ -147,14 +157,23 @@ class Run:
                     self.on_epoch(self.reports.epoch_report(record), checkpoint)
                 if last:
                     break
+                try:
+                    self.carry_out_requests(epoch + 1, worker_state)
+                except WorkerLost as lost:                 # the new set's rollback point if the change was made
+                    epoch = self.recover(lost)
+                    continue
                 epoch += 1
             exported = self.export_states() if self.state.epochs_completed == epochs else None
             summary = self.reports.summary(self.state, self.runtime, self.workers.transport, self.workers.nodes())
             if exported is not None:                     # the summary counts a worker lost during the export
                 summary["deploy"] = self.reports.deploy(self.state.history)
+                removed = [c["peer"] for c in self.state.changes if c["action"] == "remove"]
+                exported = {**elastic.load_retired(self.run_dir, removed), **exported}
                 self.reports.write_export(self.run_dir, exported, summary["deploy"])
             recorder.write_summary(summary)
         finally:
+            control.clear_running(self.run_dir)
+            self.refuse_requests("the run has ended")
             recorder.close()
         self.mirror()
         self.console.line(self.reports.final_table(summary, self.run_dir))
@@ -228,6 +247,75 @@ class Run:
 
     def checkpoint_epochs(self) -> list[int]:
         return [checkpoint_epoch(path) for path in list_checkpoints(self.run_dir)]
+
+    # ---- elastic peers ------------------------------------------------------------------------------------------
+    def carry_out_requests(self, epochs_completed: int, worker_state: dict | None) -> None:
+        """The control requests written since the last epoch boundary (``raydistill peers add|remove``), oldest
+        first: each carried out (the peer set changed, the workers started again) or refused, and answered."""
+        for path in control.pending(self.run_dir):
+            claimed = control.take(path)
+            if claimed is None:                                # withdrawn meanwhile
+                continue
+            taken, request = claimed
+            try:
+                if request is None:
+                    raise ConfigError("request", path.name, "is not a JSON object")
+                if self.rebuild is None:
+                    raise ConfigError("peers", self.config.num_peers, "this run's peers cannot change while it runs "
+                                      "(a Tune trial's)")
+                config = control.requested_config(self.config, request, self.state.to_dict())
+                message = self.change_peers(config, epochs_completed, worker_state)
+            except WorkerLost as lost:
+                changed = self.config.peer_names == config.peer_names
+                control.answer(taken, "done" if changed else "refused",
+                               f"{'changed the peers' if changed else 'refused'}: a worker was lost ({lost}); "
+                               f"the run recovers{'' if changed else ', ask again'}", request)
+                raise
+            except ConfigError as err:
+                message = f"refused: {err}"
+                self.console.line(f"peers: {message}")
+                control.answer(taken, "refused", message, request)
+                continue
+            worker_state = None                                # the state now is the new peer set's
+            self.console.line(f"peers: {message}")
+            control.answer(taken, "done", message, request)
+
+    def refuse_requests(self, reason: str) -> None:
+        for path in control.pending(self.run_dir):
+            claimed = control.take(path)
+            if claimed is not None:
+                control.answer(claimed[0], "refused", f"refused: {reason}", claimed[1])
+
+    def change_peers(self, config, epochs_completed: int, worker_state: dict | None) -> str:
+        """Carries the run over to the peer set of ``config`` after ``epochs_completed`` epochs, as a resume with
+        that set would (``elastic.change_peers`` on the same state): the workers (and their placement group) are
+        torn down and started again for the new set, the new state loaded, and the checkpoint of this epoch written
+        again with it, so that a resume goes on from the new set."""
+        state = {**(worker_state or self.workers.get_state()), "loop": self.state.to_dict()}
+        new_state, retired, events = elastic.change_peers(self.config, config, state, self.spec, self.arrays)
+        self.workers.shutdown()
+        try:
+            self.workers = self.rebuild(config)
+        except ConfigError:                            # e.g. no room for the new set: the old one goes on
+            self.workers = self.rebuild(self.config)
+            self.workers.set_state({"peers": state["peers"], "coordinator": state["coordinator"]})
+            raise
+        elastic.save_retired(self.run_dir, retired)
+        workers_state = {"peers": new_state["peers"], "coordinator": new_state["coordinator"]}
+        config = elastic.consumed(config)
+        self.config = config
+        self.method = build_method(config)
+        self.reports = Reports(config, self.method, self.spec, self.reports.has_val)
+        self.state = LoopState.from_dict(new_state["loop"])
+        dump_config(config, self.run_dir / "config.yaml")
+        self.save(epochs_completed, workers_state)
+        self.mark_rollback(epochs_completed, 0, workers_state, CallReport())   # a worker lost from here: this point
+        self.mirror()
+        self.workers.set_state(workers_state)
+        done = "; ".join(f"added {e['peer']} ({e['arch']}, init {e['init']})" if e["action"] == "add"
+                         else f"removed {e['peer']}" for e in events)
+        return (f"{done} after epoch {epochs_completed}; peers now {', '.join(config.peer_names)} "
+                f"({self.workers.describe()})")
 
     # ---- failures ----------------------------------------------------------------------------------------------
     def mark_rollback(self, epoch: int, step: int, worker_state: dict, figures: CallReport) -> None:
@@ -356,5 +444,8 @@ class Run:
         if (self.rollback.epoch, self.rollback.step) == (epoch, 0):
             return self.rollback
         state = load_checkpoint(checkpoint_path(self.run_dir, epoch), self.config.num_peers)
+        if state["loop"].get("peers", self.config.peer_names) != self.config.peer_names:
+            raise TrainingError(f"train.health: the rollback target epoch_{epoch:04d} holds another peer set "
+                                f"({', '.join(state['loop']['peers'])}); the run stopped: {self.kept()}")
         return RollbackPoint(epoch, 0, {"peers": state["peers"], "coordinator": state["coordinator"]},
                              loop=LoopState.from_dict(state["loop"]))

@@ -36,6 +36,8 @@ class LoopState:
     restarts: int = 0
     steps_redone: int = 0
     rollbacks: list = field(default_factory=list)     # the health watch's rollbacks: {epoch, rule, reason, back_to}
+    peers: list = field(default_factory=list)         # the peers' names, in checkpoint order (peer_<i>.pt)
+    changes: list = field(default_factory=list)       # elastic peers: {epoch, action: add|remove, peer, arch, init}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -48,12 +50,13 @@ class LoopState:
 @dataclass(frozen=True)
 class Model:
     kind: str           # peer | ema_teacher | teacher | ensemble
-    index: int
+    index: int          # its place among the run's current peers (or teachers)
     arch: str
+    ident: int | None = None    # a peer's stable number (peer<ident>); None: its index
 
     @property
     def name(self) -> str:
-        return model_name(self.kind, self.index)
+        return model_name(self.kind, self.index if self.ident is None else self.ident)
 
 
 def model_name(kind: str, index: int) -> str:
@@ -63,13 +66,27 @@ def model_name(kind: str, index: int) -> str:
     return f"peer{index}_ema" if kind == "ema_teacher" else f"{kind}{index}"
 
 
-def figures(evaluation: dict | None, kind: str, index: int) -> dict:
-    """One model's figures in an evaluation (Coordinator.evaluate's result)."""
-    if not evaluation:
+def figures(evaluation: dict | None, kind: str, index: int | None) -> dict:
+    """One model's figures in an evaluation (Coordinator.evaluate's result); {} for a peer not in it (None)."""
+    if not evaluation or index is None:
         return {}
     if kind == "ensemble":
         return evaluation.get("ensemble", {})
     return evaluation[f"{kind}s"][index]
+
+
+def record_peers(record: dict) -> list[str]:
+    """The names of the peers that trained in an epoch record, in place order (records before names: peer<place>)."""
+    return record.get("peers") or [f"peer{i}" for i in range(len(record["train"]))]
+
+
+def place_in(record: dict, kind: str, key) -> int | None:
+    """Where a model sits in an epoch record: a peer or EMA teacher by its peer's name (None where it did not
+    train that epoch), a teacher by its index, the ensemble at 0."""
+    if kind not in ("peer", "ema_teacher"):
+        return key
+    names = record_peers(record)
+    return names.index(key) if key in names else None
 
 
 class Reports:
@@ -82,9 +99,9 @@ class Reports:
 
     # ---- the models and the choices made among them ------------------------------------------------------------
     def models(self) -> list[Model]:
-        models = [Model("peer", i, p.arch) for i, p in enumerate(self.config.peers)]
+        models = [Model("peer", i, p.arch, p.id) for i, p in enumerate(self.config.peers)]
         if self.method.uses_ema_teacher:
-            models += [Model("ema_teacher", i, p.arch) for i, p in enumerate(self.config.peers)]
+            models += [Model("ema_teacher", i, p.arch, p.id) for i, p in enumerate(self.config.peers)]
         models += [Model("teacher", j, t.arch) for j, t in enumerate(self.config.teacher_list)]
         if self.config.num_peers > 1:
             models.append(Model("ensemble", 0, "ensemble"))
@@ -97,16 +114,21 @@ class Reports:
     def better(self, a: float, b: float) -> bool:
         return a > b if self.mode == "max" else a < b
 
-    def best_epoch(self, history: list, kind: str, index: int) -> int | None:
-        """The history index of a model's best epoch by validation; None without a validation split."""
+    def best_epoch(self, history: list, kind: str, key) -> int | None:
+        """The history index of a model's best epoch by validation (key: a peer's name, else the index); None
+        without a validation split."""
         if not self.has_val:
             return None
-        best = None
+        best, trained = None, None
         for e, record in enumerate(history):
-            score = figures(record["val"], kind, index).get(self.metric, math.nan)
+            place = place_in(record, kind, key)
+            if place is None:
+                continue
+            trained = e
+            score = figures(record["val"], kind, place).get(self.metric, math.nan)
             if not math.isnan(score) and (best is None or self.better(score, best[1])):
                 best = (e, score)
-        return best[0] if best is not None else len(history) - 1
+        return best[0] if best is not None else trained
 
     def deploy(self, history: list) -> dict:
         """Among the deploy candidates, the best last-epoch validation figure (the exported weights are the last
@@ -123,7 +145,8 @@ class Reports:
             sign = -1
         pick = max(range(len(scores)), key=lambda c: sign * scores[c] if not math.isnan(scores[c]) else -math.inf)
         kind, index = candidates[pick]
-        return {"kind": kind, "index": index, "name": model_name(kind, index), "chosen_by": chosen_by}
+        return {"kind": kind, "index": index, "name": model_name(kind, self.config.peers[index].id),
+                "chosen_by": chosen_by}
 
     # ---- per epoch ---------------------------------------------------------------------------------------------
     def epoch_record(self, epoch: int, train: list[dict], evaluation: dict, seconds: float, samples: int,
@@ -131,7 +154,8 @@ class Reports:
         """previous: the record of the epoch before (None at the first); replay: the epoch's replay number after
         health rollbacks; rollbacks: the health rollbacks of the run so far."""
         hyper = self.method.hyper(epoch)
-        return {"epoch": epoch, "hyper": hyper, "train": train, "val": evaluation["val"],
+        return {"epoch": epoch, "peers": self.config.peer_names, "hyper": hyper, "train": train,
+                "val": evaluation["val"],
                 "test": evaluation["test"], "seconds": seconds, "samples_per_s": samples / max(seconds, 1e-9),
                 "absorption": self.absorption(previous, evaluation["val"], hyper),
                 "replay": replay, "rollbacks": rollbacks}
@@ -147,8 +171,9 @@ class Reports:
         if previous is None or not previous["val"] or not val or weight == 0:
             return [None] * self.config.num_peers
         sign = 1.0 if self.mode == "max" else -1.0
-        return [sign * (now[self.metric] - before[self.metric]) / weight
-                for now, before in zip(val["peers"], previous["val"]["peers"])]
+        before = dict(zip(record_peers(previous), previous["val"]["peers"]))     # by name: a peer added has none
+        return [sign * (now[self.metric] - before[name][self.metric]) / weight if name in before else None
+                for name, now in zip(self.config.peer_names, val["peers"])]
 
     def rows_and_scalars(self, record: dict) -> tuple[list[dict], dict]:
         """metrics.parquet rows and TensorBoard scalars of an epoch (numbered from 1 there, as on the console)."""
@@ -200,24 +225,35 @@ class Reports:
         return report
 
     # ---- the summary -------------------------------------------------------------------------------------------
-    def model_summary(self, history: list, kind: str, index: int) -> dict:
-        best = self.best_epoch(history, kind, index)
+    def model_summary(self, history: list, kind: str, key) -> dict:
+        """key: a peer's (or its EMA teacher's) peer name, else the index. "Last" is the model's last epoch: for a
+        peer removed from the run, the epoch it left after."""
+        best = self.best_epoch(history, kind, key)
         metric = self.metric
-        last = history[-1]
-        return {f"val_{metric}": figures(last["val"], kind, index).get(metric),
-                f"best_val_{metric}": None if best is None else figures(history[best]["val"], kind, index).get(metric),
+        trained = [record for record in history if place_in(record, kind, key) is not None]
+        last = trained[-1] if trained else history[-1]
+
+        def at(record: dict, split: str):
+            return figures(record[split], kind, place_in(record, kind, key)).get(metric)
+
+        return {f"val_{metric}": at(last, "val"),
+                f"best_val_{metric}": None if best is None else at(history[best], "val"),
                 "best_epoch": None if best is None else history[best]["epoch"] + 1,
-                f"test_{metric}": figures(last["test"], kind, index).get(metric),
-                f"test_{metric}_at_best_epoch": None if best is None else
-                figures(history[best]["test"], kind, index).get(metric)}
+                f"test_{metric}": at(last, "test"),
+                f"test_{metric}_at_best_epoch": None if best is None else at(history[best], "test")}
 
     def summary(self, state: LoopState, runtime: str, transport: str, nodes: dict) -> dict:
         history = state.history
-        peers = [{"index": i, "arch": p.arch, "node": nodes["peers"][i], **self.model_summary(history, "peer", i)}
-                 for i, p in enumerate(self.config.peers)]
-        ema_teachers = [{"index": i, "name": model_name("ema_teacher", i), "arch": p.arch,
-                         "node": nodes["peers"][i], **self.model_summary(history, "ema_teacher", i)}
-                        for i, p in enumerate(self.config.peers)] if self.method.uses_ema_teacher else []
+        current = [(i, name, p.arch, nodes["peers"][i], None)
+                   for i, (name, p) in enumerate(zip(self.config.peer_names, self.config.peers))]
+        removed = [(None, c["peer"], c["arch"], None, c["epoch"]) for c in state.changes if c["action"] == "remove"]
+        peers = [{"index": i, "name": name, "arch": arch, "node": node,
+                  **({"removed_at_epoch": gone} if gone is not None else {}),
+                  **self.model_summary(history, "peer", name)} for i, name, arch, node, gone in current + removed]
+        ema_teachers = [{"index": i, "name": f"{name}_ema", "arch": arch, "node": node,
+                         **({"removed_at_epoch": gone} if gone is not None else {}),
+                         **self.model_summary(history, "ema_teacher", name)}
+                        for i, name, arch, node, gone in current + removed] if self.method.uses_ema_teacher else []
         teachers = [{"index": j, "name": model_name("teacher", j), "arch": t.arch, "node": nodes["teachers"][j],
                      **self.model_summary(history, "teacher", j)} for j, t in enumerate(self.config.teacher_list)]
         summary = {"name": self.config.name, "method": self.config.method.name, "dataset": self.config.data.name,
@@ -235,6 +271,8 @@ class Reports:
                        peer_samples_per_s=self.config.num_peers * state.samples / train_s,
                        restarts=state.restarts, steps_redone=state.steps_redone,
                        rollbacks={"count": len(state.rollbacks), "events": list(state.rollbacks)})
+        if state.changes:
+            summary["peer_changes"] = list(state.changes)
         return summary
 
     # ---- export ------------------------------------------------------------------------------------------------
@@ -270,7 +308,7 @@ class Reports:
         metric = self.metric
         rows = [("model", "arch", f"val {metric}", f"best val {metric}", "best epoch", f"test {metric}",
                  f"test {metric} @best")]
-        entries = [(f"peer{p['index']}", p) for p in summary["peers"]]
+        entries = [(p.get("name", f"peer{p['index']}"), p) for p in summary["peers"]]
         entries += [(t["name"], t) for t in summary.get("ema_teachers", [])]
         entries += [(f"teacher{t['index']}", t) for t in summary["teachers"]]
         if f"ensemble_val_{metric}" in summary:
@@ -281,6 +319,8 @@ class Reports:
             return "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
 
         for name, e in entries:
+            if e.get("removed_at_epoch") is not None:
+                name = f"{name} (removed at epoch {e['removed_at_epoch']})"
             rows.append((name, e["arch"], fmt(e[f"val_{metric}"]), fmt(e[f"best_val_{metric}"]),
                          fmt(e["best_epoch"]), fmt(e[f"test_{metric}"]), fmt(e[f"test_{metric}_at_best_epoch"])))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
