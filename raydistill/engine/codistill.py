@@ -40,9 +40,10 @@ class StaleCopy:
         self.index = index
         self.config = config
         self.data = data                        # a local peer's DataView: the same arrays, batches and views
-        self.view_index = method.view_index(index)
-        self.needed = method.outputs_needed("peer")
         settings = config.peers[index]
+        self.id = settings.id                   # the peer's stable number: its view and dropout seed follow it
+        self.view_index = method.view_index(self.id)
+        self.needed = method.outputs_needed("peer")
         self.models = {"model": build_model(settings.arch, spec, **settings.options).to(data.device)}
         if "ema_logits" in self.needed:
             self.models["ema"] = build_model(settings.arch, spec, **settings.options).to(data.device)
@@ -60,7 +61,7 @@ class StaleCopy:
     def outputs(self, epoch: int, step: int, replay: int, autocast) -> dict[str, np.ndarray]:
         idx = self.data.batch(epoch, step, replay)
         x = self.data.view(idx, epoch, step, self.view_index, replay)
-        seed_device(self.data.device, self.config.seed, "forward", self.index, epoch, step)
+        seed_device(self.data.device, self.config.seed, "forward", self.id, epoch, step)
         out = {}
         for prefix, key in (("model", "logits"), ("ema", "ema_logits")):
             if prefix in self.models:
