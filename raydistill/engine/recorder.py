@@ -10,6 +10,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def _after_the_newest_event_file(folder: Path) -> None:
+    """Waits (under a second) until a new event file would sort after every file already there. TensorBoard reads a
+    folder's files in name order and applies a writer's purge to what it read before; a name holds the second of its
+    creation, then the process id and a counter, whose digits do not sort as numbers within one second."""
+    import time
+
+    seconds = []
+    for path in folder.glob("events.out.tfevents.*"):
+        stamp = path.name.split(".")[3]
+        if stamp.isdigit():
+            seconds.append(int(stamp))
+    if seconds:
+        while int(time.time()) <= max(seconds):
+            time.sleep(0.05)
+
+
 class Recorder:
     def __init__(self, run_dir: Path, resume_epoch: int | None = None):
         self.run_dir = Path(run_dir)
@@ -29,6 +45,7 @@ class Recorder:
             self.rows = [row for row in self.rows if row["epoch"] <= epoch]
         if self.writer is not None:
             self.writer.close()
+        _after_the_newest_event_file(self.run_dir / "tb")
         self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=epoch + 1 if epoch is not None else None)
 
     def log_epoch(self, epoch: int, rows: list[dict], scalars: dict[str, float]) -> None:
