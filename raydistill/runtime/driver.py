@@ -77,8 +77,8 @@ class RayWorkers:
         tic = time.perf_counter()
         if group is None:
             placement.check_capacity(config, ray.cluster_resources(), [n for n in ray.nodes() if n["Alive"]])
-            group = placement_group(self.layout.bundles, strategy=config.resources.strategy,
-                                    name=f"raydistill-{config.name}-{os.getpid()}-{generation}")
+            name = f"raydistill-{config.name}-{os.getpid()}" + (f"-g{generation}" if generation else "")
+            group = placement_group(self.layout.bundles, strategy=config.resources.strategy, name=name)
         self.group = group
         self.workers, self.coordinator = [], None
         try:
