@@ -69,32 +69,3 @@ def test_a_stale_copy_gives_its_peers_outputs_for_its_weights():
     for key in got:
         assert torch.equal(torch.from_numpy(got[key]), torch.from_numpy(want[key])), key
 
-
-@pytest.mark.timeout(300)
-def test_a_worker_killed_mid_call_comes_back_from_an_exchange_and_the_run_ends_as_uninterrupted(ray_session,
-                                                                                                 tmp_path):
-    """Rollback points every 6 steps, an exchange every 3: worker 1 is killed during a call of epoch 2; Ray restarts
-    it, every worker loads the last rollback point and exchanges weights there again, as the uninterrupted run did."""
-    import signal
-    import threading
-
-    import ray
-
-    from raydistill.runtime.driver import actor_name
-    from tests.test_failures import Watcher, signal_during_a_call, tiny
-
-    run = tiny(**{"name": "codistill-kill", "method.name": "pcl", **codistill(3),
-                  "train.checkpoint_every_steps": 6, "resources.peers_per_worker": 1})
-    driver, drill = threading.current_thread(), {}
-
-    def kill_during_epoch_2(record, checkpoint):
-        if record["epoch"] == 1:
-            handle = ray.get_actor(actor_name(raydistill.load_config(run), "worker1"))
-            pid = ray.get(handle.pid.remote(), timeout=60)
-            drill["watcher"] = Watcher(lambda: signal_during_a_call(pid, signal.SIGKILL, driver))
-
-    summary = raydistill.train(run, tmp_path / "run", progress=False, on_epoch=kill_during_epoch_2).summary
-    drill["watcher"].finish()
-    assert (summary["transport"], summary["epochs_completed"], summary["restarts"]) == ("codistill", 2, 1)
-    uninterrupted = raydistill.train(run, tmp_path / "reference", runtime="inprocess", progress=False)
-    assert_identical(peer_states(tmp_path / "run", 3), peer_states(uninterrupted.run_dir, 3))

@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -30,6 +29,8 @@ from raydistill.errors import ConfigError
 from raydistill.runtime import control
 from raydistill.runtime.control import requested_config
 from tests.conftest import one_line, tiny_dml, write_config
+from tests.test_cli import raydistill_cli, session_address
+from tests.test_failures import wait_for
 from tests.test_runtime import assert_same_parameters, tensorboard_scalars
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,20 +133,7 @@ def test_a_removed_peers_name_is_never_reused_and_bad_requests_name_what_is_allo
         requested_config(performance, {"action": "remove", "peer": 0}, {})
 
 
-def raydistill_cli(*args, cwd=None, **kwargs):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "raydistill.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, check=False, **kwargs)
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
-def test_the_cli_removes_a_peer_of_a_running_train_and_refuses_a_run_that_is_not_running(tmp_path):
+def test_the_cli_removes_a_peer_of_a_running_train_and_refuses_a_run_that_is_not_running(ray_session, tmp_path):
     missing = raydistill_cli("peers", "remove", str(tmp_path / "nothing"), "--peer", "1")
     assert missing.returncode == 2
     assert one_line(missing.stderr).startswith("raydistill: error: RUN=")
@@ -153,7 +141,8 @@ def test_the_cli_removes_a_peer_of_a_running_train_and_refuses_a_run_that_is_not
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     train = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "train", config, "--output", str(run_dir),
-                              "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              "--quiet", "--address", session_address(ray_session)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: control.running(run_dir) or train.poll() is not None, 180, "the run to start")
         removed = raydistill_cli("peers", "remove", str(run_dir), "--peer", "2", "--timeout", "120")

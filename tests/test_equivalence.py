@@ -143,8 +143,7 @@ def test_one_preset_of_each_shape_runs_on_ray():
 
 
 CASES = {
-    "kdcl-mean_logits": tiny_dml(**{"method.name": "kdcl", "method.ensemble": "mean_logits", "peers": 2}),
-    "kdcl-mean_probs": tiny_dml(**{"method.name": "kdcl", "method.ensemble": "mean_probs", "peers": 2}),
+    # the label-dependent ensemble (the kdcl preset on Ray above has mean_probs; the others are the same code path)
     "kdcl-best": tiny_dml(**{"method.name": "kdcl", "method.ensemble": "best", "peers": 2}),
     "4-peers-in-2-workers": tiny_dml(**{"peers": 4, "resources.peers_per_worker": 2}),
     "3-workers-on-2-cores": tiny_dml(**{"resources.peers_per_worker": 1}),
