@@ -69,3 +69,23 @@ def test_a_stale_copy_gives_its_peers_outputs_for_its_weights():
     for key in got:
         assert torch.equal(torch.from_numpy(got[key]), torch.from_numpy(want[key])), key
 
+
+
+def test_a_peer_added_to_a_codistilled_run_trains_from_the_others_stale_copies(tmp_path):
+    """Elastic peers and codistillation: a resume that adds a peer rebuilds every worker's copies for the new peer
+    set (the new peer's view and dropout seed follow its id) and exchanges at the epoch's first step."""
+    import pandas as pd
+
+    run_dir = tmp_path / "run"
+    raydistill.train(config("pcl", **codistill(3)), run_dir, runtime="inprocess", stop_after_epoch=1, progress=False)
+    result = raydistill.train(resume=run_dir, overrides={"peers.3": {"arch": "mlp", "init": "peer:2"}},
+                              runtime="inprocess", progress=False)
+    assert [p["name"] for p in result.summary["peers"]] == ["peer0", "peer1", "peer2", "peer3"]
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    assert sorted(metrics[metrics.model == "peer3"]["epoch"]) == [2]
+    states = peer_states(run_dir, 4)["peers"]
+    # a copy of peer2 at epoch 1's end, then trained on its own view of epoch 2 (pcl: a view per peer id): it has
+    # moved away from peer2
+    moved = [(a - b).abs().max().item() for a, b in zip(states[3]["model"].values(), states[2]["model"].values())
+             if a.is_floating_point()]
+    assert max(moved) > 1e-4
