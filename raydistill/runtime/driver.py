@@ -303,6 +303,11 @@ class RayWorkers:
         parts = self._get_all([w.export.remote() for w in self.workers])
         return {name: entry for part in parts for name, entry in part.items()}
 
+    def check_room(self, config) -> None:
+        """Refuses (ConfigError) a peer set the cluster could not hold even with this run's workers gone, before
+        they are stopped (elastic peers)."""
+        placement.check_capacity(config, ray.cluster_resources(), [n for n in ray.nodes() if n["Alive"]])
+
     def recover(self, timeout: float) -> None:
         """After a lost worker: the old group closed on every survivor, every actor answering again (Ray restarts a
         dead one, on a replacement node if its node is gone), a new group formed."""

@@ -293,6 +293,7 @@ class Run:
         again with it, so that a resume goes on from the new set."""
         state = {**(worker_state or self.workers.get_state()), "loop": self.state.to_dict()}
         new_state, retired, events = elastic.change_peers(self.config, config, state, self.spec, self.arrays)
+        self.workers.check_room(config)                # a set the cluster cannot hold: refused, nothing stopped
         self.workers.shutdown()
         try:
             self.workers = self.rebuild(config)
