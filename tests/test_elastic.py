@@ -29,7 +29,7 @@ from raydistill.errors import ConfigError
 from raydistill.runtime import control
 from raydistill.runtime.control import requested_config
 from tests.conftest import one_line, tiny_dml, write_config
-from tests.test_cli import raydistill_cli, session_address
+from tests.test_cli import session_address
 from tests.test_failures import wait_for
 from tests.test_runtime import assert_same_parameters, tensorboard_scalars
 
@@ -133,30 +133,29 @@ def test_a_removed_peers_name_is_never_reused_and_bad_requests_name_what_is_allo
         requested_config(performance, {"action": "remove", "peer": 0}, {})
 
 
-def test_the_cli_removes_a_peer_of_a_running_train_and_refuses_a_run_that_is_not_running(ray_session, tmp_path):
-    missing = raydistill_cli("peers", "remove", str(tmp_path / "nothing"), "--peer", "1")
-    assert missing.returncode == 2
-    assert one_line(missing.stderr).startswith("raydistill: error: RUN=")
+def test_the_cli_removes_a_peer_of_a_running_train_and_refuses_a_run_that_is_not_running(ray_session, tmp_path,
+                                                                                         capsys):
+    """`raydistill peers` (run here, as the console script's main) against `raydistill train` in its own process."""
+    assert main(["peers", "remove", str(tmp_path / "nothing"), "--peer", "1"]) == 2
+    assert one_line(capsys.readouterr().err).startswith("raydistill: error: RUN=")
     config = write_config(tmp_path / "run.yaml", tiny_dml(**{"train.epochs": 300}))
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     train = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "train", config, "--output", str(run_dir),
-                              "--quiet", "--address", session_address(ray_session)], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+                              "--quiet", "--address", session_address(ray_session)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: control.running(run_dir) or train.poll() is not None, 180, "the run to start")
-        removed = raydistill_cli("peers", "remove", str(run_dir), "--peer", "2", "--timeout", "120")
-        assert removed.returncode == 0, removed.stderr
-        assert "removed peer2 after epoch" in removed.stdout
-        unknown = raydistill_cli("peers", "remove", str(run_dir), "--peer", "2")
-        assert unknown.returncode == 1
-        assert one_line(unknown.stderr) == \
+        assert main(["peers", "remove", str(run_dir), "--peer", "2", "--timeout", "120"]) == 0
+        assert "removed peer2 after epoch" in capsys.readouterr().out
+        assert main(["peers", "remove", str(run_dir), "--peer", "2"]) == 1
+        assert one_line(capsys.readouterr().err) == \
             "raydistill: refused: --peer=2: not a peer of the run (its peers: peer0, peer1)"
     finally:
         train.terminate()
         train.wait(60)
-    stopped = raydistill_cli("peers", "add", str(run_dir))
-    assert stopped.returncode == 2 and "shows no running run" in one_line(stopped.stderr)
+    assert main(["peers", "add", str(run_dir)]) == 2
+    assert "shows no running run" in one_line(capsys.readouterr().err)
 
 
 def test_offline_changes_through_resume_keep_the_histories_and_a_refused_change_is_one_line(tmp_path, capsys):
