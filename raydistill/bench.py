@@ -1,6 +1,8 @@
 """Per-step time of every runtime and transport on the same run, side by side (default: 3-peer DML, tiny MLP, CPU).
 
     raydistill bench [CONFIG] [--steps 200] [--repeats 3] [--set KEY=VALUE ...]
+    raydistill bench --gpu [--steps 100] [--repeats 3]      # 3 ResNet-32 peers sharing one GPU, against a plain loop
+    raydistill bench --reference [--only reference,inprocess] ...
     python -m raydistill.bench ...
 
 In one run: the in-process runtime (every peer in this process, one after another), the Ray runtime with the
@@ -9,6 +11,12 @@ collective transport (each worker runs whole calls of steps, exchanging outputs 
 memory between workers on one node, and the same over gloo's all_gather as the "collective-gloo" row).
 Steps are timed after a warm-up; evaluation, checkpoints and start-up are excluded. The exchange column is the
 exchange alone, compute excluded: the outputs of one real forward exchanged and turned into targets, step after step.
+
+--gpu (on a CUDA machine): 3 ResNet-32 peers (DML) sharing one GPU on synthetic CIFAR-shaped data (100 classes, batch
+128, bf16 autocast, random crop and flip on the GPU), rows: the reference, in-process, object store and the collective
+(the fast path: the three peers in one worker, no copy between them). --reference adds the reference row to any DML
+config: a plain PyTorch loop, every peer in one process, eager (raydistill/reference_loop.py); the ratio column is
+then the speed-up over it, the reference's ms/step over the row's. --only picks rows.
 """
 from __future__ import annotations
 
@@ -19,14 +27,29 @@ import platform
 import statistics
 import time
 from collections import deque
+from dataclasses import fields
 
-from raydistill.config import load_config
+from raydistill.config import TrainConfig, load_config
+from raydistill.errors import ConfigError
 
 DEFAULT = {"name": "bench", "data": {"name": "synthetic", "options": {"num_train": 4096, "shape": [1, 8, 8]}},
            "model": {"arch": "mlp", "options": {"hidden": [64]}}, "peers": 3, "method": {"name": "dml"},
            "train": {"epochs": 1, "batch_size": 64}}
+# --gpu: the reference loop's setup (raydistill/reference_loop.py) as a run: an epoch of CIFAR-shaped images (45,000
+# after the validation split: every timed step of --steps 100 --repeats 3 in one epoch), peers sharing one GPU
+DEFAULT_GPU = {"name": "bench-gpu",
+               "data": {"name": "synthetic", "crop_pad": 4, "flip": True,
+                        "options": {"num_train": 50_000, "num_test": 256, "shape": [3, 32, 32], "num_classes": 100}},
+               "model": {"arch": "resnet32"}, "peers": 3, "method": {"name": "dml", "temperature": 1.0, "alpha": 1.0},
+               "train": {"epochs": 1, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+                         "nesterov": True, "bf16": True},
+               "resources": {"gpus_per_peer": 1 / 3}}
+if "channels_last" in {f.name for f in fields(TrainConfig)}:     # where the config has it: as the reference does
+    DEFAULT_GPU["train"]["channels_last"] = True
 WARMUP = 10
 SETUPS = (("inprocess", "inprocess"), ("ray", "object_store"), ("ray", "collective"), ("ray", "collective-gloo"))
+GPU_SETUPS = SETUPS[:3]                 # one worker hosts the three peers: gloo would have nothing to exchange
+ROWS = ("reference",) + tuple(transport for _, transport in SETUPS)
 
 
 def run_steps(workers, first: int, count: int, steps_per_epoch: int) -> None:
@@ -92,6 +115,85 @@ def measure(config, runtime: str, transport: str, steps: int, repeats: int) -> d
         workers.shutdown()
 
 
+def measure_reference(config, steps: int, repeats: int) -> dict:
+    """The reference loop on the config's peers, batch, data shape, augmentation and optimizer settings."""
+    import torch
+
+    from raydistill.engine.data import load_run_data
+    from raydistill.reference_loop import describe, reference_step_ms
+
+    if config.method.name != "dml":
+        raise ConfigError("method.name", config.method.name, "dml for the reference row (--gpu, --reference, --only "
+                          "reference): the reference loop computes DML")
+    if config.task != "classification":
+        raise ConfigError("task", config.task, "classification for the reference row: the reference loop computes DML "
+                          "with cross-entropy")
+    spec, arrays = load_run_data(config)
+    cuda = config.resources.gpus_per_peer > 0 and torch.cuda.is_available()     # where the runtimes put the peers
+    peers = config.peer_list
+    r = reference_step_ms(config.num_peers, config.train.batch_size, spec.num_classes, [p.arch for p in peers],
+                          options=[p.options for p in peers], shape=spec.input_shape, steps=steps, warmup=WARMUP,
+                          repeats=repeats, device="cuda" if cuda else "cpu", bf16=config.train.bf16,
+                          channels_last=getattr(config.train, "channels_last", True), crop_pad=config.data.crop_pad,
+                          flip=config.data.flip, lr=config.train.lr, momentum=config.train.momentum,
+                          weight_decay=config.train.weight_decay, nesterov=config.train.nesterov,
+                          temperature=_scale(config.method.temperature), alpha=_scale(config.method.alpha),
+                          num_images=len(arrays["train_y"]), seed=config.seed,
+                          threads=None if cuda else config.resources.threads_per_peer)
+    return {"ms": r["ms"], "exchange_ms": None, "workers": describe(r), "peer_samples_per_s": r["peer_images_per_s"],
+            "images": len(spec.input_shape) == 3}
+
+
+def _scale(value) -> float:
+    """A method knob for the reference: the number, or 1 for a schedule (its cost is the same)."""
+    return value if isinstance(value, (int, float)) else 1.0
+
+
+def attempt(measure_row, *args) -> dict:
+    """A row's figures, or {"error": one line} where it failed for another reason than bad input: the other rows
+    still run (one run on a lent machine gives every row it can)."""
+    from raydistill.errors import user_error
+
+    try:
+        return measure_row(*args)
+    except Exception as err:
+        if user_error(err) is not None:
+            raise
+        text = str(err).strip().splitlines()
+        return {"error": f"{type(err).__name__}: {text[0] if text else ''}"}
+
+
+def rows_to_run(args) -> list:
+    """The rows of this bench, in table order."""
+    if args.only is not None:
+        names = [name.strip() for name in args.only.split(",") if name.strip()]
+        if not names or any(name not in ROWS for name in names):
+            raise ConfigError("--only", args.only, f"a comma-separated list of: {', '.join(ROWS)}")
+        return [name for name in ROWS if name in names]
+    setups = GPU_SETUPS if args.gpu else SETUPS
+    return (["reference"] if args.gpu or args.reference else []) + [transport for _, transport in setups]
+
+
+def machine_line() -> str:
+    import torch
+
+    line = (f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
+            f"{platform.python_version()}, torch {torch.__version__}")
+    if torch.cuda.is_available():
+        line += f", GPU {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    return line
+
+
+def bench_config(args):
+    """The config of this bench: CONFIG (or the tiny default, or with --gpu the GPU setup) and --set. With --gpu a
+    config whose peers are on CPUs gets them sharing one GPU (resources.gpus_per_peer = 1 / peers)."""
+    config = load_config(args.config or (DEFAULT_GPU if args.gpu else DEFAULT), args.overrides)
+    if args.gpu and config.resources.gpus_per_peer == 0:
+        share = [f"resources.gpus_per_peer={1 / config.num_peers!r}"]
+        config = load_config(args.config or DEFAULT_GPU, share + list(args.overrides))
+    return config
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raydistill bench", description=__doc__.splitlines()[0])
     add_arguments(p)
@@ -99,42 +201,105 @@ def parser() -> argparse.ArgumentParser:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", default=None, help="a preset or YAML (default: tiny 3-peer DML)")
+    p.add_argument("config", nargs="?", default=None,
+                   help="a preset or YAML (default: tiny 3-peer DML; with --gpu: 3 ResNet-32 peers on one GPU)")
     p.add_argument("--steps", type=int, default=200, help="timed steps per repeat (default 200)")
     p.add_argument("--repeats", type=int, default=3, help="repeats; the median is shown (default 3)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--gpu", action="store_true",
+                   help="needs CUDA: 3 ResNet-32 peers (DML, bf16, batch 128) sharing one GPU on synthetic "
+                        "CIFAR-shaped data; rows: reference, inprocess, object_store, collective")
+    p.add_argument("--reference", action="store_true",
+                   help="a first row: a plain PyTorch loop, every peer in one process, eager; ratios are speed-ups "
+                        "over it")
+    p.add_argument("--only", metavar="ROWS", default=None,
+                   help=f"only these rows, comma-separated: {', '.join(ROWS)}")
 
 
 def run(args) -> int:
-    from raydistill.runtime import session
-    from raydistill.runtime.driver import connect
+    import torch
 
-    config = load_config(args.config if args.config else DEFAULT, args.overrides)
+    for flag, value in (("--steps", args.steps), ("--repeats", args.repeats)):
+        if value < 1:
+            raise ConfigError(flag, value, "an integer >= 1")
+    if args.gpu and not torch.cuda.is_available():
+        raise ConfigError("--gpu", True, "needs a CUDA device and torch sees none here: run the bench without --gpu "
+                          "(add --reference for the plain-loop row on this machine)")
+    rows = rows_to_run(args)
+    config = bench_config(args)
     results = {}
-    widest = copy.deepcopy(config)          # room for the widest setup: the object store's coordinator too
-    widest.resources.transport = "object_store"
-    started = connect(widest)               # a Ray that was running already is left running
+    if rows[0] == "reference":               # first, while nothing else holds the machine
+        results["reference"] = attempt(measure_reference, config, args.steps, args.repeats)
+    setups = [(runtime, transport) for runtime, transport in SETUPS if transport in rows]
+    started = False
+    if any(runtime == "ray" for runtime, _ in setups):
+        from raydistill.runtime.driver import connect
+
+        widest = copy.deepcopy(config)          # room for the widest setup: the object store's coordinator too
+        widest.resources.transport = "object_store"
+        started = connect(widest)               # a Ray that was running already is left running
     try:
-        for runtime, transport in SETUPS:
-            results[transport] = measure(config, runtime, transport, args.steps, args.repeats)
+        for runtime, transport in setups:
+            results[transport] = attempt(measure, config, runtime, transport, args.steps, args.repeats)
     finally:
         if started:
+            from raydistill.runtime import session
+
             session.shutdown()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
-          f"{platform.python_version()}; {config.num_peers} peers, {config.peers[0].arch}, "
-          f"batch {config.train.batch_size}, {args.steps} steps x {args.repeats} (median)")
+    gpu = config.resources.gpus_per_peer > 0 and torch.cuda.is_available()
+    print(f"{machine_line()}; {config.num_peers} peers, {config.peers[0].arch}, batch {config.train.batch_size}"
+          f"{', bf16' if gpu and config.train.bf16 else ''}{', on the GPU' if gpu else ''}, "
+          f"{args.steps} steps x {args.repeats} (median)")
+    if "reference" in results:
+        print_against_reference(rows, results)
+    else:
+        print_against_first(rows, setups, results)
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+def print_against_first(rows, setups, results) -> None:
+    """The table without a reference: the ratio is the row's ms/step over the in-process runtime's (or the first
+    row's): above 1, slower."""
     print(f"{'runtime':<10}{'transport':<17}{'ms/step':>9}{'peer-samples/s':>16}{'ratio':>7}{'exchange ms':>13}"
           "  workers")
-    base = results["inprocess"]["ms"]
-    for runtime, transport in SETUPS:
+    base = results["inprocess" if "inprocess" in results else rows[0]].get("ms")
+    for runtime, transport in setups:
         r = results[transport]
+        if "error" in r or base is None:
+            print(f"{runtime:<10}{transport:<17}{'failed: ' + r['error'] if 'error' in r else 'no base to compare'}")
+            continue
         print(f"{runtime:<10}{transport:<17}{r['ms']:>9.2f}{r['peer_samples_per_s']:>16.0f}{r['ms'] / base:>7.2f}"
               f"{r['exchange_ms']:>13.3f}  {r['workers']}")
-    return 0
+
+
+def print_against_reference(rows, results) -> None:
+    """The table with the reference first: the speed-up is the reference's ms/step over the row's (below 1: slower
+    than the plain loop)."""
+    rate = "peer-samples/s" if results["reference"].get("images") is False else "peer-images/s"
+    print(f"{'runtime':<10}{'transport':<17}{'ms/step':>9}{rate:>16}{'speed-up':>10}{'exchange ms':>13}  workers")
+    base = results["reference"].get("ms")
+    runtimes = {"reference": "reference", **{transport: runtime for runtime, transport in SETUPS}}
+    for name in rows:
+        r = results[name]
+        if "error" in r:
+            print(f"{runtimes[name]:<10}{'eager' if name == 'reference' else name:<17}failed: {r['error']}")
+            continue
+        ratio = f"{base / r['ms']:.2f}" if base else "-"
+        exchange = "-" if r["exchange_ms"] is None else f"{r['exchange_ms']:.3f}"
+        print(f"{runtimes[name]:<10}{'eager' if name == 'reference' else name:<17}{r['ms']:>9.2f}"
+              f"{r['peer_samples_per_s']:>16.0f}{ratio:>10}{exchange:>13}  {r['workers']}")
+    print("speed-up: the reference's ms/step / the row's (the reference: a plain PyTorch loop, every peer in one "
+          "process, eager)")
 
 
 def main(argv=None) -> int:
-    return run(parser().parse_args(argv))
+    from raydistill.cli import report_error
+
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except Exception as err:  # noqa: BLE001 — one line, as `raydistill bench` prints it
+        return report_error(err)
 
 
 if __name__ == "__main__":

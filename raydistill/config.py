@@ -137,6 +137,10 @@ class TrainConfig:
     grad_clip: Union[float, None] = None  # clip the gradient's global L2 norm to this (null: no clipping)
     accumulate_steps: int = 1           # optimizer step every N steps, on the mean gradient of their batches
     bf16: bool = False                  # bfloat16 autocast of the forward passes on a GPU (ignored on a CPU)
+    channels_last: bool = False         # image models and batches in channels_last memory format on a GPU (ignored
+                                        # on a CPU)
+    compile: str = "none"               # none | graphs: each peer's model compiled with CUDA graphs
+                                        # (torch.compile mode "reduce-overhead"); GPU only
     health: Union[HealthConfig, None] = None   # the health watch: {max_consistency, patience, action, max_rollbacks}
 
 
@@ -151,6 +155,8 @@ class ResourcesConfig:
     threads_per_peer: int = 1           # torch intra-op threads in each actor; the same in both runtimes
     transport: str = "auto"             # how a step's outputs travel: auto | collective | object_store | codistill
     peers_per_worker: Union[int, None] = None   # peers (and teachers) one worker process hosts (null: auto)
+    peer_execution: str = "loop"        # how a worker runs its peers: loop (one after another) | stacked (peers of
+                                        # one architecture as one batched model, torch.func.vmap)
     collective_timeout_s: float = 60.0  # a collective that waits longer fails, and the run recovers
     max_restarts: int = 3               # how often Ray restarts a dead peer/teacher/coordinator before the run stops
     node_wait_s: float = 300.0          # how long a run waits for a lost actor (or node) to come back
@@ -464,6 +470,8 @@ def validate(config: Config, defaults: dict) -> None:
     _check_train(config)
     _check_resources(config)
     _check_codistill(config)
+    _check_peer_execution(config)
+    _check_compile(config)
 
 
 NAME_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -694,6 +702,72 @@ def _check_codistill(config: Config) -> None:
     if every is not None and every % k:
         raise ConfigError("train.checkpoint_every_steps", every, f"a multiple of method.codistill_every ({k}) with "
                           "resources.transport=codistill: a rollback point must be an exchange of weights")
+
+
+PEER_EXECUTIONS = ("loop", "stacked")
+COMPILE_MODES = ("none", "graphs")
+
+
+def _check_peer_execution(config: Config) -> None:
+    """resources.peer_execution: stacked runs a worker's peers as one model over stacked weights (engine/stack.py):
+    one architecture, one learning rate, and nothing that reaches into a single peer's model during its forward."""
+    r = config.resources
+    if r.peer_execution not in PEER_EXECUTIONS:
+        raise ConfigError("resources.peer_execution", r.peer_execution, f"one of: {', '.join(PEER_EXECUTIONS)}")
+    if r.peer_execution != "stacked":
+        return
+    peers = config.peer_list
+    for i, peer in enumerate(peers[1:], start=1):
+        for key in ("arch", "options", "lr"):
+            if getattr(peer, key) != getattr(peers[0], key):
+                raise ConfigError(f"peers.{i}.{key}", getattr(peer, key),
+                                  f"the same as peers.0.{key} ({getattr(peers[0], key)!r}) with "
+                                  "resources.peer_execution=stacked (one model over stacked weights)")
+    from raydistill.methods import build_method
+
+    method = build_method(config)
+    if method.self_teacher or method.uses_hint or method.feature_taps():
+        what = ("its peers learn from their own teacher" if method.self_teacher
+                else "its peers tap hidden features" if method.uses_hint
+                else "its ensemble head reads the peers' features")
+        raise ConfigError("resources.peer_execution", "stacked", f"not for method {config.method.name} as "
+                          f"configured: {what}; use resources.peer_execution=loop")
+    refusals = (("train.grad_clip", config.train.grad_clip, config.train.grad_clip is not None,
+                 "null with resources.peer_execution=stacked (a stacked gradient has no per-peer norm here)"),
+                ("resources.transport", r.transport, r.transport == "codistill",
+                 "not codistill with resources.peer_execution=stacked (each worker keeps stale single copies)"),
+                ("train.compile", config.train.compile, config.train.compile != "none",
+                 "none with resources.peer_execution=stacked (one of the two at a time)"))
+    for field_name, value, refused, allowed in refusals:
+        if refused:
+            raise ConfigError(field_name, value, allowed)
+
+
+def _check_compile(config: Config) -> None:
+    """train.compile: graphs (CUDA graphs through torch.compile "reduce-overhead") needs a GPU and steps whose
+    shapes and code paths never change."""
+    t = config.train
+    if t.compile not in COMPILE_MODES:
+        raise ConfigError("train.compile", t.compile, f"one of: {', '.join(COMPILE_MODES)}")
+    if not isinstance(t.channels_last, bool):
+        raise ConfigError("train.channels_last", t.channels_last, "true or false")
+    if t.compile == "none":
+        return
+    if config.resources.gpus_per_peer <= 0:
+        raise ConfigError("train.compile", t.compile, "none on CPUs: CUDA graphs need GPUs "
+                          "(resources.gpus_per_peer > 0)")
+    if config.method.name == "self" and (config.method.generations or 1) >= 2:
+        raise ConfigError("train.compile", t.compile, "none with born-again generations (method.generations >= 2): "
+                          "a generation switch rebuilds the student, which a captured graph cannot follow")
+    if config.resources.transport == "codistill":
+        raise ConfigError("train.compile", t.compile, "none with resources.transport=codistill (the stale copies' "
+                          "weights are reloaded between captures)")
+    from raydistill.methods import build_method
+
+    method = build_method(config)
+    if method.uses_hint or method.feature_taps():
+        raise ConfigError("train.compile", t.compile, f"none for method {config.method.name} as configured: its "
+                          "peers' hidden features are read by hooks, which a captured graph does not run")
 
 
 def check_data_fits(config: Config, num_train: int) -> None:

@@ -76,7 +76,7 @@ def test_kdcl_ensemble_target_and_loss(ensemble):
         np.testing.assert_allclose(target["ensemble"], hand_ensemble(ensemble), rtol=1e-5, atol=1e-5)
     z = torch.tensor(PEER_LOGITS[1], requires_grad=True)
     total, terms = kdcl.loss(hyper, {"logits": z}, torch.tensor(LABELS),
-                             {k: torch.tensor(v) for k, v in targets[1].items()})
+                             {k: torch.as_tensor(v) for k, v in targets[1].items()})
     expected = ce(PEER_LOGITS[1], LABELS) + kd(PEER_LOGITS[1], hand_ensemble(ensemble), T)
     assert total.item() == pytest.approx(expected, rel=1e-5)
     assert terms["kd_ensemble"].item() == pytest.approx(kd(PEER_LOGITS[1], hand_ensemble(ensemble), T), rel=1e-5)
@@ -93,7 +93,7 @@ def test_pcl_targets_and_loss():
     np.testing.assert_array_equal(targets[2]["teacher_logits"], EMA_LOGITS[[0, 1]])
     z = PEER_LOGITS[0]
     total, terms = pcl.loss(hyper, {"logits": torch.tensor(z)}, torch.tensor(LABELS),
-                            {k: torch.tensor(v) for k, v in targets[0].items()})
+                            {k: torch.as_tensor(v) for k, v in targets[0].items()})
     to_teachers = (kd(z, EMA_LOGITS[1], T) + kd(z, EMA_LOGITS[2], T)) / 2
     expected = ce(z, LABELS) + w * kd(z, PEER_LOGITS.mean(0), T) + w * to_teachers
     assert total.item() == pytest.approx(expected, rel=1e-5)
@@ -110,7 +110,7 @@ def test_dkel_decoupled_target_and_loss():
     np.testing.assert_allclose(targets[1]["decoupled_target"], (EMA_LOGITS[0] + EMA_LOGITS[2]) / 2, atol=1e-6)
     z = PEER_LOGITS[1]
     total, terms = dkel.loss(hyper, {"logits": torch.tensor(z)}, torch.tensor(LABELS),
-                             {k: torch.tensor(v) for k, v in targets[1].items()})
+                             {k: torch.as_tensor(v) for k, v in targets[1].items()})
     decoupled = kd(z, (EMA_LOGITS[0] + EMA_LOGITS[2]) / 2, T)
     individual = (kd(z, EMA_LOGITS[0], T) + kd(z, EMA_LOGITS[2], T)) / 2
     expected = (ce(z, LABELS) + w * kd(z, PEER_LOGITS.mean(0), T) + beta * w * decoupled
@@ -249,12 +249,12 @@ def kd_to_ensemble_over_steps(alpha, steps=20):
     others = [{"logits": (x - x.mean(0)) @ w} for w in weights]
     hyper = peer.method.hyper(0)
     target = peer.method.targets(hyper, others, [], peer.data.y["train"][idx].numpy())[0]
-    ensemble = torch.from_numpy(target["ensemble"])
+    ensemble = torch.as_tensor(target["ensemble"])
     distances = []
     for _ in range(steps):
-        distances.append(kd_loss(torch.from_numpy(peer.forward(0, 0)["logits"]), ensemble, hyper["temperature"]).item())
+        distances.append(kd_loss(peer.forward(0, 0)["logits"], ensemble, hyper["temperature"]).item())
         peer.learn(0, 0, target)
-    distances.append(kd_loss(torch.from_numpy(peer.forward(0, 0)["logits"]), ensemble, hyper["temperature"]).item())
+    distances.append(kd_loss(peer.forward(0, 0)["logits"], ensemble, hyper["temperature"]).item())
     return distances
 
 

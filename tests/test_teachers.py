@@ -106,13 +106,13 @@ def test_kd_target_of_two_teachers_is_their_ensemble_by_hand(teacher_runs, ensem
             with torch.no_grad():
                 z0, z1 = (model(view) for model in loaded)
             expected = hand_target_probs(z0, z1, ensemble, temperature)
-            target = torch.from_numpy(np.asarray(targets[i]["teacher_logits"]))
+            target = torch.as_tensor(targets[i]["teacher_logits"])
             got = F.softmax(target / temperature, dim=1)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
             for one_teacher in (z0, z1):      # neither teacher alone: the two teachers disagree here
                 assert (F.softmax(one_teacher / temperature, 1) - expected).abs().max() > 1e-3
-            metrics = peer.learn(0, step, targets[i])
-            z = torch.from_numpy(outputs[i]["logits"])
+            metrics = peer.learn(0, step, targets[i]).host()
+            z = outputs[i]["logits"]
             kd = temperature ** 2 * (expected * (expected.log() - F.log_softmax(z / temperature, 1))).sum(1).mean()
             assert metrics["kd"] == pytest.approx(kd.item(), rel=1e-4)
     # the views differ between the peers, so their targets do too
@@ -200,9 +200,9 @@ def test_fitnet_student_owns_one_adapter_per_teacher_and_the_hint_is_their_mean(
     target = coordinator.targets(0, 0, *outputs)[0]
     student_hint = peer.hint.value.detach()
     with torch.no_grad():
-        by_hand = sum(((peer.adapters[f"teacher{j}"](student_hint) - torch.from_numpy(outputs[1 + j]["hint"][0])) ** 2)
+        by_hand = sum(((peer.adapters[f"teacher{j}"](student_hint) - torch.as_tensor(outputs[1 + j]["hint"][0])) ** 2)
                       .mean() for j in range(2)) / 2
-    metrics = peer.learn(0, 0, target)
+    metrics = peer.learn(0, 0, target).host()
     assert metrics["hint"] == pytest.approx(by_hand.item(), rel=1e-5)
 
 

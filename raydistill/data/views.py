@@ -50,6 +50,31 @@ def batch_indices(seed: int, epoch: int, step: int, n: int, batch_size: int, rep
     return _permutation(seed, epoch, n, replay)[step * size : (step + 1) * size].clone()
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor (indices, random draws) moved to a step's device without waiting for the device: on a GPU a copy
+    from pageable memory blocks the host until the device's queue drains, so it goes through pinned memory instead,
+    asynchronously (the caching host allocator keeps the source alive until the copy is done). On a CPU: itself."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tensor if tensor.device == device else tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@lru_cache(maxsize=4)
+def _device_permutation(seed: int, epoch: int, n: int, replay: int, device: str) -> torch.Tensor:
+    return to_device(_permutation(seed, epoch, n, replay), device)
+
+
+def device_batch_indices(seed: int, epoch: int, step: int, n: int, batch_size: int, device, replay: int = 0):
+    """``batch_indices`` on a device: a slice of the epoch's permutation, moved there once per epoch and device, so
+    that a step copies nothing from the host."""
+    steps = num_steps(n, batch_size)
+    if not 0 <= step < steps:
+        raise ConfigError("step", step, f"a step of the epoch, 0..{steps - 1}")
+    size = min(batch_size, n)
+    return _device_permutation(seed, epoch, n, replay, str(torch.device(device)))[step * size : (step + 1) * size]
+
+
 def to_float(x) -> torch.Tensor:
     """uint8 images -> float32 in [0, 1]; float input -> float32 unchanged."""
     x = torch.as_tensor(x)
@@ -111,7 +136,7 @@ def make_view(x_uint8, seed: int, epoch: int, step: int, view_index: int, crop_p
     else:
         source = F.pad(x, (crop_pad, crop_pad, crop_pad, crop_pad)) if crop_pad else x
     device = x.device
-    rows, cols = rows.to(device), cols.to(device)
+    rows, cols = to_device(rows, device), to_device(cols, device)
     samples = torch.arange(n, device=device)[:, None, None]
     # [N, H, W, C] after indexing dims 0, 2, 3 with the channel slice in between
     view = source[samples, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)

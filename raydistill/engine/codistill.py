@@ -58,7 +58,7 @@ class StaleCopy:
                         tensor.copy_(torch.from_numpy(np.asarray(arrays[f"{prefix}.{name}"])).view_as(tensor))
 
     @torch.no_grad()
-    def outputs(self, epoch: int, step: int, replay: int, autocast) -> dict[str, np.ndarray]:
+    def outputs(self, epoch: int, step: int, replay: int, autocast) -> dict[str, torch.Tensor]:
         idx = self.data.batch(epoch, step, replay)
         x = self.data.view(idx, epoch, step, self.view_index, replay)
         seed_device(self.data.device, self.config.seed, "forward", self.id, epoch, step)
@@ -68,7 +68,7 @@ class StaleCopy:
                 model = self.models[prefix]
                 model.train()
                 with autocast():
-                    out[key] = model(x).float().cpu().numpy()
+                    out[key] = model(x).float()
         return out
 
 

@@ -7,11 +7,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raydistill.data.views import batch_indices, num_steps
+from raydistill.data.views import device_batch_indices, num_steps
 from raydistill.distill.losses import pairwise_kl
 from raydistill.distill.peer_weights import performance_peer_weights, recent_loss
 from raydistill.engine.evaluation import ensemble_outputs, score
 from raydistill.engine.optim import learning_rate, make_optimizer
+from raydistill.engine.peer import _to_cpu, as_tensors
 from raydistill.methods import build_method
 from raydistill.methods.online import LEARNED_HEAD
 from raydistill.seeding import generator
@@ -28,43 +29,53 @@ class EnsembleHead:
         self.steps_per_epoch = steps_per_epoch
         self.layer: torch.nn.Linear | None = None      # built at the first step, when the feature width is known
         self.optimizer = None
+        self.device = None                              # the device its state loads onto: where it ran last
 
-    def build(self, in_features: int) -> None:
+    def build(self, in_features: int, device=None) -> None:
         self.layer = torch.nn.Linear(in_features, self.num_classes)
         bound = 1.0 / math.sqrt(in_features)            # torch's default init, drawn from the run's seed
         draws = generator(self.config.seed, "init", "ensemble_head")
         with torch.no_grad():
             for tensor in (self.layer.weight, self.layer.bias):
                 tensor.uniform_(-bound, bound, generator=draws)
+        self.layer.to(device or "cpu")              # drawn on the CPU, so every device starts from the same numbers
         self.optimizer = make_optimizer(self.config.train, self.layer.parameters(), self.config.train.lr)
 
-    def step(self, epoch: int, step: int, features: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
-        """The head's logits on this step's features (the target), then one CE step of the head on them."""
-        x = torch.from_numpy(np.concatenate(features, axis=1))
-        y = torch.from_numpy(np.array(labels, dtype=np.int64))
+    def step(self, epoch: int, step: int, features: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """The head's logits on this step's features (the target), then one CE step of the head on them. It lives on
+        the features' device; a non-finite loss leaves it as it was without asking the device (a step of zeros)."""
+        x = torch.cat(features, dim=1)
+        y = labels.long()
         if self.layer is None:
-            self.build(x.shape[1])
+            self.build(x.shape[1], x.device)
+        elif self.layer.weight.device != x.device:          # loaded elsewhere (a checkpoint holds CPU tensors)
+            state, self.device = self.state_dict(), x.device
+            self.load_state_dict(state)
         lr = learning_rate(self.config.train, self.config.train.lr, epoch, step, self.steps_per_epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         logits = self.layer(x)
         loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
+        if x.device.type == "cpu":
+            if torch.isfinite(loss):
+                loss.backward()
+                self.optimizer.step()
+        else:       # the step stops anyway at the end of the call (a peer's loss is not finite then either)
             loss.backward()
             self.optimizer.step()
-        return logits.detach().numpy()
+        return logits.detach()
 
     def state_dict(self) -> dict:
         if self.layer is None:
             return {}
-        return {"layer": self.layer.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"layer": _to_cpu(self.layer.state_dict()), "optimizer": _to_cpu(self.optimizer.state_dict())}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
             self.layer = self.optimizer = None
             return
-        self.build(state["layer"]["weight"].shape[1])
+        self.build(state["layer"]["weight"].shape[1], self.device)
         self.layer.load_state_dict(state["layer"])
         self.optimizer.load_state_dict(state["optimizer"])
 
@@ -79,19 +90,26 @@ class Coordinator:
         self.num_peers = config.num_peers
         self.head = None
         self.val_losses = [[] for _ in range(self.num_peers)]   # each peer's validation loss per epoch
+        self.train_labels = {}                                  # device -> the train labels there
         if config.method.ensemble == LEARNED_HEAD:
             self.head = EnsembleHead(config, spec.num_classes, num_steps(len(labels["train"]), config.train.batch_size))
 
-    def batch_labels(self, epoch: int, step: int, replay: int = 0) -> np.ndarray:
-        """The labels of a step's batch: the very indices every peer draws (``DataView.batch``)."""
-        idx = batch_indices(self.config.seed, epoch, step, len(self.labels["train"]), self.config.train.batch_size,
-                            replay)
-        return self.labels["train"][idx.numpy()]
+    def batch_labels(self, epoch: int, step: int, replay: int = 0, device="cpu") -> torch.Tensor:
+        """The labels of a step's batch, on a device: the very indices every peer draws (``DataView.batch``)."""
+        key = str(torch.device(device))
+        if key not in self.train_labels:
+            self.train_labels[key] = as_tensors(self.labels["train"], device)
+        idx = device_batch_indices(self.config.seed, epoch, step, len(self.labels["train"]),
+                                   self.config.train.batch_size, device, replay)
+        return self.train_labels[key][idx]
 
-    def targets(self, epoch: int, step: int, *outputs: dict, replay: int = 0) -> list[dict[str, np.ndarray]]:
-        """outputs: the peers' outputs, then the teachers'. Returns one target dict per peer."""
-        peers, teachers = list(outputs[:self.num_peers]), list(outputs[self.num_peers:])
-        labels = self.batch_labels(epoch, step, replay)
+    def targets(self, epoch: int, step: int, *outputs: dict, replay: int = 0) -> list[dict]:
+        """outputs: the peers' outputs, then the teachers' (tensors on a device, or host arrays). Returns one target
+        dict of tensors per peer, on the device of the outputs (of the first tensor among them; else the CPU)."""
+        device = _device_of(outputs)
+        outputs = [{k: as_tensors(v, device) for k, v in o.items()} for o in outputs]
+        peers, teachers = outputs[:self.num_peers], outputs[self.num_peers:]
+        labels = self.batch_labels(epoch, step, replay, device)
         learned = None
         if self.head is not None:
             learned = self.head.step(epoch, step, [p["features"] for p in peers], labels)
@@ -99,7 +117,7 @@ class Coordinator:
         if self.method.uses_peer_losses:
             weights = performance_peer_weights([recent_loss(history) for history in self.val_losses])
             for i, target in enumerate(targets):
-                target["peer_weights"] = np.delete(weights[i], i).astype(np.float32)
+                target["peer_weights"] = as_tensors(np.delete(weights[i], i).astype(np.float32), device)
         return targets
 
     def evaluate(self, split: str, *outputs) -> dict:
@@ -134,3 +152,20 @@ class Coordinator:
             self.head.load_state_dict(state.get("ensemble_head", {}))
         if "val_losses" in state:
             self.val_losses = [list(history) for history in state["val_losses"]]
+
+
+def _device_of(outputs) -> torch.device:
+    for output in outputs:
+        for value in output.values():
+            if isinstance(value, torch.Tensor):
+                return value.device
+    return torch.device("cpu")
+
+
+def host_targets(targets: dict) -> dict:
+    """One peer's targets as host arrays (what the object store carries back to the workers)."""
+    def host(value):
+        if isinstance(value, (list, tuple)):
+            return [host(v) for v in value]
+        return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+    return {name: host(value) for name, value in targets.items()}

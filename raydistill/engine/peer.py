@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from raydistill.data.views import batch_indices, make_view, num_steps, to_float
+from raydistill.data.views import device_batch_indices, make_view, num_steps, to_device, to_float
+from raydistill.errors import ConfigError
 from raydistill.engine.hints import Hint, feature_paths, student_adapters, teacher_adapter_names
 from raydistill.engine.optim import learning_rate, make_optimizer
 from raydistill.engine.self_teacher import cpu_state, make_self_teacher
@@ -27,6 +29,15 @@ def as_tensor(array: np.ndarray, device) -> torch.Tensor:
         return torch.from_numpy(array).to(device)
 
 
+def compile_with_graphs(model: torch.nn.Module, device: torch.device) -> None:
+    """``train.compile: graphs``: the model's forward and backward captured as CUDA graphs (torch.compile, mode
+    "reduce-overhead"), in place, so its state dict keeps its names. Refused, in one line, where there is no GPU."""
+    if device.type != "cuda":
+        raise ConfigError("train.compile", "graphs", "none here: this worker has no CUDA device "
+                          f"(torch.cuda.is_available() is {torch.cuda.is_available()})")
+    model.compile(mode="reduce-overhead")
+
+
 def pick_device(gpus: float) -> torch.device:
     return torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
 
@@ -39,10 +50,33 @@ def autocast(device: torch.device, bf16: bool):
 
 
 def as_tensors(value, device):
-    """A target as tensors: an array, or a list of arrays (features of peers of different shapes)."""
+    """A target as tensors on a device: an array or a tensor, or a list of them (features of peers of different
+    shapes). A tensor already there is itself; a host one moves without a host sync (``to_device``)."""
     if isinstance(value, (list, tuple)):
-        return [as_tensor(v, device) for v in value]
-    return as_tensor(value, device)
+        return [as_tensors(v, device) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value if value.device == torch.device(device) else to_device(value, device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)        # read-only buffers: we never write to them
+        return to_device(torch.from_numpy(np.asarray(value)), device)
+
+
+@dataclass
+class StepFigures:
+    """One peer's figures of one step as they come out of ``Peer.learn``: named values in one device tensor (read at
+    the end of a call of steps, never per step), the learning rate and sample count (host numbers), and whether the
+    loss was finite (a device bool)."""
+    keys: tuple
+    values: torch.Tensor
+    lr: float
+    samples: float
+    finite: torch.Tensor
+
+    def host(self) -> dict[str, float]:
+        """The figures as numbers (a host sync: for a transport that hands them over step by step)."""
+        metrics = dict(zip(self.keys, self.values.cpu().tolist()))
+        metrics.update(lr=self.lr, finite=float(bool(self.finite)), samples=self.samples)
+        return metrics
 
 
 class DataView:
@@ -59,9 +93,10 @@ class DataView:
         self.steps_per_epoch = num_steps(len(self.x["train"]), config.train.batch_size)
 
     def batch(self, epoch: int, step: int, replay: int = 0):
-        """The step's sample indices; replay: how many times the run rolled back over this epoch (train.health)."""
-        idx = batch_indices(self.config.seed, epoch, step, len(self.x["train"]), self.config.train.batch_size, replay)
-        return idx.to(self.device)
+        """The step's sample indices, on the device; replay: how many times the run rolled back over this epoch
+        (train.health)."""
+        return device_batch_indices(self.config.seed, epoch, step, len(self.x["train"]), self.config.train.batch_size,
+                                    self.device, replay)
 
     def view(self, idx, epoch: int, step: int, view_index: int, replay: int = 0) -> torch.Tensor:
         return make_view(self.x["train"][idx], self.config.seed, epoch, step, view_index, self.crop_pad, self.flip,
@@ -94,6 +129,8 @@ class Peer:
         self.spec = spec
         torch.manual_seed(derive_seed(config.seed, "init", "peer", self.id))
         self.model = build_model(self.settings.arch, spec, **self.settings.options).to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self._pending = None
         self.self_teacher = make_self_teacher(self)     # built before the taps, so that its copy carries no hooks
         self.hint = None
@@ -109,9 +146,16 @@ class Peer:
             if self.method.self_teacher:
                 self.self_teacher.attach_hint(self.hint.path)
         self.optimizer = self.make_optimizer()
+        if config.train.compile == "graphs":
+            compile_with_graphs(self.model, self.device)
         taps = self.method.feature_taps()
         self.taps = FeatureTaps(self.model, taps) if taps else None
         self.local_targets = {}             # targets the peer makes itself (self-distillation's teacher outputs)
+
+    @property
+    def channels_last(self) -> bool:
+        """``train.channels_last`` for an image model on a GPU (on a CPU it would only be slower)."""
+        return self.config.train.channels_last and self.device.type == "cuda" and len(self.spec.input_shape) == 3
 
     def autocast(self):
         return autocast(self.device, self.config.train.bf16)
@@ -125,27 +169,37 @@ class Peer:
         return make_optimizer(self.config.train, self.parameters(), self.settings.lr)
 
     # ---- the step protocol ---------------------------------------------------------------------------------------
-    def forward(self, epoch: int, step: int, replay: int = 0) -> dict[str, np.ndarray]:
+    def forward(self, epoch: int, step: int, replay: int = 0) -> dict[str, torch.Tensor]:
         """Runs the model on this peer's view of the step's batch (of the epoch's ``replay``-th replay); keeps the graph
-        for learn(); returns detached outputs."""
+        for learn(); returns detached float32 outputs on the peer's device (nothing is copied to the host: an
+        exchange that carries arrays converts them, ``host_outputs``)."""
         self.self_teacher.before_forward(epoch)
-        idx = self.data.batch(epoch, step, replay)
-        x = self.data.view(idx, epoch, step, self.view_index, replay)
+        idx, x = self.step_input(epoch, step, replay)
         seed_device(self.device, self.config.seed, "forward", self.id, epoch, step)   # dropout, in any order
         self.model.train()
         with self.autocast():
             logits = self.model(x)
+        return self.forward_outputs(epoch, step, idx, x, logits)
+
+    def step_input(self, epoch: int, step: int, replay: int = 0):
+        """(sample indices, this peer's view) of a step, on the peer's device."""
+        idx = self.data.batch(epoch, step, replay)
+        x = self.data.view(idx, epoch, step, self.view_index, replay)
+        return idx, x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def forward_outputs(self, epoch: int, step: int, idx, x, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Keeps the forward's graph for learn() and returns what the peer sends (see ``forward``)."""
         hint = self.hint.value if self.hint is not None else None
         self._pending = (epoch, step, logits, self.data.y["train"][idx], hint)
-        outputs = {"logits": logits.detach().float().cpu().numpy()}
+        outputs = {"logits": logits.detach().float()}
         needed = self.method.outputs_needed("peer")
         if "hint" in needed:
-            outputs["hint"] = hint.detach().float().cpu().numpy()
+            outputs["hint"] = hint.detach().float()
         if self.taps is not None:
-            outputs["features"] = self.taps.pooled().detach().float().cpu().numpy()
+            outputs["features"] = self.taps.pooled().detach().float()
         teacher_logits = self.self_teacher.outputs(x)
         if "ema_logits" in needed:             # a self teacher's logits stay in the actor
-            outputs["ema_logits"] = teacher_logits.cpu().numpy()
+            outputs["ema_logits"] = teacher_logits
         if self.method.self_teacher:
             self.local_targets = self.self_teacher.local_targets(teacher_logits)
         return outputs
@@ -173,8 +227,24 @@ class Peer:
         every = self.config.train.accumulate_steps
         return (step + 1) % every == 0 or step + 1 == self.data.steps_per_epoch
 
-    def learn(self, epoch: int, step: int, targets: dict[str, np.ndarray]) -> dict[str, float]:
-        """Loss against the coordinator's targets, backward, optimizer step. Returns small step metrics."""
+    def learn(self, epoch: int, step: int, targets: dict) -> "StepFigures":
+        """Loss against the coordinator's targets, backward, optimizer step. Returns the step's figures, on the device
+        (no host sync: a non-finite loss is found at the end of the call, ``CallReport.finish``, and the run stops or
+        rolls back from there whatever this step did)."""
+        loss, figures = self.loss(epoch, step, targets)
+        accumulate = self.config.train.accumulate_steps
+        (loss / accumulate if accumulate > 1 else loss).backward()    # the mean gradient of the batches
+        if self.optimizer_step_due(step):
+            if self.config.train.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.parameters(), self.config.train.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.self_teacher.after_step()
+        return figures
+
+    def loss(self, epoch: int, step: int, targets: dict) -> tuple[torch.Tensor, "StepFigures"]:
+        """The step's loss against the coordinator's targets (arrays or tensors), with the step's learning rate set
+        in the optimizer; and the step's figures."""
         pending_epoch, pending_step, logits, labels, hint = self._pending
         if (pending_epoch, pending_step) != (epoch, step):
             raise RuntimeError(f"peer {self.index}: learn({epoch}, {step}) after forward({pending_epoch}, {pending_step})")
@@ -188,24 +258,11 @@ class Peer:
         targets.update(self.local_targets)
         self.local_targets = {}
         loss, terms = self.method.loss(hyper, self.student_outputs(logits, hint), labels, targets)
-        accumulate = self.config.train.accumulate_steps
-        finite = bool(torch.isfinite(loss))
-        if finite:
-            (loss / accumulate if accumulate > 1 else loss).backward()    # the mean gradient of the batches
-            if self.optimizer_step_due(step):
-                if self.config.train.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(self.parameters(), self.config.train.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.self_teacher.after_step()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
         figures = {name: value.detach().float() for name, value in terms.items()}
         if self.config.task == "classification":
             figures["acc"] = (logits.detach().argmax(1) == labels).float().mean()
-        metrics = dict(zip(figures, torch.stack(list(figures.values())).cpu().tolist()))   # one transfer
-        metrics.update(lr=lr, finite=float(finite), samples=float(len(labels)))
-        return metrics
+        return loss, StepFigures(tuple(figures), torch.stack(list(figures.values())), lr, float(len(labels)),
+                                 torch.isfinite(loss.detach()))
 
     # ---- evaluation, state ---------------------------------------------------------------------------------------
     def evaluate(self, split: str) -> dict[str, np.ndarray]:
@@ -239,6 +296,11 @@ class Peer:
         """The deployable models of this peer: name -> {kind, index, state (CPU state dict)}."""
         models = {self.name: {"kind": "peer", "index": self.index, "state": cpu_state(self.model)}}
         return {**models, **self.self_teacher.export()}
+
+
+def host_outputs(outputs: dict) -> dict:
+    """A member's outputs with every tensor copied to a host array (the copy an exchange between processes needs)."""
+    return {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
 
 
 def _to_cpu(value):

@@ -123,7 +123,7 @@ class Teacher:
                 outputs["logits"].append(self.model(self.data.view(idx, epoch, step, v, replay)).float())
             if self.hint is not None:
                 outputs["hint"].append(self.hint.value.float())
-        return {name: torch.stack(values).cpu().numpy() for name, values in outputs.items()}
+        return {name: torch.stack(values) for name, values in outputs.items()}
 
     def evaluate(self, split: str) -> np.ndarray:
         return self.data.predict(self.model, split)

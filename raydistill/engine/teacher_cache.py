@@ -103,7 +103,9 @@ class CachedTeacher:
 
     def _compute(self, epoch: int) -> None:
         live = getattr(self.teacher, "live_forward", self.teacher.forward)   # a Teacher that owns its cache
-        steps = [live(epoch, step) for step in range(self.teacher.data.steps_per_epoch)]
+        from raydistill.engine.peer import host_outputs
+
+        steps = [host_outputs(live(epoch, step)) for step in range(self.teacher.data.steps_per_epoch)]
         write_epoch(self.path(epoch), self.key, steps)
         self.computed_epochs.append(epoch)
 

@@ -15,9 +15,10 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from raydistill.engine.coordinator import Coordinator
-from raydistill.engine.peer import Peer
+from raydistill.engine.peer import Peer, host_outputs
 from raydistill.engine.teacher import Teacher
 
 
@@ -40,9 +41,13 @@ class LocalExchange:
 
 @dataclass
 class PeerFigures:
-    """One peer's step figures summed over steps, each weighted by the step's samples."""
+    """One peer's step figures summed over steps, each weighted by the step's samples. Within a call of steps the
+    sums are float64 device tensors, one per set of names (``add_device``; read once, at ``finish``); figures handed
+    over as numbers (the object-store transport, step by step) are summed as numbers, in the same float64 order."""
     sums: dict = field(default_factory=dict)
     samples: float = 0.0
+    device_sums: dict = field(default_factory=dict)     # names (a tuple) -> float64 tensor of weighted sums
+    lr_sum: float = 0.0
 
     def add(self, metrics: dict) -> None:
         n = metrics["samples"]
@@ -50,6 +55,24 @@ class PeerFigures:
             if key not in ("samples", "finite"):
                 self.sums[key] = self.sums.get(key, 0.0) + value * n
         self.samples += n
+
+    def add_device(self, figures) -> None:
+        """figures: a StepFigures (engine/peer.py), left on its device."""
+        n = figures.samples
+        weighted = figures.values.double() * n
+        previous = self.device_sums.get(figures.keys)
+        self.device_sums[figures.keys] = weighted if previous is None else previous + weighted
+        self.lr_sum += figures.lr * n
+        self.samples += n
+
+    def finish(self) -> None:
+        """Reads the device sums into numbers (one host sync per call of steps)."""
+        for keys, sums in self.device_sums.items():
+            for key, value in zip(keys, sums.cpu().tolist()):
+                self.sums[key] = self.sums.get(key, 0.0) + value
+        if self.device_sums:
+            self.sums["lr"] = self.sums.get("lr", 0.0) + self.lr_sum
+        self.device_sums, self.lr_sum = {}, 0.0
 
     def merge(self, other: "PeerFigures") -> None:
         for key, value in other.sums.items():
@@ -65,13 +88,37 @@ class CallReport:
     """What a call of steps returns: each local peer's summed figures, and where a loss was not finite."""
     peers: dict = field(default_factory=dict)            # peer index -> PeerFigures
     nonfinite: list = field(default_factory=list)        # (epoch, step, peer index), in step order
+    first_nonfinite: dict = field(default_factory=dict)  # peer index -> (epoch, device tensor: first step, or -1)
 
     def add_step(self, epoch: int, step: int, metrics: dict) -> None:
-        """metrics: peer index -> that peer's step metrics (Peer.learn)."""
+        """metrics: peer index -> that peer's step metrics as numbers (StepFigures.host)."""
         for index, m in metrics.items():
             self.peers.setdefault(index, PeerFigures()).add(m)
             if not m["finite"]:
                 self.nonfinite.append((epoch, step, index))
+
+    def add_device_step(self, epoch: int, step: int, figures: dict) -> None:
+        """figures: peer index -> that peer's StepFigures, kept on the device until ``finish``."""
+        for index, f in figures.items():
+            self.peers.setdefault(index, PeerFigures()).add_device(f)
+            _, first = self.first_nonfinite.get(index, (epoch, None))
+            if first is None:
+                first = torch.full((), -1, dtype=torch.int64, device=f.finite.device)
+            first = torch.where(~f.finite & (first < 0), step, first)
+            self.first_nonfinite[index] = (epoch, first)
+
+    def finish(self) -> "CallReport":
+        """Reads what stayed on the device at the end of a call: the figures, and each peer's first non-finite step
+        (a peer's later steps went on from a broken state and are not reported)."""
+        for figures in self.peers.values():
+            figures.finish()
+        for index, (epoch, first) in self.first_nonfinite.items():
+            step = int(first)
+            if step >= 0:
+                self.nonfinite.append((epoch, step, index))
+        self.first_nonfinite = {}
+        self.nonfinite.sort(key=lambda entry: (entry[0], entry[1], entry[2]))
+        return self
 
     def merge(self, other: "CallReport") -> "CallReport":
         for index, figures in other.peers.items():
@@ -98,6 +145,11 @@ class Worker:
         self.teachers = [Teacher(j, config, arrays, spec) for j in members.teachers]
         self.coordinator = Coordinator(config, labels_of(arrays), spec) if coordinator else None
         self.exchange = exchange or LocalExchange()
+        self.stack = None
+        if config.resources.peer_execution == "stacked" and self.peers:
+            from raydistill.engine.stack import PeerStack
+
+            self.stack = PeerStack(self.peers)
         self.codistill = None
         if config.resources.transport == "codistill" and self.peers:
             from raydistill.engine.codistill import Codistillation
@@ -106,39 +158,58 @@ class Worker:
 
     # ---- the two halves of a step (the object-store transport drives them one by one) ------------------------------
     def forward(self, epoch: int, step: int, replay: int = 0) -> list[dict]:
-        """The local members' outputs: each peer's dict of arrays, then each teacher's. replay: the epoch's replay
-        number after health rollbacks (it re-seeds the batch and the views; 0 for a first attempt)."""
-        return ([p.forward(epoch, step, replay) for p in self.peers]
-                + [t.forward(epoch, step, replay) for t in self.teachers])
+        """The local members' outputs as host arrays (what the object store carries): each peer's dict of arrays,
+        then each teacher's. replay: the epoch's replay number after health rollbacks (it re-seeds the batch and the
+        views; 0 for a first attempt)."""
+        return [host_outputs(o) for o in self.step_forward(epoch, step, replay)]
 
     def learn(self, epoch: int, step: int, targets: list[dict]) -> dict[int, dict]:
-        """targets: one dict per local peer, in order. Returns each local peer's step metrics by peer index."""
+        """targets: one dict per local peer, in order. Returns each local peer's step metrics, as numbers."""
+        return {index: figures.host() for index, figures in self.step_learn(epoch, step, targets).items()}
+
+    def step_forward(self, epoch: int, step: int, replay: int = 0) -> list[dict]:
+        """The local members' outputs, left where they were computed (tensors on the device; a cached teacher's
+        arrays)."""
+        peers = (self.stack.forward(epoch, step, replay) if self.stack is not None
+                 else [p.forward(epoch, step, replay) for p in self.peers])
+        return peers + [t.forward(epoch, step, replay) for t in self.teachers]
+
+    def step_learn(self, epoch: int, step: int, targets: list[dict]) -> dict:
+        """Each local peer's StepFigures by peer index, on the device."""
+        if self.stack is not None:
+            return self.stack.learn(epoch, step, targets)
         return {p.index: p.learn(epoch, step, t) for p, t in zip(self.peers, targets)}
 
     # ---- whole calls (a collective exchange, or one process) -------------------------------------------------------
     def run_steps(self, epoch: int, first: int, count: int, replay: int = 0) -> CallReport:
         """Steps first..first+count-1 of an epoch (of its replay-th replay): forward, exchange, targets, learn;
-        figures come back once."""
+        figures come back once. Nothing in a step waits for the device: outputs, targets, losses and figures stay
+        there, and are read at the end of the call (``CallReport.finish``); an exchange between workers carries host
+        arrays (``host_outputs``), an exchange within one worker carries nothing."""
         report = CallReport()
         if self.codistill is not None:
             for step in range(first, first + count):
                 targets = self.codistill.targets(epoch, step, replay, self.exchange.gather)
-                report.add_step(epoch, step, self.learn(epoch, step, targets))
-            return report
+                report.add_device_step(epoch, step, self.step_learn(epoch, step, targets))
+            return report.finish()
+        local = isinstance(self.exchange, LocalExchange)
         for step in range(first, first + count):
-            outputs = self.exchange.gather("step", self.forward(epoch, step, replay))
+            outputs = self.step_forward(epoch, step, replay)
+            outputs = self.exchange.gather("step", outputs if local else [host_outputs(o) for o in outputs])
             targets = self.coordinator.targets(epoch, step, *outputs, replay=replay)
-            report.add_step(epoch, step, self.learn(epoch, step, [targets[p.index] for p in self.peers]))
-        return report
+            report.add_device_step(epoch, step, self.step_learn(epoch, step, [targets[p.index] for p in self.peers]))
+        return report.finish()
 
     def exchange_only(self, epoch: int, count: int) -> float:
         """Seconds for ``count`` steps of exchange and targets alone, over the outputs of one real forward (the
         benchmark's measure of a transport, compute excluded)."""
         import time
 
-        outputs = self.forward(epoch, 0)
+        outputs = self.step_forward(epoch, 0)
         for peer in self.peers:
             peer.discard_step()
+        if not isinstance(self.exchange, LocalExchange):
+            outputs = [host_outputs(o) for o in outputs]
         tic = time.perf_counter()
         for step in range(count):
             self.coordinator.targets(epoch, 0, *self.exchange.gather("step", outputs))
@@ -170,13 +241,18 @@ class Worker:
 
     # ---- state -----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"peers": {p.index: p.state_dict() for p in self.peers},
+        peers = {p.index: p.state_dict() for p in self.peers}
+        if self.stack is not None:
+            peers = {p.index: self.stack.peer_state(i, peers[p.index]) for i, p in enumerate(self.peers)}
+        return {"peers": peers,
                 "coordinator": self.coordinator.state_dict() if self.coordinator is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         """state: {"peers": {index: peer state} (this worker's at least), "coordinator": state or None}."""
         for peer in self.peers:
             peer.load_state_dict(state["peers"][peer.index])
+        if self.stack is not None:
+            self.stack.load([state["peers"][peer.index] for peer in self.peers])
         if self.coordinator is not None and state.get("coordinator") is not None:
             self.coordinator.load_state_dict(state["coordinator"])
         if self.codistill is not None:
@@ -194,4 +270,5 @@ class Worker:
 
 def as_arrays(outputs: dict) -> dict:
     """Outputs as contiguous float32 arrays (what every exchange carries)."""
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in outputs.items()}
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in host_outputs(outputs).items()}
+

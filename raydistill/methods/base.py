@@ -19,6 +19,7 @@ torchdistill's alpha weights CE instead.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -50,11 +51,31 @@ def method_class(name: str) -> type["Method"]:
     return _REGISTRY[name]
 
 
+def tensor_of(value) -> torch.Tensor:
+    """A member's output as a tensor where it lies: a tensor is itself, an array (read-only ones too, never written)
+    a CPU tensor over it. Targets are computed in torch, so that a worker's targets stay on its device."""
+    if isinstance(value, torch.Tensor):
+        return value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.as_tensor(np.asarray(value))
+
+
+def stacked(values) -> torch.Tensor:
+    """The members' outputs of one kind stacked on a new first axis ([P, B, C] of logits)."""
+    return torch.stack([tensor_of(v) for v in values])
+
+
+def without(stacked_values: torch.Tensor, i: int) -> torch.Tensor:
+    """The stacked outputs without member i (every other peer's)."""
+    return torch.cat([stacked_values[:i], stacked_values[i + 1:]])
+
+
 def with_peer_hints(targets: list[dict], peers: list[dict]) -> list[dict]:
     """Peer feature alignment: each peer's targets get the other peers' hints (a list: their shapes may differ)."""
     if peers and "hint" in peers[0]:
         for i, target in enumerate(targets):
-            target["peer_hints"] = [p["hint"] for j, p in enumerate(peers) if j != i]
+            target["peer_hints"] = [tensor_of(p["hint"]) for j, p in enumerate(peers) if j != i]
     return targets
 
 
@@ -152,7 +173,7 @@ class Method:
     # ---- coordinator side --------------------------------------------------------------------------------------
     def targets(self, hyper: dict, peers: list[dict], teachers: list[dict], labels: np.ndarray,
                 learned_ensemble: np.ndarray | None = None) -> list[dict]:
-        """One dict of numpy arrays per peer. Default: nothing to learn from (independent training).
+        """One dict of tensors per peer, on the outputs' device. Default: nothing to learn from (independent training).
 
         learned_ensemble: the coordinator's learned ensemble head's logits [B, C] (``ensemble: learned_head``)."""
         return [{} for _ in peers]

@@ -9,12 +9,10 @@ initial weights followed by ``method.teacher_init_steps`` (2) CE steps at lr / 1
 starts after those steps, so the first update blends the init with the student instead of erasing it (the released
 code erases it; ``reference_quirks: true`` reproduces that and the released ramp, see pcl).
 """
-import numpy as np
-import torch
 
 from raydistill.distill.ensembles import others_mean
 from raydistill.distill.schedules import decoupled_beta
-from raydistill.methods.base import register_method
+from raydistill.methods.base import register_method, stacked
 from raydistill.methods.pcl import PeerCollaborativeLearning
 
 
@@ -30,7 +28,7 @@ class DecoupledKnowledgeEnsembleLearning(PeerCollaborativeLearning):
 
     def targets(self, hyper, peers, teachers, labels, learned_ensemble=None):
         targets = super().targets(hyper, peers, teachers, labels, learned_ensemble)
-        decoupled = others_mean(torch.from_numpy(np.stack([p["ema_logits"] for p in peers]))).numpy()
+        decoupled = others_mean(stacked([p["ema_logits"] for p in peers]))
         return [{**t, "decoupled_target": decoupled[i]} for i, t in enumerate(targets)]
 
     def term_weights(self, hyper):

@@ -7,10 +7,8 @@ paper. align_i (``feature_weight`` > 0, off by default) is peer feature alignmen
 MSE(r_ij(f_i), f_j) with peer i's adapters r_ij toward each other peer's hint (distill/features.py).
 The coordinator hands each peer the stacked logits of the other peers (and their hints where aligned).
 """
-import numpy as np
-
 from raydistill.distill.peer_weights import check_peer_weighting
-from raydistill.methods.base import Method, peer_alignment_term, register_method, with_peer_hints
+from raydistill.methods.base import Method, peer_alignment_term, register_method, stacked, with_peer_hints, without
 
 
 @register_method("dml")
@@ -32,8 +30,8 @@ class DeepMutualLearning(Method):
         return self.config.peer_weighting == "performance"
 
     def targets(self, hyper, peers, teachers, labels, learned_ensemble=None):
-        logits = np.stack([p["logits"] for p in peers])                   # [P, B, C]
-        targets = [{"peer_logits": np.delete(logits, i, axis=0)} for i in range(len(peers))]
+        logits = stacked([p["logits"] for p in peers])                    # [P, B, C]
+        targets = [{"peer_logits": without(logits, i)} for i in range(len(peers))]
         return with_peer_hints(targets, peers)
 
     def term_weights(self, hyper):

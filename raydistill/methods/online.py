@@ -1,26 +1,25 @@
 """What the online-distillation methods (kdcl, pcl, dkel) share: the peers' ensemble target and their config checks."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from raydistill.distill.ensembles import ENSEMBLES, ensemble
+from raydistill.methods.base import stacked, tensor_of
 from raydistill.errors import ConfigError
 
 LEARNED_HEAD = "learned_head"
 
 
-def peer_ensemble(name: str, peers: list[dict], labels: np.ndarray, temperature: float,
-                  learned_ensemble: np.ndarray | None = None) -> np.ndarray:
+def peer_ensemble(name: str, peers: list[dict], labels, temperature: float,
+                  learned_ensemble=None) -> torch.Tensor:
     """The ensemble e [B, C] of the peers' student logits named by ``method.ensemble`` (distill/ensembles.py), or the
     coordinator's learned head's logits for ``learned_head``."""
     if name == LEARNED_HEAD:
         if learned_ensemble is None:
             raise RuntimeError("ensemble learned_head: the coordinator sent no learned ensemble logits")
-        return np.asarray(learned_ensemble, dtype=np.float32)
-    logits = torch.from_numpy(np.stack([p["logits"] for p in peers]))          # [P, B, C], a fresh writable array
-    y = torch.from_numpy(np.array(labels))
-    return ensemble(name, logits, y, temperature).numpy()
+        return tensor_of(learned_ensemble).float()
+    logits = stacked([p["logits"] for p in peers])                              # [P, B, C]
+    return ensemble(name, logits, tensor_of(labels), temperature)
 
 
 def check_online_config(method_config, task: str, allowed: tuple[str, ...]) -> None:

@@ -12,11 +12,10 @@ concatenated, detached pooled features of the peers (the input of each peer's ``
 In PCL its gradient also reaches the shared layers; here the peers are separate networks on separate actors, so it
 does not reach the peers: only its logits (as the target e) do.
 """
-import numpy as np
 
 from raydistill.distill.ema import ema_momentum, reference_quirk_ema_momentum
 from raydistill.distill.schedules import reference_quirk_rampup, sigmoid_rampup
-from raydistill.methods.base import Method, register_method
+from raydistill.methods.base import Method, register_method, stacked, without
 from raydistill.methods.online import ENSEMBLES, LEARNED_HEAD, check_online_config, peer_ensemble
 
 
@@ -47,8 +46,8 @@ class PeerCollaborativeLearning(Method):
 
     def targets(self, hyper, peers, teachers, labels, learned_ensemble=None):
         target = peer_ensemble(self.config.ensemble, peers, labels, hyper["temperature"], learned_ensemble)
-        ema = np.stack([p["ema_logits"] for p in peers])                         # [P, B, C]
-        return [{"ensemble": target, "teacher_logits": np.delete(ema, i, axis=0)} for i in range(len(peers))]
+        ema = stacked([p["ema_logits"] for p in peers])                          # [P, B, C]
+        return [{"ensemble": target, "teacher_logits": without(ema, i)} for i in range(len(peers))]
 
     def term_weights(self, hyper):
         return {"kd_ensemble": hyper["ramp"], "kd_teachers": hyper["ramp"]}

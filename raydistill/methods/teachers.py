@@ -9,16 +9,15 @@ target per view from the teachers' logits z_1..z_M on that view (``method.teache
   Networks"); classification only;
 - ``weighted``: p = sum_j w_j softmax(z_j/T), w_j = weight_j / sum_k weight_k (each teacher's ``weight``, normalized to
   sum 1), e = T log p: the weighted arithmetic mean of the soft targets (regression: sum_j w_j z_j).
-T is the epoch's temperature (it may follow a schedule). Pure functions over numpy arrays: the coordinator's part.
+T is the epoch's temperature (it may follow a schedule). Pure functions over tensors: the coordinator's part.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from raydistill.distill.ensembles import mean_logits, mean_probs, weighted_mean, weighted_probs
 from raydistill.errors import ConfigError
-from raydistill.methods.base import Method
+from raydistill.methods.base import Method, stacked, tensor_of
 
 TEACHER_ENSEMBLES = ("mean_logits", "mean_probs", "weighted")
 
@@ -36,18 +35,17 @@ class FromTeachers(Method):
             raise ConfigError("method.teacher_ensemble", name, "mean_logits or weighted for task regression (the "
                               "teachers' predictions are averaged; there are no probabilities)")
 
-    def for_peer(self, per_view: np.ndarray, peer: int) -> np.ndarray:
+    def for_peer(self, per_view: torch.Tensor, peer: int) -> torch.Tensor:
         """The entry of a teacher output [V, ...] for the view peer ``peer`` trains on."""
-        return per_view[self.teacher_views().index(self.view_index(peer))]
+        return tensor_of(per_view)[self.teacher_views().index(self.view_index(peer))]
 
-    def teacher_logits(self, hyper: dict, teachers: list[dict]) -> np.ndarray:
+    def teacher_logits(self, hyper: dict, teachers: list[dict]) -> torch.Tensor:
         """The target logits for every teacher view, [V, B, C]: the one teacher's own, or the teachers' ensemble."""
         if len(teachers) == 1:
-            return teachers[0]["logits"]
-        stacked = torch.from_numpy(np.stack([t["logits"] for t in teachers]))      # [M, V, B, C]
-        views = [self.ensemble_of_teachers(stacked[:, v], hyper["temperature"])
-                 for v in range(stacked.shape[1])]
-        return torch.stack(views).numpy()
+            return tensor_of(teachers[0]["logits"])
+        logits = stacked([t["logits"] for t in teachers])                          # [M, V, B, C]
+        views = [self.ensemble_of_teachers(logits[:, v], hyper["temperature"]) for v in range(logits.shape[1])]
+        return torch.stack(views)
 
     def ensemble_of_teachers(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
         """One view's target [B, C] from the teachers' logits [M, B, C] (the module's formulas)."""
