@@ -48,8 +48,11 @@ if "channels_last" in {f.name for f in fields(TrainConfig)}:     # where the con
     DEFAULT_GPU["train"]["channels_last"] = True
 WARMUP = 10
 SETUPS = (("inprocess", "inprocess"), ("ray", "object_store"), ("ray", "collective"), ("ray", "collective-gloo"))
-GPU_SETUPS = SETUPS[:3]                 # one worker hosts the three peers: gloo would have nothing to exchange
-ROWS = ("reference",) + tuple(transport for _, transport in SETUPS)
+# the same with each worker's peers stacked into one batched model (resources.peer_execution: stacked)
+STACKED = (("inprocess", "inprocess+stacked"), ("ray", "collective+stacked"))
+GPU_SETUPS = SETUPS[:3] + STACKED       # one worker hosts the three peers: gloo would have nothing to exchange
+ALL_SETUPS = SETUPS + STACKED
+ROWS = ("reference",) + tuple(transport for _, transport in ALL_SETUPS)
 
 
 def run_steps(workers, first: int, count: int, steps_per_epoch: int) -> None:
@@ -88,6 +91,9 @@ def measure(config, runtime: str, transport: str, steps: int, repeats: int) -> d
     from raydistill.engine.data import load_run_data
 
     config = copy.deepcopy(config)
+    transport, _, execution = transport.partition("+")
+    if execution:
+        config.resources.peer_execution = execution
     if runtime == "ray":
         config.resources.transport = transport.split("-")[0]
     spec, arrays = load_run_data(config)
@@ -230,7 +236,7 @@ def run(args) -> int:
     results = {}
     if rows[0] == "reference":               # first, while nothing else holds the machine
         results["reference"] = attempt(measure_reference, config, args.steps, args.repeats)
-    setups = [(runtime, transport) for runtime, transport in SETUPS if transport in rows]
+    setups = [(runtime, transport) for runtime, transport in ALL_SETUPS if transport in rows]
     started = False
     if any(runtime == "ray" for runtime, _ in setups):
         from raydistill.runtime.driver import connect
@@ -260,15 +266,15 @@ def run(args) -> int:
 def print_against_first(rows, setups, results) -> None:
     """The table without a reference: the ratio is the row's ms/step over the in-process runtime's (or the first
     row's): above 1, slower."""
-    print(f"{'runtime':<10}{'transport':<17}{'ms/step':>9}{'peer-samples/s':>16}{'ratio':>7}{'exchange ms':>13}"
+    print(f"{'runtime':<10}{'transport':<20}{'ms/step':>9}{'peer-samples/s':>16}{'ratio':>7}{'exchange ms':>13}"
           "  workers")
     base = results["inprocess" if "inprocess" in results else rows[0]].get("ms")
     for runtime, transport in setups:
         r = results[transport]
         if "error" in r or base is None:
-            print(f"{runtime:<10}{transport:<17}{'failed: ' + r['error'] if 'error' in r else 'no base to compare'}")
+            print(f"{runtime:<10}{transport:<20}{'failed: ' + r['error'] if 'error' in r else 'no base to compare'}")
             continue
-        print(f"{runtime:<10}{transport:<17}{r['ms']:>9.2f}{r['peer_samples_per_s']:>16.0f}{r['ms'] / base:>7.2f}"
+        print(f"{runtime:<10}{transport:<20}{r['ms']:>9.2f}{r['peer_samples_per_s']:>16.0f}{r['ms'] / base:>7.2f}"
               f"{r['exchange_ms']:>13.3f}  {r['workers']}")
 
 
@@ -276,17 +282,17 @@ def print_against_reference(rows, results) -> None:
     """The table with the reference first: the speed-up is the reference's ms/step over the row's (below 1: slower
     than the plain loop)."""
     rate = "peer-samples/s" if results["reference"].get("images") is False else "peer-images/s"
-    print(f"{'runtime':<10}{'transport':<17}{'ms/step':>9}{rate:>16}{'speed-up':>10}{'exchange ms':>13}  workers")
+    print(f"{'runtime':<10}{'transport':<20}{'ms/step':>9}{rate:>16}{'speed-up':>10}{'exchange ms':>13}  workers")
     base = results["reference"].get("ms")
-    runtimes = {"reference": "reference", **{transport: runtime for runtime, transport in SETUPS}}
+    runtimes = {"reference": "reference", **{transport: runtime for runtime, transport in ALL_SETUPS}}
     for name in rows:
         r = results[name]
         if "error" in r:
-            print(f"{runtimes[name]:<10}{'eager' if name == 'reference' else name:<17}failed: {r['error']}")
+            print(f"{runtimes[name]:<10}{'eager' if name == 'reference' else name:<20}failed: {r['error']}")
             continue
         ratio = f"{base / r['ms']:.2f}" if base else "-"
         exchange = "-" if r["exchange_ms"] is None else f"{r['exchange_ms']:.3f}"
-        print(f"{runtimes[name]:<10}{'eager' if name == 'reference' else name:<17}{r['ms']:>9.2f}"
+        print(f"{runtimes[name]:<10}{'eager' if name == 'reference' else name:<20}{r['ms']:>9.2f}"
               f"{r['peer_samples_per_s']:>16.0f}{ratio:>10}{exchange:>13}  {r['workers']}")
     print("speed-up: the reference's ms/step / the row's (the reference: a plain PyTorch loop, every peer in one "
           "process, eager)")

@@ -735,9 +735,7 @@ def _check_peer_execution(config: Config) -> None:
     refusals = (("train.grad_clip", config.train.grad_clip, config.train.grad_clip is not None,
                  "null with resources.peer_execution=stacked (a stacked gradient has no per-peer norm here)"),
                 ("resources.transport", r.transport, r.transport == "codistill",
-                 "not codistill with resources.peer_execution=stacked (each worker keeps stale single copies)"),
-                ("train.compile", config.train.compile, config.train.compile != "none",
-                 "none with resources.peer_execution=stacked (one of the two at a time)"))
+                 "not codistill with resources.peer_execution=stacked (each worker keeps stale single copies)"))
     for field_name, value, refused, allowed in refusals:
         if refused:
             raise ConfigError(field_name, value, allowed)

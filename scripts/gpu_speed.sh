@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU speed figures in one call, on a machine with a CUDA GPU, from the repository root:
 #   1. `python -m raydistill.bench --gpu`: 3 ResNet-32 peers (DML, batch 128, bf16, 100 classes) sharing the GPU on
-#      synthetic CIFAR-shaped data; rows: the plain PyTorch reference loop, in-process, object store, collective;
-#   2. the reference loop with one model alone (`python -m raydistill.reference_loop --standalone`).
+#      synthetic CIFAR-shaped data; rows: the plain PyTorch reference loop, in-process, object store, collective,
+#      and in-process and collective with the peers stacked;
+#   2. the reference loop with one model alone (`python -m raydistill.reference_loop --standalone`);
+#   3. scripts/gpu_checks.py: no host sync in a call of steps (loop and stacked peers), stacked against loop, and
+#      train.compile=graphs against eager.
 # Output on the console and, when OUT is set, in $OUT/bench-gpu.txt. Each part is bounded by `timeout`; the whole
 # takes about 2-5 minutes on one large GPU. STEPS (100) and REPEATS (3) change the timed steps.
 #
@@ -15,6 +18,7 @@ STEPS=${STEPS:-100}
 REPEATS=${REPEATS:-3}
 BENCH_TIMEOUT_S=${BENCH_TIMEOUT_S:-390}
 STANDALONE_TIMEOUT_S=${STANDALONE_TIMEOUT_S:-90}
+CHECKS_TIMEOUT_S=${CHECKS_TIMEOUT_S:-240}
 report=${OUT:+$OUT/bench-gpu.txt}
 report=${report:-/dev/null}
 
@@ -42,5 +46,9 @@ print("torch", torch.__version__, "CUDA", torch.version.cuda, "ray", ray.__versi
         --steps "$STEPS" --repeats "$REPEATS"
     standalone=$?
     say_exit standalone "$standalone" "$STANDALONE_TIMEOUT_S"
-    [ "$bench" -eq 0 ] && [ "$standalone" -eq 0 ]
+    echo "== device-path checks: host syncs, stacked against loop, train.compile=graphs"
+    timeout --kill-after=20 "$CHECKS_TIMEOUT_S" "$PYTHON" scripts/gpu_checks.py --steps 30
+    checks=$?
+    say_exit checks "$checks" "$CHECKS_TIMEOUT_S"
+    [ "$bench" -eq 0 ] && [ "$standalone" -eq 0 ] && [ "$checks" -eq 0 ]
 } 2>&1 | tee "$report"

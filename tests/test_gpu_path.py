@@ -64,6 +64,28 @@ def test_a_call_of_steps_reads_nothing_back_per_step(method, execution):
     assert len(short) <= 2 * 3 + 3          # the call's end: each peer's figures and first non-finite step, once
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("execution", ["loop", "stacked"])
+def test_on_a_gpu_a_call_of_steps_never_syncs_the_host(execution):
+    """On CUDA the same, asked of the device itself: a sync in a step raises under the sync debug mode."""
+    from raydistill.engine.worker import CallReport
+
+    runner = workers(tiny_dml(**{"method.name": "pcl", "train.batch_size": 64, "resources.gpus_per_peer": 0.3}),
+                     f"resources.peer_execution={execution}")
+    worker, report = runner.worker, CallReport()
+    assert worker.device.startswith("cuda")
+    runner.run_steps(0, 0, 1)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, 4):
+            outputs = worker.exchange.gather("step", worker.step_forward(0, step))
+            targets = worker.coordinator.targets(0, step, *outputs)
+            report.add_device_step(0, step, worker.step_learn(0, step, [targets[p.index] for p in worker.peers]))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert report.finish().nonfinite == []
+
+
 def state_difference(a: dict, b: dict, optimizer: bool = True) -> float:
     """The largest difference between two workers' states: parameters and buffers, and the optimizers' states."""
     worst = 0.0
@@ -152,8 +174,6 @@ def test_a_non_finite_loss_found_at_the_end_of_a_call_names_its_first_step(metho
      "train.compile='graphs'", "none with born-again generations"),
     (["train.compile=graphs", "resources.gpus_per_peer=0.5", "method.feature_weight=0.5"], "train.compile='graphs'",
      "hidden features are read by hooks"),
-    (["train.compile=graphs", "resources.gpus_per_peer=0.5", "resources.peer_execution=stacked"],
-     "train.compile='graphs'", "none with resources.peer_execution=stacked"),
     (["train.channels_last=3"], "train.channels_last=3", "true or false"),
 ])
 def test_the_gpu_options_refuse_in_one_line(overrides, field, allowed):

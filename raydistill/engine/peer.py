@@ -29,13 +29,15 @@ def as_tensor(array: np.ndarray, device) -> torch.Tensor:
         return torch.from_numpy(array).to(device)
 
 
-def compile_with_graphs(model: torch.nn.Module, device: torch.device) -> None:
+def compile_with_graphs(model: torch.nn.Module, device: torch.device, whole: bool = True) -> None:
     """``train.compile: graphs``: the model's forward and backward captured as CUDA graphs (torch.compile, mode
-    "reduce-overhead"), in place, so its state dict keeps its names. Refused, in one line, where there is no GPU."""
+    "reduce-overhead"), in place, so its state dict keeps its names (``whole``: False checks the device only).
+    Refused, in one line, where there is no GPU."""
     if device.type != "cuda":
         raise ConfigError("train.compile", "graphs", "none here: this worker has no CUDA device "
                           f"(torch.cuda.is_available() is {torch.cuda.is_available()})")
-    model.compile(mode="reduce-overhead")
+    if whole:
+        model.compile(mode="reduce-overhead")
 
 
 def pick_device(gpus: float) -> torch.device:
@@ -146,8 +148,8 @@ class Peer:
             if self.method.self_teacher:
                 self.self_teacher.attach_hint(self.hint.path)
         self.optimizer = self.make_optimizer()
-        if config.train.compile == "graphs":
-            compile_with_graphs(self.model, self.device)
+        if config.train.compile == "graphs":     # stacked peers compile their batched forward instead (stack.py)
+            compile_with_graphs(self.model, self.device, whole=config.resources.peer_execution != "stacked")
         taps = self.method.feature_taps()
         self.taps = FeatureTaps(self.model, taps) if taps else None
         self.local_targets = {}             # targets the peer makes itself (self-distillation's teacher outputs)

@@ -51,6 +51,7 @@ class PeerStack:
                 module_name, _, leaf = name.rpartition(".")
                 peer.model.get_submodule(module_name)._buffers[leaf] = self.buffers[name][i]
         self.optimizer = make_optimizer(self.config.train, list(self.params.values()), first.settings.lr)
+        self.batched = {}                 # shared view or not -> the batched forward (compiled with train.compile)
 
     @staticmethod
     def _stack(tensors: list) -> torch.Tensor:
@@ -58,6 +59,16 @@ class PeerStack:
 
     def _model(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.template, (params, buffers), (x,))
+
+    def batched_forward(self, shared: bool):
+        """P forwards as one: vmap over the stacks (and over the views, unless the peers share one); with
+        ``train.compile: graphs`` compiled with CUDA graphs (torch.compile "reduce-overhead")."""
+        if shared not in self.batched:
+            fn = vmap(self._model, in_dims=(0, 0, None if shared else 0), randomness="error")
+            if self.config.train.compile == "graphs":
+                fn = torch.compile(fn, mode="reduce-overhead")
+            self.batched[shared] = fn
+        return self.batched[shared]
 
     # ---- the step ------------------------------------------------------------------------------------------------
     def forward(self, epoch: int, step: int, replay: int = 0) -> list[dict]:
@@ -71,8 +82,7 @@ class PeerStack:
         x = inputs[0][1] if shared else torch.stack([view for _, view in inputs])
         self.template.train()
         with self.peers[0].autocast():
-            logits = vmap(self._model, in_dims=(0, 0, None if shared else 0), randomness="error")(
-                self.params, self.buffers, x)
+            logits = self.batched_forward(shared)(self.params, self.buffers, x)
         return [peer.forward_outputs(epoch, step, idx, view, logits[i])
                 for i, (peer, (idx, view)) in enumerate(zip(self.peers, inputs))]
 

@@ -31,6 +31,7 @@ class Members:
 
 class LocalExchange:
     """A worker that hosts every member: its own outputs are all the outputs. No copy."""
+    carries_tensors = True
 
     def gather(self, tag: str, local: list) -> list:
         return local
@@ -156,6 +157,12 @@ class Worker:
 
             self.codistill = Codistillation(config, spec, self.peers, self.coordinator)
 
+    @property
+    def device(self) -> str:
+        """Where this worker's members compute (a collective exchange of device tensors runs there)."""
+        members = self.peers or self.teachers
+        return str(members[0].device) if members else "cpu"
+
     # ---- the two halves of a step (the object-store transport drives them one by one) ------------------------------
     def forward(self, epoch: int, step: int, replay: int = 0) -> list[dict]:
         """The local members' outputs as host arrays (what the object store carries): each peer's dict of arrays,
@@ -192,10 +199,10 @@ class Worker:
                 targets = self.codistill.targets(epoch, step, replay, self.exchange.gather)
                 report.add_device_step(epoch, step, self.step_learn(epoch, step, targets))
             return report.finish()
-        local = isinstance(self.exchange, LocalExchange)
+        tensors = self.exchange.carries_tensors
         for step in range(first, first + count):
             outputs = self.step_forward(epoch, step, replay)
-            outputs = self.exchange.gather("step", outputs if local else [host_outputs(o) for o in outputs])
+            outputs = self.exchange.gather("step", outputs if tensors else [host_outputs(o) for o in outputs])
             targets = self.coordinator.targets(epoch, step, *outputs, replay=replay)
             report.add_device_step(epoch, step, self.step_learn(epoch, step, [targets[p.index] for p in self.peers]))
         return report.finish()
@@ -208,7 +215,7 @@ class Worker:
         outputs = self.step_forward(epoch, 0)
         for peer in self.peers:
             peer.discard_step()
-        if not isinstance(self.exchange, LocalExchange):
+        if not self.exchange.carries_tensors:
             outputs = [host_outputs(o) for o in outputs]
         tic = time.perf_counter()
         for step in range(count):

@@ -38,7 +38,7 @@ class WorkerShell(_Shell):
         return ray.util.get_node_ip_address(), free_port()
 
     def join_group(self, rank: int, world: int, address: str, port: int, timeout_s: float, one_node: bool) -> None:
-        self.worker.set_exchange(GroupExchange(rank, world, address, port, timeout_s, one_node))
+        self.worker.set_exchange(GroupExchange(rank, world, address, port, timeout_s, one_node, self.worker.device))
 
     def leave_group(self) -> None:
         self.worker.set_exchange(None)

@@ -11,7 +11,10 @@ The data path of a step's all-gather:
   between 2 processes on 2 cores and ~4 ms among 3 (gloo hands every message to its own threads). Two buffers by
   step parity suffice: a rank writes step s+2 only after every rank has written step s+1, which each does only after
   it has read step s.
-- workers on several nodes: gloo ``all_gather`` (padded to the longest, as gloo needs equal sizes).
+- workers on several nodes, and workers on GPUs: an ``all_gather`` of tensors (padded to the longest, as the
+  backends need equal sizes) over gloo for CPU workers and NCCL for GPU workers (one rank per GPU), the outputs never
+  leaving the device: each rank flattens its members' outputs into one device buffer, and the other ranks' outputs
+  are views of the gathered buffers.
 Evaluation and set-up (each rank's output layout, learned once per kind of call) always go through gloo.
 
 Each worker's outputs of a call are flattened into one float32 buffer, split back into arrays by the layouts. A rank's
@@ -51,7 +54,16 @@ def free_port() -> int:
 
 def _layout(local: list[dict]) -> list[list[tuple[str, tuple]]]:
     """Per member: (name, shape) of each output, in a fixed order."""
-    return [[(name, tuple(np.shape(value))) for name, value in sorted(outputs.items())] for outputs in local]
+    return [[(name, tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(np.shape(value)))
+             for name, value in sorted(outputs.items())] for outputs in local]
+
+
+def _flatten_tensors(local: list[dict], size: int, device) -> torch.Tensor:
+    """The members' outputs as one float32 buffer of ``size`` on the device (zero-padded)."""
+    parts = [torch.as_tensor(outputs[name]).to(device=device, dtype=torch.float32).reshape(-1)
+             for outputs in local for name in sorted(outputs)]
+    flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float32, device=device)
+    return torch.nn.functional.pad(flat, (0, size - flat.numel())) if flat.numel() < size else flat
 
 
 def _size(layout: list) -> int:
@@ -161,13 +173,18 @@ class SharedMemoryChannel:
 class GroupExchange:
     """gather(tag, local outputs) -> every member's outputs (member order = rank order), over a group of workers."""
 
-    def __init__(self, rank: int, world: int, address: str, port: int, timeout_s: float, one_node: bool):
+    def __init__(self, rank: int, world: int, address: str, port: int, timeout_s: float, one_node: bool,
+                 device: str = "cpu"):
+        """device: where the rank's outputs live; on a GPU the step's all-gather goes through NCCL (gloo stays for
+        evaluation, set-up and CPU tensors), never through the host."""
         self.rank, self.world = rank, world
+        self.device = torch.device(device)
+        backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
         try:
-            dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}", rank=rank, world_size=world,
+            dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world,
                                     timeout=datetime.timedelta(seconds=timeout_s))
             self.layouts: dict[str, list] = {}        # tag -> every rank's member layout
-            self.channel = self._shared_memory(timeout_s) if one_node else None
+            self.channel = self._shared_memory(timeout_s) if one_node and self.device.type == "cpu" else None
         except (RuntimeError, ValueError, OSError) as err:
             raise CollectiveError(f"rank {rank} could not join the group at {address}:{port} ({err})") from err
 
@@ -199,12 +216,21 @@ class GroupExchange:
                 self.channel.map_buffer(longest)
         return self.layouts[tag]
 
+    @property
+    def carries_tensors(self) -> bool:
+        """Whether the step's exchange takes the outputs as tensors where they lie (else as host arrays)."""
+        return self.channel is None
+
     def gather(self, tag: str, local: list[dict]) -> list[dict]:
         try:
             layouts = self._rank_layouts(tag, local)
             sizes = [_size(layout) for layout in layouts]
             if tag == STEP and self.channel is not None:
                 received = self.channel.all_gather(local, sizes[self.rank])
+            elif tag == STEP:
+                send = _flatten_tensors(local, max(sizes), self.device)
+                received = [torch.empty_like(send) for _ in range(self.world)]
+                dist.all_gather(received, send)
             else:
                 send = torch.zeros(max(sizes), dtype=torch.float32)
                 _flatten(local, send.numpy())
