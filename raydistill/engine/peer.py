@@ -65,19 +65,20 @@ def as_tensors(value, device):
 
 @dataclass
 class StepFigures:
-    """One peer's figures of one step as they come out of ``Peer.learn``: named values in one device tensor (read at
-    the end of a call of steps, never per step), the learning rate and sample count (host numbers), and whether the
-    loss was finite (a device bool)."""
+    """One peer's figures of one step as they come out of ``Peer.learn``: the named values and, last, whether the loss
+    was finite (1 or 0), in one device tensor (read at the end of a call of steps, never per step); the learning rate
+    and the sample count (host numbers)."""
     keys: tuple
-    values: torch.Tensor
+    values: torch.Tensor                # [len(keys) + 1]
     lr: float
     samples: float
-    finite: torch.Tensor
 
-    def host(self) -> dict[str, float]:
-        """The figures as numbers (a host sync: for a transport that hands them over step by step)."""
-        metrics = dict(zip(self.keys, self.values.cpu().tolist()))
-        metrics.update(lr=self.lr, finite=float(bool(self.finite)), samples=self.samples)
+    def host(self, values: list | None = None) -> dict[str, float]:
+        """The figures as numbers; values: what was read of ``values`` already (else a host sync here: for a
+        transport that hands them over step by step)."""
+        values = self.values.cpu().tolist() if values is None else values
+        metrics = dict(zip(self.keys, values))
+        metrics.update(lr=self.lr, finite=float(values[-1]), samples=self.samples)
         return metrics
 
 
@@ -263,8 +264,8 @@ class Peer:
         figures = {name: value.detach().float() for name, value in terms.items()}
         if self.config.task == "classification":
             figures["acc"] = (logits.detach().argmax(1) == labels).float().mean()
-        return loss, StepFigures(tuple(figures), torch.stack(list(figures.values())), lr, float(len(labels)),
-                                 torch.isfinite(loss.detach()))
+        finite = torch.isfinite(loss.detach()).float()
+        return loss, StepFigures(tuple(figures), torch.stack([*figures.values(), finite]), lr, float(len(labels)))
 
     # ---- evaluation, state ---------------------------------------------------------------------------------------
     def evaluate(self, split: str) -> dict[str, np.ndarray]:

@@ -42,13 +42,13 @@ class LocalExchange:
 
 @dataclass
 class PeerFigures:
-    """One peer's step figures summed over steps, each weighted by the step's samples. Within a call of steps the
-    sums are float64 device tensors, one per set of names (``add_device``; read once, at ``finish``); figures handed
-    over as numbers (the object-store transport, step by step) are summed as numbers, in the same float64 order."""
+    """One peer's step figures summed over steps, each weighted by the step's samples. Within a call of steps each
+    step's figures stay a device tensor (``add_device``: a reference kept, no work on the device) until ``finish``
+    reads them all at once and sums them as numbers, in step order and float64, as figures handed over step by step
+    (the object-store transport, ``add``) are: the same sums, bit for bit."""
     sums: dict = field(default_factory=dict)
     samples: float = 0.0
-    device_sums: dict = field(default_factory=dict)     # names (a tuple) -> float64 tensor of weighted sums
-    lr_sum: float = 0.0
+    pending: list = field(default_factory=list)         # the call's StepFigures, in step order
 
     def add(self, metrics: dict) -> None:
         n = metrics["samples"]
@@ -59,21 +59,20 @@ class PeerFigures:
 
     def add_device(self, figures) -> None:
         """figures: a StepFigures (engine/peer.py), left on its device."""
-        n = figures.samples
-        weighted = figures.values.double() * n
-        previous = self.device_sums.get(figures.keys)
-        self.device_sums[figures.keys] = weighted if previous is None else previous + weighted
-        self.lr_sum += figures.lr * n
-        self.samples += n
+        self.pending.append(figures)
 
-    def finish(self) -> None:
-        """Reads the device sums into numbers (one host sync per call of steps)."""
-        for keys, sums in self.device_sums.items():
-            for key, value in zip(keys, sums.cpu().tolist()):
-                self.sums[key] = self.sums.get(key, 0.0) + value
-        if self.device_sums:
-            self.sums["lr"] = self.sums.get("lr", 0.0) + self.lr_sum
-        self.device_sums, self.lr_sum = {}, 0.0
+    def finish(self) -> list[bool]:
+        """Reads the call's figures (one copy per set of names) and adds them up; returns each step's finiteness."""
+        by_keys, rows = {}, [None] * len(self.pending)
+        for i, figures in enumerate(self.pending):
+            by_keys.setdefault(figures.keys, []).append(i)
+        for steps in by_keys.values():
+            for i, values in zip(steps, torch.stack([self.pending[i].values for i in steps]).cpu().tolist()):
+                rows[i] = self.pending[i].host(values)
+        for row in rows:
+            self.add(row)
+        self.pending = []
+        return [bool(row["finite"]) for row in rows]
 
     def merge(self, other: "PeerFigures") -> None:
         for key, value in other.sums.items():
@@ -89,7 +88,7 @@ class CallReport:
     """What a call of steps returns: each local peer's summed figures, and where a loss was not finite."""
     peers: dict = field(default_factory=dict)            # peer index -> PeerFigures
     nonfinite: list = field(default_factory=list)        # (epoch, step, peer index), in step order
-    first_nonfinite: dict = field(default_factory=dict)  # peer index -> (epoch, device tensor: first step, or -1)
+    steps: dict = field(default_factory=dict)            # peer index -> the (epoch, step) of its pending figures
 
     def add_step(self, epoch: int, step: int, metrics: dict) -> None:
         """metrics: peer index -> that peer's step metrics as numbers (StepFigures.host)."""
@@ -102,22 +101,17 @@ class CallReport:
         """figures: peer index -> that peer's StepFigures, kept on the device until ``finish``."""
         for index, f in figures.items():
             self.peers.setdefault(index, PeerFigures()).add_device(f)
-            _, first = self.first_nonfinite.get(index, (epoch, None))
-            if first is None:
-                first = torch.full((), -1, dtype=torch.int64, device=f.finite.device)
-            first = torch.where(~f.finite & (first < 0), step, first)
-            self.first_nonfinite[index] = (epoch, first)
+            self.steps.setdefault(index, []).append((epoch, step))
 
     def finish(self) -> "CallReport":
         """Reads what stayed on the device at the end of a call: the figures, and each peer's first non-finite step
         (a peer's later steps went on from a broken state and are not reported)."""
-        for figures in self.peers.values():
-            figures.finish()
-        for index, (epoch, first) in self.first_nonfinite.items():
-            step = int(first)
-            if step >= 0:
-                self.nonfinite.append((epoch, step, index))
-        self.first_nonfinite = {}
+        for index, figures in self.peers.items():
+            finite = figures.finish()
+            broken = [at for at, ok in zip(self.steps.get(index, []), finite) if not ok]
+            if broken:
+                self.nonfinite.append((*broken[0], index))
+        self.steps = {}
         self.nonfinite.sort(key=lambda entry: (entry[0], entry[1], entry[2]))
         return self
 
