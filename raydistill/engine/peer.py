@@ -58,9 +58,12 @@ def as_tensors(value, device):
         return [as_tensors(v, device) for v in value]
     if isinstance(value, torch.Tensor):
         return value if value.device == torch.device(device) else to_device(value, device)
+    array = np.asarray(value)
+    if array.flags.writeable:
+        return to_device(torch.from_numpy(array), device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)        # read-only buffers: we never write to them
-        return to_device(torch.from_numpy(np.asarray(value)), device)
+        return to_device(torch.from_numpy(array), device)
 
 
 @dataclass

@@ -56,6 +56,8 @@ def tensor_of(value) -> torch.Tensor:
     a CPU tensor over it. Targets are computed in torch, so that a worker's targets stay on its device."""
     if isinstance(value, torch.Tensor):
         return value
+    if getattr(value, "flags", None) is not None and value.flags.writeable:
+        return torch.from_numpy(value)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.as_tensor(np.asarray(value))
