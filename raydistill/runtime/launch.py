@@ -19,7 +19,7 @@ from raydistill.engine.storage import resolve_storage
 from raydistill.engine.teacher import check_teachers
 from raydistill.errors import ConfigError
 from raydistill.runtime.inprocess import InProcessWorkers
-from raydistill.runtime.loop import Console, Run, RunResult
+from raydistill.runtime.loop import Console, Run, RunResult, interrupts_kept
 
 RUNTIMES = ("ray", "inprocess")
 
@@ -134,9 +134,10 @@ def train(config=None, output=None, *, overrides=None, runtime: str = "ray", res
         save_retired(run_dir, retired)
         if started:
             session.log_to(run_dir)
-        run = Run(config, spec, arrays, workers, run_dir, runtime, console, on_epoch=on_epoch,
-                  rebuild=rebuild if placement_group is None else None)   # a Tune trial's group holds its peers
-        return run.train(resume_state, stop_after_epoch)
+        with interrupts_kept():
+            run = Run(config, spec, arrays, workers, run_dir, runtime, console, on_epoch=on_epoch,
+                      rebuild=rebuild if placement_group is None else None)   # a Tune trial's group holds its peers
+            return run.train(resume_state, stop_after_epoch)
     except KeyboardInterrupt:
         if not any(run_dir.glob("checkpoints/epoch_*")):
             if created:

@@ -12,8 +12,11 @@ reports is ``reports.Reports``'s job; what is healthy is ``health.HealthWatch``'
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +42,36 @@ class TrainingError(RuntimeError):
 
 class WorkerLost(RuntimeError):
     """A worker or the coordinator died (its process or its node), or the group broke; the runtime recovers."""
+
+
+_INTERRUPTED = threading.Event()
+
+
+def _on_interrupt(signum, frame):
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts_kept():
+    """Ctrl-C during a run: KeyboardInterrupt as always, and remembered, because Python drops a KeyboardInterrupt
+    raised while it runs a callback (an import lock's, a weakref's): the loop raises it again at the next call
+    boundary (``Run.check_interrupted``). Only in the main thread, where signal handlers live."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _INTERRUPTED.clear()
+    previous = signal.signal(signal.SIGINT, _on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _INTERRUPTED.clear()
+
+
+def check_interrupted() -> None:
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
 
 
 class Unhealthy(Exception):
@@ -155,6 +188,7 @@ class Run:
                     self.mirror()
                 if self.on_epoch is not None:
                     self.on_epoch(self.reports.epoch_report(record), checkpoint)
+                check_interrupted()
                 if last:
                     break
                 try:
@@ -215,6 +249,7 @@ class Run:
         for first, count in self.calls(start_step):
             self.position = (epoch, first + count)         # a call lost midway is counted as redone whole
             report = self.workers.run_steps(epoch, first, count, replay)
+            check_interrupted()                             # a Ctrl-C that Python dropped is not lost
             self.check_finite(report)
             figures.merge(report)
             self.console.progress(epoch, self.config.train.epochs, first + count, self.steps)
