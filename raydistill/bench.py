@@ -27,9 +27,8 @@ import platform
 import statistics
 import time
 from collections import deque
-from dataclasses import fields
 
-from raydistill.config import TrainConfig, load_config
+from raydistill.config import load_config
 from raydistill.errors import ConfigError
 
 DEFAULT = {"name": "bench", "data": {"name": "synthetic", "options": {"num_train": 4096, "shape": [1, 8, 8]}},
@@ -42,10 +41,8 @@ DEFAULT_GPU = {"name": "bench-gpu",
                         "options": {"num_train": 50_000, "num_test": 256, "shape": [3, 32, 32], "num_classes": 100}},
                "model": {"arch": "resnet32"}, "peers": 3, "method": {"name": "dml", "temperature": 1.0, "alpha": 1.0},
                "train": {"epochs": 1, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
-                         "nesterov": True, "bf16": True},
+                         "nesterov": True, "bf16": True, "channels_last": True},
                "resources": {"gpus_per_peer": 1 / 3}}
-if "channels_last" in {f.name for f in fields(TrainConfig)}:     # where the config has it: as the reference does
-    DEFAULT_GPU["train"]["channels_last"] = True
 WARMUP = 10
 SETUPS = (("inprocess", "inprocess"), ("ray", "object_store"), ("ray", "collective"), ("ray", "collective-gloo"))
 # the same with each worker's peers stacked into one batched model (resources.peer_execution: stacked)
@@ -140,7 +137,7 @@ def measure_reference(config, steps: int, repeats: int) -> dict:
     r = reference_step_ms(config.num_peers, config.train.batch_size, spec.num_classes, [p.arch for p in peers],
                           options=[p.options for p in peers], shape=spec.input_shape, steps=steps, warmup=WARMUP,
                           repeats=repeats, device="cuda" if cuda else "cpu", bf16=config.train.bf16,
-                          channels_last=getattr(config.train, "channels_last", True), crop_pad=config.data.crop_pad,
+                          channels_last=config.train.channels_last, crop_pad=config.data.crop_pad,
                           flip=config.data.flip, lr=config.train.lr, momentum=config.train.momentum,
                           weight_decay=config.train.weight_decay, nesterov=config.train.nesterov,
                           temperature=_scale(config.method.temperature), alpha=_scale(config.method.alpha),

@@ -130,9 +130,9 @@ def test_stacked_peers_train_as_the_loop_through_a_checkpoint_round_trip():
 
 def test_stacked_peers_on_ray_train_as_the_in_process_loop(ray_session, tmp_path):
     """The runtime users run: 4 stacked peers in 2 workers over the collective exchange, against the in-process loop
-    (1e-5), with EMA teachers."""
+    (1e-5), with EMA teachers and gradient accumulation."""
     config = tiny_dml(**{"method.name": "pcl", "peers": 4, "resources.peers_per_worker": 2, "train.epochs": 2,
-                         "train.batch_size": 256})
+                         "train.batch_size": 256, "train.accumulate_steps": 2})
     reference = raydistill.train(config, tmp_path / "loop", runtime="inprocess", progress=False)
     stacked = raydistill.train(config, tmp_path / "stacked", overrides=["resources.peer_execution=stacked"],
                                progress=False)

@@ -41,13 +41,18 @@ def num_steps(n: int, batch_size: int) -> int:
     return max(1, n // batch_size)
 
 
-def batch_indices(seed: int, epoch: int, step: int, n: int, batch_size: int, replay: int = 0) -> torch.Tensor:
-    """Sample indices of one step: the step-th slice of the epoch's permutation (min(batch_size, n) of them)."""
+def _step_slice(step: int, n: int, batch_size: int) -> slice:
+    """Where one step's indices lie in the epoch's permutation (min(batch_size, n) of them)."""
     steps = num_steps(n, batch_size)
     if not 0 <= step < steps:
         raise ConfigError("step", step, f"a step of the epoch, 0..{steps - 1}")
     size = min(batch_size, n)
-    return _permutation(seed, epoch, n, replay)[step * size : (step + 1) * size].clone()
+    return slice(step * size, (step + 1) * size)
+
+
+def batch_indices(seed: int, epoch: int, step: int, n: int, batch_size: int, replay: int = 0) -> torch.Tensor:
+    """Sample indices of one step: the step-th slice of the epoch's permutation."""
+    return _permutation(seed, epoch, n, replay)[_step_slice(step, n, batch_size)].clone()
 
 
 def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
@@ -68,11 +73,7 @@ def _device_permutation(seed: int, epoch: int, n: int, replay: int, device: str)
 def device_batch_indices(seed: int, epoch: int, step: int, n: int, batch_size: int, device, replay: int = 0):
     """``batch_indices`` on a device: a slice of the epoch's permutation, moved there once per epoch and device, so
     that a step copies nothing from the host."""
-    steps = num_steps(n, batch_size)
-    if not 0 <= step < steps:
-        raise ConfigError("step", step, f"a step of the epoch, 0..{steps - 1}")
-    size = min(batch_size, n)
-    return _device_permutation(seed, epoch, n, replay, str(torch.device(device)))[step * size : (step + 1) * size]
+    return _device_permutation(seed, epoch, n, replay, str(torch.device(device)))[_step_slice(step, n, batch_size)]
 
 
 def to_float(x) -> torch.Tensor:

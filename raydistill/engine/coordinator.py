@@ -43,7 +43,8 @@ class EnsembleHead:
 
     def step(self, epoch: int, step: int, features: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """The head's logits on this step's features (the target), then one CE step of the head on them. It lives on
-        the features' device; a non-finite loss leaves it as it was without asking the device (a step of zeros)."""
+        the features' device; a non-finite loss is not looked at here (that would wait for the device): the run stops or
+        rolls back at the end of the call, whatever the head did."""
         x = torch.cat(features, dim=1)
         y = labels.long()
         if self.layer is None:
@@ -57,13 +58,8 @@ class EnsembleHead:
         logits = self.layer(x)
         loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
-        if x.device.type == "cpu":
-            if torch.isfinite(loss):
-                loss.backward()
-                self.optimizer.step()
-        else:       # the step stops anyway at the end of the call (a peer's loss is not finite then either)
-            loss.backward()
-            self.optimizer.step()
+        loss.backward()
+        self.optimizer.step()
         return logits.detach()
 
     def state_dict(self) -> dict:
@@ -161,11 +157,3 @@ def _device_of(outputs) -> torch.device:
                 return value.device
     return torch.device("cpu")
 
-
-def host_targets(targets: dict) -> dict:
-    """One peer's targets as host arrays (what the object store carries back to the workers)."""
-    def host(value):
-        if isinstance(value, (list, tuple)):
-            return [host(v) for v in value]
-        return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
-    return {name: host(value) for name, value in targets.items()}

@@ -3,7 +3,6 @@ learn(targets), no Ray."""
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,18 +14,12 @@ from raydistill.engine.hints import Hint, feature_paths, student_adapters, teach
 from raydistill.engine.optim import learning_rate, make_optimizer
 from raydistill.engine.self_teacher import cpu_state, make_self_teacher
 from raydistill.methods import build_method
+from raydistill.methods.base import tensor_of
 from raydistill.models import build_model
 from raydistill.models.taps import FeatureTaps
 from raydistill.seeding import derive_seed, seed_device
 
 EVAL_BATCH = 512
-
-
-def as_tensor(array: np.ndarray, device) -> torch.Tensor:
-    """A tensor over a (possibly read-only, object-store-backed) numpy array: zero-copy on the CPU, never written."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)        # read-only buffers: we never write to them
-        return torch.from_numpy(array).to(device)
 
 
 def compile_with_graphs(model: torch.nn.Module, device: torch.device, whole: bool = True) -> None:
@@ -53,17 +46,19 @@ def autocast(device: torch.device, bf16: bool):
 
 def as_tensors(value, device):
     """A target as tensors on a device: an array or a tensor, or a list of them (features of peers of different
-    shapes). A tensor already there is itself; a host one moves without a host sync (``to_device``)."""
+    shapes). A tensor already there is itself; a host one moves without a host sync (``to_device``); an array,
+    read-only ones too (the object store's), is never written."""
     if isinstance(value, (list, tuple)):
         return [as_tensors(v, device) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value if value.device == torch.device(device) else to_device(value, device)
-    array = np.asarray(value)
-    if array.flags.writeable:
-        return to_device(torch.from_numpy(array), device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)        # read-only buffers: we never write to them
-        return to_device(torch.from_numpy(array), device)
+    tensor = tensor_of(value)
+    return tensor if tensor.device == torch.device(device) else to_device(tensor, device)
+
+
+def to_host(value):
+    """A tensor (or a list of them) as host arrays: what crosses a process (an exchange, the object store)."""
+    if isinstance(value, (list, tuple)):
+        return [to_host(v) for v in value]
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
 
 
 @dataclass
@@ -91,8 +86,8 @@ class DataView:
     def __init__(self, config, arrays: dict, device):
         self.config = config
         self.device = device
-        self.x = {split: as_tensor(arrays[f"{split}_x"], device) for split in ("train", "val", "test")}
-        self.y = {split: as_tensor(arrays[f"{split}_y"], device) for split in ("train", "val", "test")}
+        self.x = {split: as_tensors(arrays[f"{split}_x"], device) for split in ("train", "val", "test")}
+        self.y = {split: as_tensors(arrays[f"{split}_y"], device) for split in ("train", "val", "test")}
         self.crop_pad = config.data.crop_pad
         self.flip = config.data.flip
         self.pad_mode = config.data.pad_mode
@@ -305,8 +300,8 @@ class Peer:
 
 
 def host_outputs(outputs: dict) -> dict:
-    """A member's outputs with every tensor copied to a host array (the copy an exchange between processes needs)."""
-    return {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
+    """A member's outputs (or a peer's targets) with every tensor copied to a host array."""
+    return {name: to_host(value) for name, value in outputs.items()}
 
 
 def _to_cpu(value):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from raydistill.engine.coordinator import Coordinator
@@ -267,9 +266,4 @@ class Worker:
         self.exchange = exchange or LocalExchange()
         if self.codistill is not None:
             self.codistill.invalidate()
-
-
-def as_arrays(outputs: dict) -> dict:
-    """Outputs as contiguous float32 arrays (what every exchange carries)."""
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in host_outputs(outputs).items()}
 

@@ -5,7 +5,8 @@ import os
 
 import ray
 
-from raydistill.engine.coordinator import Coordinator, host_targets
+from raydistill.engine.coordinator import Coordinator
+from raydistill.engine.peer import host_outputs
 from raydistill.engine.worker import Worker
 from raydistill.runtime.collective import GroupExchange, free_port
 
@@ -90,7 +91,7 @@ class CoordinatorShell(_Shell):
 
     def targets(self, epoch, step, *worker_outputs, replay=0):
         outputs = [member for outputs in worker_outputs for member in outputs]
-        targets = [host_targets(t) for t in self.coordinator.targets(epoch, step, *outputs, replay=replay)]
+        targets = [host_outputs(t) for t in self.coordinator.targets(epoch, step, *outputs, replay=replay)]
         per_worker = [[targets[i] for i in m.peers] for m in self.members]
         return per_worker if len(per_worker) > 1 else per_worker[0]    # num_returns=1 returns the value itself
 

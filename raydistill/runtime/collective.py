@@ -227,16 +227,12 @@ class GroupExchange:
             sizes = [_size(layout) for layout in layouts]
             if tag == STEP and self.channel is not None:
                 received = self.channel.all_gather(local, sizes[self.rank])
-            elif tag == STEP:
-                send = _flatten_tensors(local, max(sizes), self.device)
+            else:       # the step's outputs where they lie (NCCL on GPUs); evaluation and weights on the host
+                send = _flatten_tensors(local, max(sizes), self.device if tag == STEP else "cpu")
                 received = [torch.empty_like(send) for _ in range(self.world)]
                 dist.all_gather(received, send)
-            else:
-                send = torch.zeros(max(sizes), dtype=torch.float32)
-                _flatten(local, send.numpy())
-                buffers = [torch.empty(max(sizes), dtype=torch.float32) for _ in range(self.world)]
-                dist.all_gather(buffers, send)
-                received = [b.numpy() for b in buffers]
+                if tag != STEP:
+                    received = [b.numpy() for b in received]
         except (RuntimeError, ValueError, OSError) as err:
             if isinstance(err, CollectiveError):
                 raise
