@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 
 EXIT_BAD_INPUT = 2
@@ -193,13 +195,28 @@ def cmd_cluster(args) -> int:
     return max(main_check(path) for path in args.files)
 
 
+def _on_sigterm(signum, frame):
+    from raydistill.errors import Terminated
+
+    raise Terminated
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():   # SIGTERM stops a command as Ctrl-C does
+        signal.signal(signal.SIGTERM, _on_sigterm)
     handler = {"bench": cmd_bench, "train": cmd_train, "tune": cmd_tune, "eval": cmd_eval, "presets": cmd_presets,
                "cluster": cmd_cluster, "results": cmd_results, "peers": cmd_peers}[args.command]
     try:
         return handler(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        from raydistill.errors import Terminated
+
+        if isinstance(interrupt, Terminated):
+            print("raydistill: stopped by SIGTERM", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(143)          # no exit handlers: Ray's would wait on a cluster that may have had SIGTERM too
         print("raydistill: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:          # `raydistill presets | head`: the reader has gone; nothing more to say

@@ -20,6 +20,11 @@ class ConfigError(ValueError):
         return (type(self), (self.field, self.value, self.allowed))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, Kubernetes, a spot preemption): stops a run as Ctrl-C does, the last checkpoint kept
+    and the resume command printed, with the exit status 143 (128 + SIGTERM) instead of 130."""
+
+
 def user_error(err: BaseException) -> ConfigError | None:
     """The ConfigError inside an error that crossed Ray (an actor's or a trial's RayTaskError), or None.
 

@@ -446,7 +446,7 @@ def start_train(run_dir: Path, *overrides: str) -> subprocess.Popen:
            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     args = [sys.executable, "-m", "raydistill.cli", "train", "--output", str(run_dir), "--set", "model.options.hidden=[16]"]
     for override in overrides:
-        args += ["--set", override]
+        args += [override] if override.startswith("--") else ["--set", override]
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -460,9 +460,10 @@ def wait_while_running(proc: subprocess.Popen, condition, timeout_s: float, what
     return wait_for(check, timeout_s, what)
 
 
-def ctrl_c(proc: subprocess.Popen, timeout_s: float = 120.0) -> tuple[str, str]:
-    """SIGINT to the job's process group (what Ctrl+C in a terminal does); returns its output once it ended."""
-    os.killpg(proc.pid, signal.SIGINT)
+def ctrl_c(proc: subprocess.Popen, timeout_s: float = 120.0, sig=signal.SIGINT) -> tuple[str, str]:
+    """SIGINT to the job's process group (what Ctrl+C in a terminal does; or another signal); returns its output
+    once it ended."""
+    os.killpg(proc.pid, sig)
     try:
         return proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -510,18 +511,24 @@ def test_ctrl_c_before_the_first_checkpoint_removes_the_run_directory(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_ctrl_c_after_a_checkpoint_keeps_the_run_and_the_printed_command_resumes_it(ray_session, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_after_a_checkpoint_keeps_the_run_and_the_printed_command_resumes_it(ray_session, tmp_path,
+                                                                                                 sig):
+    """SIGTERM is what `ray job stop`, Kubernetes and a spot preemption send: the run stops as Ctrl-C stops it (the
+    checkpoint kept, the command that goes on printed), with exit 143 instead of 130."""
     run_dir = tmp_path / "run"
-    proc = start_train(run_dir, "train.epochs=3", "train.batch_size=32")
+    proc = start_train(run_dir, "train.epochs=3", "train.batch_size=32", "--quiet")
     wait_while_running(proc, lambda: (run_dir / "checkpoints" / "epoch_0001").is_dir(), 240, "epoch 1's checkpoint")
-    out, err = ctrl_c(proc)
-    assert proc.returncode == 130, err
-    assert one_line(err) == "raydistill: interrupted"
-    resume = re.findall(r"^interrupted: continue with `(.+)`$", out, re.M)
-    assert resume == [f"raydistill train --resume {run_dir}"], out
-    assert list_checkpoints(run_dir)
+    out, err = ctrl_c(proc, sig=sig)
+    what, code = ("interrupted", 130) if sig == signal.SIGINT else ("stopped by SIGTERM", 143)
+    assert proc.returncode == code, err
+    assert one_line(err) == f"raydistill: {what}"
+    resume = re.findall(rf"^{what}: the last checkpoint is (epoch_\d+); continue with `(.+)`$", out, re.M)
+    kept = [path.name for path in list_checkpoints(run_dir)]
+    assert len(resume) == 1 and resume[0][0] == kept[-1], out      # printed under --quiet too
+    assert resume[0][1] == f"raydistill train --resume {run_dir}", out
     # the printed command, run here (on the session's Ray), ends the run as if it had never been interrupted
-    assert main(shlex.split(resume[0])[1:] + ["--quiet"]) == 0
+    assert main(shlex.split(resume[0][1])[1:] + ["--quiet"]) == 0
     assert json.loads((run_dir / "summary.json").read_text())["epochs_completed"] == 3
     uninterrupted = raydistill.train(str(run_dir / "config.yaml"), tmp_path / "uninterrupted", runtime="inprocess",
                                      progress=False)

@@ -12,12 +12,12 @@ import shutil
 from pathlib import Path
 
 from raydistill.config import Config, check_data_fits, dump_config, load_config
-from raydistill.engine.checkpoint import check_compatible, load_latest_checkpoint
+from raydistill.engine.checkpoint import check_compatible, latest_checkpoint, load_latest_checkpoint
 from raydistill.engine.data import load_run_data
 from raydistill.engine.elastic import change_peers, check_inits, consumed, names_of, renumber, save_retired
 from raydistill.engine.storage import resolve_storage
 from raydistill.engine.teacher import check_teachers
-from raydistill.errors import ConfigError
+from raydistill.errors import ConfigError, Terminated
 from raydistill.runtime.inprocess import InProcessWorkers
 from raydistill.runtime.loop import Console, Run, RunResult, interrupts_kept
 
@@ -138,15 +138,25 @@ def train(config=None, output=None, *, overrides=None, runtime: str = "ray", res
             run = Run(config, spec, arrays, workers, run_dir, runtime, console, on_epoch=on_epoch,
                       rebuild=rebuild if placement_group is None else None)   # a Tune trial's group holds its peers
             return run.train(resume_state, stop_after_epoch)
-    except KeyboardInterrupt:
-        if not any(run_dir.glob("checkpoints/epoch_*")):
+    except KeyboardInterrupt as interrupt:
+        what = "stopped by SIGTERM" if isinstance(interrupt, Terminated) else "interrupted"
+        latest = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+        if latest is None:
             if created:
                 shutil.rmtree(run_dir, ignore_errors=True)      # nothing worth keeping yet
+            console.line(f"{what} before the first checkpoint: nothing kept", force=True)
         else:
-            console.line(f"interrupted: continue with `raydistill train --resume {run_dir}`")
+            console.line(f"{what}: the last checkpoint is {latest.name}; continue with "
+                         f"`raydistill train --resume {run_dir}`", force=True)
+        if isinstance(interrupt, Terminated):
+            # the process ends now, within the seconds its sender waits before SIGKILL. Nothing more is asked of
+            # Ray, whose processes may have had the signal too: the workers end with their owner (this process)
+            # and a local cluster with its watcher (runtime/reaper.py).
+            started, workers = False, None
         raise
     finally:
-        (run.workers if run is not None else workers).shutdown()     # the workers of its last peer set
+        if workers is not None:
+            (run.workers if run is not None else workers).shutdown()     # the workers of its last peer set
         if started:
             session.shutdown()
 

@@ -29,7 +29,7 @@ from raydistill.engine.checkpoint import (checkpoint_epoch, checkpoint_path, dis
 from raydistill.engine.recorder import Recorder
 from raydistill.engine.storage import mirror
 from raydistill.engine.worker import CallReport
-from raydistill.errors import ConfigError
+from raydistill.errors import ConfigError, Terminated
 from raydistill.methods import build_method
 from raydistill.runtime import control
 from raydistill.runtime.health import Action, Decision, HealthWatch, replay_of
@@ -44,34 +44,40 @@ class WorkerLost(RuntimeError):
     """A worker or the coordinator died (its process or its node), or the group broke; the runtime recovers."""
 
 
-_INTERRUPTED = threading.Event()
+_INTERRUPTED: list[int] = []                 # the signals received during the run, in order
+
+
+def _interruption(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _on_interrupt(signum, frame):
-    _INTERRUPTED.set()
-    raise KeyboardInterrupt
+    _INTERRUPTED.append(signum)
+    raise _interruption(signum)
 
 
 @contextlib.contextmanager
 def interrupts_kept():
-    """Ctrl-C during a run: KeyboardInterrupt as always, and remembered, because Python drops a KeyboardInterrupt
-    raised while it runs a callback (an import lock's, a weakref's): the loop raises it again at the next call
-    boundary (``Run.check_interrupted``). Only in the main thread, where signal handlers live."""
+    """Ctrl-C (SIGINT) or SIGTERM during a run: KeyboardInterrupt (``Terminated`` for SIGTERM), and remembered,
+    because Python drops an exception raised while it runs a callback (an import lock's, a weakref's): the loop
+    raises it again at the next call boundary (``check_interrupted``). Only in the main thread, where signal
+    handlers live."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _INTERRUPTED.clear()
-    previous = signal.signal(signal.SIGINT, _on_interrupt)
+    previous = {sig: signal.signal(sig, _on_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         _INTERRUPTED.clear()
 
 
 def check_interrupted() -> None:
-    if _INTERRUPTED.is_set():
-        raise KeyboardInterrupt
+    if _INTERRUPTED:
+        raise _interruption(_INTERRUPTED[0])
 
 
 class Unhealthy(Exception):
@@ -111,8 +117,9 @@ class Console:
             sys.stderr.write(f"\repoch {epoch + 1}/{epochs} [{'#' * filled}{'.' * (30 - filled)}] {step}/{steps}")
             sys.stderr.flush()
 
-    def line(self, text: str) -> None:
-        if self.enabled:
+    def line(self, text: str, force: bool = False) -> None:
+        """force: printed under --quiet too (how a run ended, and how to go on)."""
+        if self.enabled or force:
             if self.bar:
                 sys.stderr.write("\r" + " " * 60 + "\r")
             print(text, flush=True)
