@@ -239,8 +239,9 @@ def report_error(err: Exception) -> int:
 
     if os.environ.get("RAYDISTILL_TRACEBACK"):
         raise err
-    print(f"raydistill: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
-          file=sys.stderr)
+    from raydistill.errors import one_line
+
+    print(f"raydistill: {one_line(err)}", file=sys.stderr)
     if not isinstance(err, TrainingError):
         print("raydistill: set RAYDISTILL_TRACEBACK=1 for the traceback", file=sys.stderr)
     return 1

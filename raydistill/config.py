@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from raydistill.errors import ConfigError, read_yaml
+from raydistill.files import write_text
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "dml-digits"
@@ -800,5 +802,23 @@ def _schedule_values(spec, field: str, epochs: int) -> list[float]:
     return [schedule(epoch, epochs) for epoch in range(epochs)]
 
 
+CONFIG_HEADER = "# written by raydistill (sha256 {digest}); change a run's settings with --resume RUN --set key=value\n"
+
+
 def dump_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """A run's config.yaml, written whole or not at all, headed by the digest of what follows: a resume refuses a
+    file that no longer matches it (``check_written``), damaged or edited by hand."""
+    body = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    write_text(path, CONFIG_HEADER.format(digest=hashlib.sha256(body.encode()).hexdigest()) + body)
+
+
+def check_written(path: Path) -> None:
+    """A run directory's config.yaml is the one the run wrote: the digest in its first line matches the rest (a file
+    without that line was written before digests and is taken as it is)."""
+    text = Path(path).read_text()
+    first, _, body = text.partition("\n")
+    found = re.fullmatch(r"# written by raydistill \(sha256 ([0-9a-f]{64})\).*", first)
+    if found and hashlib.sha256(body.encode()).hexdigest() != found.group(1):
+        raise ConfigError("--resume", str(Path(path).parent),
+                          f"{path} is not the config the run wrote (damaged, or edited by hand); change a run's "
+                          "settings with --resume RUN --set key=value, or put the file back")

@@ -40,6 +40,31 @@ def user_error(err: BaseException) -> ConfigError | None:
     return None
 
 
+def root_cause(err: BaseException) -> tuple[BaseException, str | None]:
+    """(the error an actor or a trial raised, where: the Ray call it failed in, e.g. "ray::WorkerShell.run_steps()"),
+    or (err, None) for an error raised here. Ray's RayTaskError's text is the remote traceback; its ``cause`` is
+    the error itself."""
+    where, seen = None, set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        cause = getattr(err, "cause", None)
+        if not isinstance(cause, BaseException):
+            break
+        if where is None:
+            first = str(err).strip().splitlines()
+            where = first[0].split(" (pid=")[0] if first else None
+        err = cause
+    return err, where
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line: its type and the first line of its message, and where a remote one was raised."""
+    cause, where = root_cause(err)
+    lines = str(cause).strip().splitlines()
+    text = f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return f"{text} (raised in {where})" if where else text
+
+
 class _Loader(yaml.SafeLoader):
     """YAML 1.2 numbers: ``1e-3``, ``5e-4`` and ``1e6`` are floats (PyYAML's YAML 1.1 reads them as strings)."""
 

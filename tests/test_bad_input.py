@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from raydistill.cli import main
+from tests.conftest import one_line
 
 
 def run_cli(args, tmp_path, capfd, output="run"):
@@ -248,3 +249,43 @@ def test_an_address_where_no_ray_listens_is_one_line_from_the_console_script(tmp
                                         "auto, or ray://HOST:10001"]
     assert proc.stdout == f"connecting to Ray at {address}…\n"
     assert not (tmp_path / "x").exists()
+
+
+def test_an_architecture_that_cannot_take_the_data_is_refused_before_ray_starts(tmp_path, capfd):
+    """vgg11's five poolings shrink the 8x8 digits below 1x1: found by a forward and backward pass on two samples in
+    the driver, before Ray starts and before anything is written."""
+    code, err, out = run_cli(sets("model.arch=vgg11", "model.options={}"), tmp_path, capfd)
+    assert_one_line(code, err, out, "model.arch='vgg11'", "cannot train on this data set's inputs [1, 8, 8]")
+    assert "Output size is too small" in err[0]
+
+
+def test_a_resume_refuses_a_damaged_or_hand_edited_config_and_a_stop_before_what_is_done(tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--output", str(run_dir), "--runtime", "inprocess", "--quiet", "--stop-after-epoch", "2",
+                 *sets("train.epochs=4", "model.options.hidden=[16]")]) == 0
+    capfd.readouterr()
+    config_yaml = run_dir / "config.yaml"
+    written = config_yaml.read_text()
+    assert written.startswith("# written by raydistill (sha256 ")
+    # --stop-after-epoch at or below the epochs done: one line, nothing trained
+    assert main(["train", "--resume", str(run_dir), "--stop-after-epoch", "2", "--quiet"]) == 2
+    assert one_line(capfd.readouterr().err) == ("raydistill: error: --stop-after-epoch=2: the run already completed 2 "
+                                                "epochs; give a later epoch")
+    # a config.yaml that lost its train: section would resume silently with the defaults (200 epochs of lr 0.1)
+    lines = written.splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.startswith("train:"))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith(" "))
+    config_yaml.write_text("".join(lines[:start] + lines[end:]))
+    assert main(["train", "--resume", str(run_dir), "--runtime", "inprocess", "--quiet"]) == 2
+    line = one_line(capfd.readouterr().err)
+    assert line == (f"raydistill: error: --resume='{run_dir}': {config_yaml} is not the config the run wrote "
+                    "(damaged, or edited by hand); change a run's settings with --resume RUN --set key=value, or put "
+                    "the file back"), line
+    # the way the line names: the file put back, a value changed with --set (the digest follows the file)
+    config_yaml.write_text(written)
+    assert main(["train", "--resume", str(run_dir), "--runtime", "inprocess", "--quiet", "--stop-after-epoch", "3",
+                 *sets("train.lr=0.05")]) == 0
+    assert main(["train", "--resume", str(run_dir), "--runtime", "inprocess", "--quiet"]) == 0
+    import yaml
+
+    assert yaml.safe_load(config_yaml.read_text())["train"]["lr"] == 0.05

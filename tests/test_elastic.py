@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 import raydistill
@@ -28,6 +29,7 @@ from raydistill.engine.checkpoint import latest_checkpoint, load_checkpoint
 from raydistill.errors import ConfigError
 from raydistill.runtime import control
 from raydistill.runtime.control import requested_config
+from raydistill.runtime.inprocess import InProcessWorkers
 from tests.conftest import one_line, tiny_dml, write_config
 from tests.test_cli import session_address
 from tests.test_failures import wait_for
@@ -254,3 +256,122 @@ def test_a_peer_that_joins_from_the_ensemble_agrees_with_it_more_than_one_from_s
         joined = probabilities(new.peers[3], changed["peers"][3]["model"])
         disagreement[init] = torch.nn.functional.kl_div(joined.log(), ensemble, reduction="batchmean").item()
     assert disagreement["ensemble"] < 0.25 * disagreement["scratch"], disagreement
+
+
+def test_a_peer_that_cannot_train_and_malformed_requests_are_refused_and_the_run_goes_on(ray_session, tmp_path):
+    """On Ray: `peers add --arch alexnet` on the 8x8 digits (its poolings shrink them below 1x1) is refused in one line
+    before anything stops, as are a request whose options are not a mapping and a file that is not JSON; a folder
+    named like a request is left alone. The run ends with the parameters of a run without the requests, and no
+    checkpoint or config.yaml ever names alexnet."""
+    config = tiny_dml(**{"train.epochs": 3})
+    run_dir = tmp_path / "live"
+
+    def requests(report, checkpoint):
+        if report["epoch"] == 1:
+            control.submit(run_dir, {"action": "add", "arch": "alexnet"})
+            control.submit(run_dir, {"action": "add", "options": "zz"})
+            (run_dir / "control" / "x.json").mkdir()
+            (run_dir / "control" / "9-garbage.json").write_text("{not json")
+
+    raydistill.train(config, run_dir, on_epoch=requests, progress=False)
+    refused = sorted(json.loads(p.read_text())["message"] for p in (run_dir / "control").glob("*.refused"))
+    assert len(refused) == 3, refused
+    assert refused[0] == "refused: options='zz': a mapping of the architecture's options"
+    assert refused[1].startswith("refused: peers.3.arch='alexnet': cannot train on this data set's inputs [1, 8, 8] "
+                                 "with options {} (RuntimeError: "), refused[1]
+    assert refused[2] == "refused: request='9-garbage.json': is not a JSON object"
+    assert (run_dir / "control" / "x.json").is_dir()
+    assert "alexnet" not in (run_dir / "config.yaml").read_text()
+    reference = raydistill.train(config, tmp_path / "reference", runtime="inprocess", progress=False)
+    live, expected = final_parameters_by_name(run_dir), final_parameters_by_name(reference.run_dir)
+    assert sorted(live) == sorted(expected) == ["peer0", "peer1", "peer2"]
+    assert_same_parameters([live[n] for n in sorted(live)], [expected[n] for n in sorted(live)])
+
+
+class FailsInItsFirstCall(InProcessWorkers):
+    """The workers of a peer set that passes the driver's check but fails in its first call of steps, as a peer that
+    cannot train on its device does (an error raised in the worker)."""
+
+    def run_steps(self, epoch, first, count, replay=0):
+        raise RuntimeError("CUDA out of memory (drill)")
+
+
+def test_a_new_peer_set_that_fails_in_its_first_epoch_is_undone_and_no_checkpoint_holds_it(tmp_path, capsys):
+    """The change is on trial until the new set has trained an epoch: its failure starts the set before the change
+    again from its state, refuses the request, and the run ends as one without it. (The error raised in a Ray worker
+    reaches the same handler: test_a_peer_that_cannot_train... and the CLI's one-line cause,
+    tests/test_failures.py.)"""
+    from raydistill.engine.checkpoint import list_checkpoints
+    from raydistill.engine.data import load_run_data
+    from raydistill.runtime.loop import Console, Run
+
+    config = raydistill.load_config(tiny_dml(**{"train.epochs": 3}))
+    spec, arrays = load_run_data(config)
+    run_dir = tmp_path / "run"
+
+    def add_after_epoch_1(report, checkpoint):
+        if report["epoch"] == 1:
+            control.submit(run_dir, {"action": "add", "init": "scratch"})
+
+    def rebuild(changed):
+        return (FailsInItsFirstCall if changed.num_peers == 4 else InProcessWorkers)(changed, spec, arrays)
+
+    run = Run(config, spec, arrays, InProcessWorkers(config, spec, arrays), run_dir, "inprocess", Console(True),
+              on_epoch=add_after_epoch_1, rebuild=rebuild)
+    summary = run.train().summary
+    out = capsys.readouterr().out
+    message = ("refused: the new peer set failed in its first epoch (RuntimeError: CUDA out of memory (drill)); the "
+               "run goes on with peers peer0, peer1, peer2")
+    assert f"peers: {message}" in out
+    assert [json.loads(p.read_text())["message"] for p in (run_dir / "control").glob("*.refused")] == [message]
+    assert [p["name"] for p in summary["peers"]] == ["peer0", "peer1", "peer2"] and "peer_changes" not in summary
+    for checkpoint in list_checkpoints(run_dir):
+        assert load_checkpoint(checkpoint, 0)["loop"]["peers"] == ["peer0", "peer1", "peer2"], checkpoint
+    assert not (run_dir / "config.yaml").exists()            # the change never wrote its config (Run alone here)
+    reference = raydistill.train(config, tmp_path / "reference", runtime="inprocess", progress=False)
+    live, expected = final_parameters_by_name(run_dir), final_parameters_by_name(reference.run_dir)
+    assert_same_parameters([live[n] for n in sorted(live)], [expected[n] for n in sorted(live)])
+    assert pd.read_parquet(run_dir / "metrics.parquet").groupby("model")["epoch"].apply(list).to_dict()["peer0"] == \
+        [1, 2, 3]
+
+
+def test_after_a_removal_peer_k_copies_peerk_and_each_peer_keeps_the_view_of_its_id(ray_session, tmp_path):
+    """kdcl gives each peer its own augmented view, seeded by its stable id (README "Views"). On Ray: peer0 leaves
+    after epoch 1; after epoch 2 a peer joins with init peer:1, which copies peer1 (now at place 0), not the peer at
+    place 1 (peer2): the checkpoint of the change holds peer3 with peer1's model and optimizer state. Every peer of
+    the new set draws the view of its id, as the docs promise, not of its place. The shared-memory folder of the
+    first workers' group goes with them, although the set in between needs no group."""
+    from raydistill.data.views import make_view
+    from raydistill.engine.checkpoint import checkpoint_path
+    from raydistill.engine.data import load_run_data
+
+    config = tiny_dml(**{"train.epochs": 3, "method.name": "kdcl", "train.keep_checkpoints": 5,
+                         "resources.peers_per_worker": 2})
+    run_dir = tmp_path / "live"
+    shm = set(Path("/dev/shm").glob("raydistill-*"))
+
+    def changes(report, checkpoint):
+        if report["epoch"] == 1:                        # 2 workers (2 peers + 1) -> 1 worker of 2 peers
+            control.submit(run_dir, {"action": "remove", "peer": 0})
+        if report["epoch"] == 2:
+            control.submit(run_dir, {"action": "add", "init": "peer:1"})
+
+    raydistill.train(config, run_dir, on_epoch=changes, progress=False)
+    assert set(Path("/dev/shm").glob("raydistill-*")) <= shm      # every group's shared memory went with it
+    state = load_checkpoint(checkpoint_path(run_dir, 2), 0)
+    names = state["loop"]["peers"]
+    assert names == ["peer1", "peer2", "peer3"]
+    copy, source, other = (state["peers"][names.index(n)] for n in ("peer3", "peer1", "peer2"))
+    assert_same_parameters([copy["model"]], [source["model"]])
+    with pytest.raises(AssertionError):
+        assert_same_parameters([copy["model"]], [other["model"]])
+    changed = raydistill.load_config(run_dir)
+    assert [p.id for p in changed.peers] == [1, 2, 3]
+    spec, arrays = load_run_data(changed)
+    worker = InProcessWorkers(changed, spec, arrays).worker          # the engine object each Ray worker runs
+    for place, peer in enumerate(worker.peers):
+        assert peer.view_index == peer.method.view_index(peer.id) != peer.method.view_index(place)
+        idx = peer.data.batch(0, 0)
+        expected = make_view(peer.data.x["train"][idx], changed.seed, 0, 0, peer.method.view_index(peer.id),
+                             changed.data.crop_pad, changed.data.flip, changed.data.pad_mode)
+        assert torch.equal(peer.data.view(idx, 0, 0, peer.view_index), expected)

@@ -127,11 +127,14 @@ def test_a_failure_of_one_data_order_rolls_back_replays_in_another_and_finishes(
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("transport", ["collective", "object_store"])
+@pytest.mark.parametrize("transport", ["collective", "object_store", "codistill"])
 def test_the_drill_through_ray_rolls_back_the_same_way(ray_session, drill, tmp_path, transport):
+    """codistill with codistill_every: 1 is the per-step exchange bit for bit (README, "Codistillation"), a replay
+    included: the stale copies draw the replayed epoch's batches and views too."""
     from raydistill.runtime.driver import RayWorkers
 
-    config, spec, arrays, _ = drill_data(**{"resources.transport": transport})
+    keys = {"method.codistill_every": 1} if transport == "codistill" else {}
+    config, spec, arrays, _ = drill_data(**{"resources.transport": transport, **keys})
     workers = RayWorkers(config, spec, arrays)
     try:
         summary, text = run_drill(workers, config, spec, arrays, tmp_path / "ray", "ray")
@@ -232,14 +235,17 @@ def test_a_consistency_bound_crossed_rolls_back_then_stops_after_max_rollbacks(t
      r"train\.health \(non_finite\): non-finite loss at epoch 1 step \d+ on peer\(s\) \[[\d, ]+\] "
      r"\(train\.health\.action: stop\)"),
 ])
-def test_action_stop_stops_at_once_with_one_line_naming_the_rule(tmp_path, capsys, keys, expected):
+def test_action_stop_stops_at_once_with_one_line_naming_the_rule(ray_session, tmp_path, capsys, keys, expected):
+    """On Ray. Both stop in the first epoch, the second before it ends: summary.json says why all the same."""
     run_dir = tmp_path / "run"
-    code = main(["train", write_config(tmp_path / "c.yaml", tiny(**keys)), "--runtime", "inprocess",
-                 "--output", str(run_dir), "--quiet"])
+    code = main(["train", write_config(tmp_path / "c.yaml", tiny(**keys)), "--output", str(run_dir), "--quiet"])
     line = one_line(capsys.readouterr().err)
     assert code == 1
     assert re.fullmatch(r"raydistill: TrainingError: " + expected + r"; the run stopped: `raydistill train --resume "
                         + re.escape(str(run_dir)) + r"` goes on from the beginning \(no checkpoint yet\)", line), line
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped"]["rule"] in line and summary["stopped"]["reason"] in line
+    assert summary["epochs_completed"] == (1 if "max_consistency" in line else 0)
 
 
 def test_a_watch_that_never_fires_changes_nothing(tmp_path):

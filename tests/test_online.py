@@ -308,8 +308,8 @@ def test_dkel_run_records_resumes_and_deploys_an_ema_teacher(tmp_path):
 
     from raydistill.runtime.reports import Reports
 
-    config = load_config(whole.run_dir)            # epoch_report over the recorded history, as Tune reads it
-    history = load_checkpoint(latest_checkpoint(whole.run_dir), 3)["loop"]["history"]
-    report = Reports(config, build_method(config), None, True).epoch_report(history[-1])
+    config = load_config(whole.run_dir)            # epoch_report over the last epoch's record, as Tune reads it
+    last = load_checkpoint(latest_checkpoint(whole.run_dir), 3)["loop"]["last"]
+    report = Reports(config, build_method(config), None, True).epoch_report(last)
     assert report["val_acc"] == pytest.approx(best_val)
     assert report["peer1_ema_val_acc"] == pytest.approx(summary["ema_teachers"][1]["val_acc"])

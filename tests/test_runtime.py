@@ -277,3 +277,47 @@ def test_an_in_process_run_needs_no_ray(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.split() == ["ok", "inprocess"], proc.stderr[-2000:]
+
+
+def test_what_a_checkpoint_rewrites_does_not_grow_with_the_epochs(tmp_path):
+    """A long run's per-epoch cost must stay flat: each checkpoint rewrites its loop state, so that state keeps the
+    last record and each model's last and best figures, not every epoch's record (1.3 MB at epoch 1,000 before).
+    The summary's best epochs are still those of the whole history (checked against metrics.parquet)."""
+    sizes = {}
+
+    def measure(report, checkpoint):
+        sizes[report["epoch"]] = {p.name: p.stat().st_size for p in checkpoint.iterdir()}
+
+    run_dir = tmp_path / "run"
+    result = raydistill.train(tiny_dml(**{"train.epochs": 24, "train.batch_size": 512,
+                                          "model.options": {"hidden": [8]}}), run_dir, runtime="inprocess",
+                              on_epoch=measure, progress=False)
+    early, late = sizes[3], sizes[24]
+    assert early.keys() == late.keys()
+    assert abs(late["loop.json"] - early["loop.json"]) < 64, (early["loop.json"], late["loop.json"])  # digits only
+    assert all(late[name] == early[name] for name in early if name.endswith(".pt"))
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    for peer in result.summary["peers"]:
+        rows = metrics[metrics.model == peer["name"]]
+        best = rows.loc[rows["val_acc"].idxmax()]                     # the earliest of equal bests
+        assert (peer["best_epoch"], peer["best_val_acc"]) == (best["epoch"], best["val_acc"])
+        assert peer["test_acc_at_best_epoch"] == best["test_acc"]
+        assert peer["val_acc"] == rows[rows.epoch == 24]["val_acc"].item()
+
+
+def test_a_run_directory_written_before_the_compact_loop_state_resumes_exactly(tmp_path):
+    """tests/data/run-before-compact-loop: a 2-peer run stopped after epoch 1 of 2, its loop.json holding every
+    epoch's record (``history``), as runs wrote it before. It resumes (its records folded into the compact state)
+    to the parameters of an uninterrupted run, and its summary names epoch 1's figures where they are the best."""
+    import shutil
+    from pathlib import Path
+
+    run_dir = tmp_path / "old"
+    shutil.copytree(Path(__file__).parent / "data" / "run-before-compact-loop", run_dir)
+    assert "history" in load_checkpoint(latest_checkpoint(run_dir), 2)["loop"]
+    result = raydistill.train(resume=run_dir, runtime="inprocess", progress=False)
+    uninterrupted = raydistill.train(str(run_dir / "config.yaml"), tmp_path / "new", runtime="inprocess",
+                                     progress=False)
+    assert_same_parameters(final_parameters(run_dir, 2), final_parameters(uninterrupted.run_dir, 2))
+    assert result.summary["peers"] == uninterrupted.summary["peers"]
+    assert "history" not in load_checkpoint(latest_checkpoint(run_dir), 2)["loop"]

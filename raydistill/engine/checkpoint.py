@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from raydistill.files import DiskFull, disk_write
+
 PATTERN = re.compile(r"^epoch_(\d{4,})$")
 
 
@@ -43,12 +45,17 @@ def save_checkpoint(run_dir: Path, epoch: int, state: dict, keep: int, keep_from
     final = checkpoint_path(run_dir, epoch)
     tmp = root / f".epoch_{epoch:04d}.tmp"
     aside = root / f".epoch_{epoch:04d}.old"
-    tmp.mkdir()
-    for i, peer_state in enumerate(state["peers"]):
-        torch.save(peer_state, tmp / f"peer_{i}.pt")
-    torch.save(state["coordinator"], tmp / "coordinator.pt")
-    (tmp / "loop.json").write_text(json.dumps(state["loop"]))
-    _fsync_dir(tmp)
+    try:
+        with disk_write(final):
+            tmp.mkdir()
+            for i, peer_state in enumerate(state["peers"]):
+                torch.save(peer_state, tmp / f"peer_{i}.pt")
+            torch.save(state["coordinator"], tmp / "coordinator.pt")
+            (tmp / "loop.json").write_text(json.dumps(state["loop"]))
+            _fsync_dir(tmp)
+    except DiskFull:
+        shutil.rmtree(tmp, ignore_errors=True)          # give back what the half-written checkpoint took
+        raise
     if final.exists():                         # a rerun of the same epoch after a rollback
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(final, aside)

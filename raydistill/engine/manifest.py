@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from raydistill.errors import ConfigError
+from raydistill.files import DiskFull, disk_write
 
 EXPORT_DIR = "export"
 MANIFEST = "manifest.json"
@@ -46,16 +47,21 @@ def write_export(run_dir, spec: dict, task: str, states: dict, settings_of, depl
 
     tmp, final = Path(run_dir) / f".{EXPORT_DIR}.tmp", Path(run_dir) / EXPORT_DIR
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     models = {}
-    for name, entry in states.items():
-        settings = entry.get("settings") or dataclasses.asdict(settings_of(entry["index"]))   # a removed peer's own
-        torch.save(entry["state"], tmp / f"{name}.pt")
-        models[name] = {"kind": entry["kind"], "index": entry["index"], "arch": settings["arch"],
-                        "options": settings["options"], "file": f"{name}.pt",
-                        **({"removed": True} if entry.get("settings") else {})}
-    manifest = {"spec": spec, "task": task, "models": models, "deploy": deploy,
-                "input": "float images in [0, 1], NCHW (normalization is inside the model)"}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=float))
+    try:
+        with disk_write(final):
+            tmp.mkdir()
+            for name, entry in states.items():
+                settings = entry.get("settings") or dataclasses.asdict(settings_of(entry["index"]))   # removed: own
+                torch.save(entry["state"], tmp / f"{name}.pt")
+                models[name] = {"kind": entry["kind"], "index": entry["index"], "arch": settings["arch"],
+                                "options": settings["options"], "file": f"{name}.pt",
+                                **({"removed": True} if entry.get("settings") else {})}
+            manifest = {"spec": spec, "task": task, "models": models, "deploy": deploy,
+                        "input": "float images in [0, 1], NCHW (normalization is inside the model)"}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=float))
+    except DiskFull:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

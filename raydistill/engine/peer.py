@@ -61,6 +61,34 @@ def to_host(value):
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
 
 
+def check_trainable(config, spec, arrays: dict, names=None) -> None:
+    """Each peer architecture of a run (or of the peers ``names`` only) built and run forward and backward on two
+    training samples on this process's CPU: an architecture that cannot take the data's inputs (a pooling that
+    shrinks them below 1x1, a layer of the wrong width) is refused in one line before anything starts or changes.
+    The global random state is left as it was."""
+    from raydistill.errors import one_line
+
+    x = to_float(np.asarray(arrays["train_x"][:2]))
+    seen = set()
+    with torch.random.fork_rng(devices=[]):
+        for i, (name, settings) in enumerate(zip(config.peer_names, config.peers)):
+            key = (settings.arch, repr(sorted(settings.options.items())))
+            if (names is not None and name not in names) or key in seen:
+                continue
+            seen.add(key)
+            field = "model" if settings.arch == config.model.arch else f"peers.{i}"
+            try:
+                model = build_model(settings.arch, spec, **settings.options)
+                model.train()
+                model(x).float().sum().backward()
+            except ConfigError:
+                raise
+            except Exception as err:  # noqa: BLE001 — whatever the model raises, said in one line
+                raise ConfigError(f"{field}.arch", settings.arch,
+                                  f"cannot train on this data set's inputs {list(spec.input_shape)} with options "
+                                  f"{dict(settings.options)} ({one_line(err)})") from None
+
+
 @dataclass
 class StepFigures:
     """One peer's figures of one step as they come out of ``Peer.learn``: the named values and, last, whether the loss

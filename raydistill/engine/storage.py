@@ -9,7 +9,6 @@ from pathlib import Path
 
 from raydistill.errors import ConfigError
 
-
 def resolve_storage(uri: str):
     """(filesystem, path) for a storage location; ConfigError when pyarrow does not know the scheme."""
     from pyarrow import fs

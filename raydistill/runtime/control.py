@@ -17,6 +17,7 @@ from pathlib import Path
 from raydistill.config import load_config
 from raydistill.engine.elastic import check_elastic
 from raydistill.errors import ConfigError
+from raydistill.files import write_text
 
 CONTROL_DIR = "control"
 RUNNING = "running.json"
@@ -28,9 +29,7 @@ def control_dir(run_dir) -> Path:
 
 
 def _write(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data))
 
 
 def mark_running(run_dir) -> None:
@@ -71,7 +70,8 @@ def pending(run_dir) -> list[Path]:
     folder = control_dir(run_dir)
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.glob("*.json") if p.name != RUNNING and not p.name.startswith(".")),
+    return sorted((p for p in folder.glob("*.json")
+                   if p.name != RUNNING and not p.name.startswith(".") and p.is_file()),   # a folder is no request
                   key=lambda p: p.name)
 
 
@@ -124,6 +124,10 @@ def requested_config(config, request: dict, loop: dict):
     data = config.to_dict()
     names = config.peer_names
     action = request.get("action")
+    for key, kind, what in (("arch", str, "an architecture name"), ("init", str, "scratch, ensemble or peer:K"),
+                            ("options", dict, "a mapping of the architecture's options")):
+        if request.get(key) is not None and not isinstance(request[key], kind):
+            raise ConfigError(key, request[key], what)
     if action == "add":
         arch = request.get("arch") or config.model.arch
         used = {int(n[len("peer"):]) for n in [*names, *(c["peer"] for c in loop.get("changes", []))]}
@@ -132,6 +136,8 @@ def requested_config(config, request: dict, loop: dict):
             entry["options"] = dict(request.get("options") or {})
         data["peers"] = [*data["peers"], entry]
     elif action == "remove":
+        if isinstance(request.get("peer"), bool) or not isinstance(request.get("peer"), int):
+            raise ConfigError("--peer", request.get("peer"), "a peer's number K (peerK)")
         name = f"peer{request.get('peer')}"
         if name not in names:
             raise ConfigError("--peer", request.get("peer"), f"not a peer of the run (its peers: {', '.join(names)})")

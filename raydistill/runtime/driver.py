@@ -22,7 +22,7 @@ from raydistill.errors import ConfigError, user_error
 from raydistill.runtime import placement, session
 from raydistill.runtime.actors import CoordinatorActor, WorkerActor
 from raydistill.runtime.collective import CollectiveError
-from raydistill.runtime.loop import Console, WorkerLost
+from raydistill.runtime.loop import Console, WorkerGivenUp, WorkerLost
 
 GROUP_TRANSPORTS = ("collective", "codistill")   # the workers form a group and run whole calls of steps
 PLACEMENT_TIMEOUT_S = 60.0
@@ -228,11 +228,11 @@ class RayWorkers:
         self._get_all([w.join_group.remote(rank, len(self.workers), address, port, timeout, one_node)
                        for rank, w in enumerate(self.workers)], timeout + 30.0)
 
-    def leave_group(self) -> None:
+    def leave_group(self, timeout: float = 30.0) -> None:
         if self.transport not in GROUP_TRANSPORTS or len(self.workers) < 2:
             return
         refs = [w.leave_group.remote() for w in self.workers]
-        ray.wait(refs, num_returns=len(refs), timeout=30.0)
+        ray.wait(refs, num_returns=len(refs), timeout=timeout)
         for ref in refs:
             try:
                 ray.get(ref, timeout=0)
@@ -317,7 +317,8 @@ class RayWorkers:
         self.form_group()
 
     def wait_ready(self, timeout: float) -> None:
-        """Waits until every actor answers again, or raises TimeoutError."""
+        """Waits until every actor answers again; raises WorkerGivenUp at once for an actor Ray will not restart (its
+        max_restarts spent), TimeoutError when one does not come back within ``timeout`` (no room for its bundle)."""
         deadline = time.monotonic() + timeout
         names = [f"worker{i}" for i in range(len(self.workers))] + (["coordinator"] if self.coordinator else [])
         for name, actor in zip(names, self._actors()):
@@ -331,7 +332,12 @@ class RayWorkers:
                     break
                 except ray.exceptions.GetTimeoutError:
                     continue
-                except LOST:                # still restarting, or past max_restarts: the deadline decides
+                except LOST:                # restarting (it answers soon), or dead for good
+                    if _given_up(actor):
+                        limit = self.config.resources.max_restarts
+                        raise WorkerGivenUp(f"{name} died and Ray will not restart it (Ray restarts each worker at "
+                                            f"most resources.max_restarts={limit} time{'s' if limit != 1 else ''})"
+                                            ) from None
                     time.sleep(min(left, 0.5))
 
     def nodes(self) -> dict:
@@ -344,11 +350,24 @@ class RayWorkers:
                 "workers": list(self._nodes)}
 
     def shutdown(self) -> None:
+        if self.workers:
+            self.leave_group(timeout=5.0)       # the group's shared-memory folder goes with it
         for actor in self._actors():
             ray.kill(actor, no_restart=True)
         if self.owns_group and getattr(self, "group", None) is not None:
             remove_placement_group(self.group)
             self.group = None                   # shut down once (a peer-set change, then the run's end)
+
+
+def _given_up(actor) -> bool:
+    """Whether Ray has given an actor up for good (dead, no restart left), as the GCS says."""
+    from ray._private import state
+
+    try:
+        info = state.actors(actor_id=actor._actor_id.hex())
+    except Exception:  # noqa: BLE001 — the GCS unreachable: not known to be given up; the deadline decides
+        return False
+    return bool(info) and info.get("State") == "DEAD"
 
 
 def _merge(reports: list[CallReport]) -> CallReport:

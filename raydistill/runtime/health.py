@@ -66,20 +66,16 @@ class HealthWatch:
         value = (record["val"] or {}).get("consistency", math.nan)
         return not value <= bound
 
-    def streak(self, history: list[dict]) -> int:
-        """The number of unhealthy epochs at the end of the history."""
-        count = 0
-        for record in reversed(history):
-            if not self.unhealthy(record):
-                break
-            count += 1
-        return count
+    def streak(self, streak: int, record: dict) -> int:
+        """The number of unhealthy epochs in a row once ``record`` (the newest epoch) joins a run that ended with
+        ``streak`` of them."""
+        return streak + 1 if self.unhealthy(record) else 0
 
     def target(self, state, checkpoints: list[int]) -> int | None:
         """The rollback target among the epoch checkpoints on disk: the newest written before the unhealthy stretch
         at the end of the history began, and not before the previous rollback's target. None: none is kept."""
         floor = state.rollbacks[-1]["back_to"] if state.rollbacks else 0
-        start = max(len(state.history) - self.streak(state.history), floor)
+        start = max(state.epochs_completed - state.streak, floor)
         good = [k for k in checkpoints if k <= start]
         return max(good) if good else None
 
@@ -89,13 +85,13 @@ class HealthWatch:
 
     # ---- decisions ---------------------------------------------------------------------------------------------
     def after_epoch(self, state, checkpoints: list[int]) -> Decision:
-        """After an epoch is recorded (its record is the last of ``state.history``)."""
+        """After an epoch is recorded (its record is ``state.last``, ``state.streak`` counts it)."""
         if self.health is None or self.health.max_consistency is None:
             return CONTINUE
-        streak = self.streak(state.history)
+        streak = state.streak
         if streak < self.health.patience:
             return CONTINUE
-        record = state.history[-1]
+        record = state.last
         last, first = record["epoch"] + 1, record["epoch"] + 2 - streak
         epochs = f"epoch {last}" if streak == 1 else f"epochs {first}-{last}"
         reason = (f"validation consistency {record['val'].get('consistency', math.nan):.4g} above "

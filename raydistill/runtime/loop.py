@@ -29,7 +29,9 @@ from raydistill.engine.checkpoint import (checkpoint_epoch, checkpoint_path, dis
 from raydistill.engine.recorder import Recorder
 from raydistill.engine.storage import mirror
 from raydistill.engine.worker import CallReport
-from raydistill.errors import ConfigError, Terminated
+from raydistill.engine.peer import check_trainable
+from raydistill.errors import ConfigError, Terminated, one_line
+from raydistill.files import DiskFull
 from raydistill.methods import build_method
 from raydistill.runtime import control
 from raydistill.runtime.health import Action, Decision, HealthWatch, replay_of
@@ -42,6 +44,10 @@ class TrainingError(RuntimeError):
 
 class WorkerLost(RuntimeError):
     """A worker or the coordinator died (its process or its node), or the group broke; the runtime recovers."""
+
+
+class WorkerGivenUp(RuntimeError):
+    """Ray will not restart a lost worker: it has been restarted resources.max_restarts times already."""
 
 
 _INTERRUPTED: list[int] = []                 # the signals received during the run, in order
@@ -75,6 +81,13 @@ def interrupts_kept():
         _INTERRUPTED.clear()
 
 
+def interrupts_kept_again() -> None:
+    """Inside ``interrupts_kept``: its handlers again, after something replaced them (``ray.init`` installs a SIGTERM
+    handler of its own that ends the process without a word)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is _on_interrupt:
+        signal.signal(signal.SIGTERM, _on_interrupt)
+
+
 def check_interrupted() -> None:
     if _INTERRUPTED:
         raise _interruption(_INTERRUPTED[0])
@@ -92,6 +105,21 @@ class Unhealthy(Exception):
 class RunResult:
     run_dir: Path
     summary: dict
+
+
+@dataclass
+class PeerChange:
+    """A change of the peer set on trial: what it replaced (config, the workers' state, the loop state at the epoch
+    boundary), the requests that asked for it, and what it made."""
+    config: object
+    workers: dict
+    loop: LoopState
+    requests: list                                       # (taken request path, request)
+    message: str = ""
+    retired: dict = field(default_factory=dict)
+    epoch: int = 0
+    new_workers: dict = field(default_factory=dict)
+    new_loop: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -144,12 +172,13 @@ class Run:
         self.health = HealthWatch(config.train.health)
         self.state = LoopState()
         self.position = (0, 0)                 # (epoch, step) the workers reach with the current call
+        self.trial: PeerChange | None = None   # a peer-set change on trial: until the new set trains an epoch
 
     # ---- the epoch loop --------------------------------------------------------------------------------------------
     def train(self, resume_state: dict | None = None, stop_after_epoch: int | None = None) -> RunResult:
         start = time.perf_counter()
         if resume_state is not None:
-            self.state = LoopState.from_dict(resume_state["loop"])
+            self.state = LoopState.from_dict(resume_state["loop"], self.observe)
         first = self.state.epochs_completed
         recorder = self.recorder = Recorder(self.run_dir, resume_epoch=first if resume_state is not None else None)
         epochs = self.config.train.epochs
@@ -159,6 +188,7 @@ class Run:
         self.save_start()
         epoch = first
         control.mark_running(self.run_dir)
+        disk_full = False
         try:
             while epoch < epochs:
                 last = epoch + 1 == epochs or (stop_after_epoch is not None and epoch + 1 >= stop_after_epoch)
@@ -172,22 +202,29 @@ class Run:
                     epoch = self.recover(lost)
                     continue
                 except Unhealthy as unhealthy:
-                    epoch = self.carry_out(unhealthy.decision)
+                    epoch = (self.undo_change(unhealthy.decision.reason) if self.trial is not None
+                             else self.carry_out(unhealthy.decision))
+                    continue
+                except Exception as err:
+                    if self.trial is None:
+                        raise
+                    epoch = self.undo_change(one_line(err))   # a new peer set that cannot train
                     continue
                 train = [figures.peers[i].means() for i in range(self.config.num_peers)]
                 samples = self.steps * self.config.train.batch_size
-                previous = self.state.history[-1] if self.state.history else None
-                record = self.reports.epoch_record(epoch, train, evaluation, seconds, samples, previous,
+                record = self.reports.epoch_record(epoch, train, evaluation, seconds, samples, self.state.last,
                                                    replay_of(self.state.rollbacks, epoch), len(self.state.rollbacks))
-                self.state.history.append(record)
+                self.observe(self.state, record)
                 self.state.epochs_completed = epoch + 1
                 self.state.wall_s = wall_before + time.perf_counter() - start
                 recorder.log_epoch(epoch + 1, *self.reports.rows_and_scalars(record))
                 self.console.line(self.reports.epoch_line(record))
                 decision = self.health.after_epoch(self.state, self.checkpoint_epochs())
                 if decision.action is not Action.CONTINUE:     # the epoch's checkpoint is not written
-                    epoch = self.carry_out(decision)
+                    epoch = self.undo_change(decision.reason) if self.trial is not None else self.carry_out(decision)
                     continue
+                if self.trial is not None:
+                    self.confirm_change()
                 checkpoint = None
                 if due:
                     checkpoint = self.save(epoch + 1, worker_state)
@@ -207,18 +244,34 @@ class Run:
             exported = self.export_states() if self.state.epochs_completed == epochs else None
             summary = self.reports.summary(self.state, self.runtime, self.workers.transport, self.workers.nodes())
             if exported is not None:                     # the summary counts a worker lost during the export
-                summary["deploy"] = self.reports.deploy(self.state.history)
+                summary["deploy"] = self.reports.deploy(self.state.last)
                 removed = [c["peer"] for c in self.state.changes if c["action"] == "remove"]
                 exported = {**elastic.load_retired(self.run_dir, removed), **exported}
                 self.reports.write_export(self.run_dir, exported, summary["deploy"])
             recorder.write_summary(summary)
+        except DiskFull as full:
+            disk_full = True
+            raise TrainingError(f"{full.strerror}; the run stopped: {self.kept()} once there is room") from None
         finally:
             control.clear_running(self.run_dir)
+            if self.trial is not None:                   # the checkpoints hold the peer set before the change
+                for taken, request in self.trial.requests:
+                    control.answer(taken, "refused", "refused: the run ended before the new peer set trained an "
+                                   "epoch; its checkpoints hold the peers before the change", request)
             self.refuse_requests("the run has ended")
-            recorder.close()
+            try:
+                recorder.close()
+            except DiskFull:
+                if not disk_full:                        # else the line above says it already
+                    raise
         self.mirror()
         self.console.line(self.reports.final_table(summary, self.run_dir))
         return RunResult(self.run_dir, summary)
+
+    def observe(self, state: LoopState, record: dict) -> None:
+        """An epoch's record joins the loop state: the reports' last and best figures, the health watch's streak."""
+        self.reports.observe(state, record)
+        state.streak = self.health.streak(state.streak, record)
 
     def export_states(self) -> dict:
         """The workers' deployable models; a worker lost at this point is recovered and asked again (the weights
@@ -275,10 +328,13 @@ class Run:
     def save(self, epochs_completed: int, worker_state: dict) -> Path:
         """The checkpoint after ``epochs_completed`` epochs, with the loop state; pruned to train.keep_checkpoints
         except the health watch's possible rollback targets."""
+        return self.save_state(epochs_completed, worker_state, self.state.to_dict())
+
+    def save_state(self, epochs_completed: int, worker_state: dict, loop: dict) -> Path:
         keep_from = None
         if self.health.rolls_back:
             keep_from = self.health.keep_from(self.state, [*self.checkpoint_epochs(), epochs_completed])
-        return save_checkpoint(self.run_dir, epochs_completed, {**worker_state, "loop": self.state.to_dict()},
+        return save_checkpoint(self.run_dir, epochs_completed, {**worker_state, "loop": loop},
                                self.config.train.keep_checkpoints, keep_from)
 
     def save_start(self) -> None:
@@ -293,7 +349,10 @@ class Run:
     # ---- elastic peers ------------------------------------------------------------------------------------------
     def carry_out_requests(self, epochs_completed: int, worker_state: dict | None) -> None:
         """The control requests written since the last epoch boundary (``raydistill peers add|remove``), oldest
-        first: each carried out (the peer set changed, the workers started again) or refused, and answered."""
+        first: each is checked and refused in one line, or joins the new peer set; the new set then replaces the
+        workers at once (``change_peers``) and is on trial until it has trained an epoch (``confirm_change``, or
+        ``undo_change`` if it fails): only then are the requests answered and a checkpoint written with it."""
+        config, accepted = self.config, []
         for path in control.pending(self.run_dir):
             claimed = control.take(path)
             if claimed is None:                                # withdrawn meanwhile
@@ -305,22 +364,32 @@ class Run:
                 if self.rebuild is None:
                     raise ConfigError("peers", self.config.num_peers, "this run's peers cannot change while it runs "
                                       "(a Tune trial's)")
-                config = control.requested_config(self.config, request, self.state.to_dict())
-                message = self.change_peers(config, epochs_completed, worker_state)
-            except WorkerLost as lost:
-                changed = self.config.peer_names == config.peer_names
-                control.answer(taken, "done" if changed else "refused",
-                               f"{'changed the peers' if changed else 'refused'}: a worker was lost ({lost}); "
-                               f"the run recovers{'' if changed else ', ask again'}", request)
-                raise
-            except ConfigError as err:
-                message = f"refused: {err}"
+                changed = control.requested_config(config, request, self.state.to_dict())
+                check_trainable(changed, self.spec, self.arrays, set(changed.peer_names) - set(config.peer_names))
+            except Exception as err:  # noqa: BLE001 — a request never ends the run: any fault is refused
+                message = f"refused: {err if isinstance(err, ConfigError) else one_line(err)}"
                 self.console.line(f"peers: {message}")
                 control.answer(taken, "refused", message, request)
                 continue
-            worker_state = None                                # the state now is the new peer set's
+            config = changed
+            accepted.append((taken, request))
+        if not accepted:
+            return
+        try:
+            self.change_peers(config, epochs_completed, worker_state, accepted)
+        except WorkerLost as lost:
+            changed = self.config.peer_names == config.peer_names
+            for taken, request in accepted:
+                control.answer(taken, "done" if changed else "refused",
+                               f"{'changed the peers' if changed else 'refused'}: a worker was lost ({lost}); "
+                               f"the run recovers{'' if changed else ', ask again'}", request)
+            self.trial = None
+            raise
+        except Exception as err:  # noqa: BLE001 — refused, the old peer set goes on (change_peers restored it)
+            message = f"refused: {err if isinstance(err, ConfigError) else one_line(err)}"
             self.console.line(f"peers: {message}")
-            control.answer(taken, "done", message, request)
+            for taken, request in accepted:
+                control.answer(taken, "refused", message, request)
 
     def refuse_requests(self, reason: str) -> None:
         for path in control.pending(self.run_dir):
@@ -328,37 +397,74 @@ class Run:
             if claimed is not None:
                 control.answer(claimed[0], "refused", f"refused: {reason}", claimed[1])
 
-    def change_peers(self, config, epochs_completed: int, worker_state: dict | None) -> str:
+    def change_peers(self, config, epochs_completed: int, worker_state: dict | None, requests: list) -> None:
         """Carries the run over to the peer set of ``config`` after ``epochs_completed`` epochs, as a resume with
         that set would (``elastic.change_peers`` on the same state): the workers (and their placement group) are
-        torn down and started again for the new set, the new state loaded, and the checkpoint of this epoch written
-        again with it, so that a resume goes on from the new set."""
+        torn down and started again for the new set and the new state loaded. The change is then on trial: nothing
+        on disk holds it until the new set has trained an epoch (``confirm_change``)."""
         state = {**(worker_state or self.workers.get_state()), "loop": self.state.to_dict()}
         new_state, retired, events = elastic.change_peers(self.config, config, state, self.spec, self.arrays)
         self.workers.check_room(config)                # a set the cluster cannot hold: refused, nothing stopped
+        before = PeerChange(self.config, {"peers": state["peers"], "coordinator": state["coordinator"]},
+                            copy.deepcopy(self.state), requests)
         self.workers.shutdown()
         try:
             self.workers = self.rebuild(config)
-        except ConfigError:                            # e.g. no room for the new set: the old one goes on
+        except Exception:                              # e.g. no room for the new set: the old one goes on
             self.workers = self.rebuild(self.config)
-            self.workers.set_state({"peers": state["peers"], "coordinator": state["coordinator"]})
+            self.workers.set_state(before.workers)
             raise
-        elastic.save_retired(self.run_dir, retired)
         workers_state = {"peers": new_state["peers"], "coordinator": new_state["coordinator"]}
-        config = elastic.consumed(config)
-        self.config = config
-        self.method = build_method(config)
-        self.reports = Reports(config, self.method, self.spec, self.reports.has_val)
-        self.state = LoopState.from_dict(new_state["loop"])
-        dump_config(config, self.run_dir / "config.yaml")
-        self.save(epochs_completed, workers_state)
+        self.set_peer_config(elastic.consumed(config))
+        self.state = LoopState.from_dict(new_state["loop"], self.observe)
         self.mark_rollback(epochs_completed, 0, workers_state, CallReport())   # a worker lost from here: this point
-        self.mirror()
         self.workers.set_state(workers_state)
         done = "; ".join(f"added {e['peer']} ({e['arch']}, init {e['init']})" if e["action"] == "add"
                          else f"removed {e['peer']}" for e in events)
-        return (f"{done} after epoch {epochs_completed}; peers now {', '.join(config.peer_names)} "
-                f"({self.workers.describe()})")
+        before.message = (f"{done} after epoch {epochs_completed}; peers now {', '.join(self.config.peer_names)} "
+                          f"({self.workers.describe()})")
+        before.retired, before.epoch, before.new_workers = retired, epochs_completed, workers_state
+        before.new_loop = self.state.to_dict()
+        self.trial = before
+        self.console.line(f"peers: {before.message}")
+
+    def set_peer_config(self, config) -> None:
+        self.config = config
+        self.method = build_method(config)
+        self.reports = Reports(config, self.method, self.spec, self.reports.has_val)
+
+    def confirm_change(self) -> None:
+        """The new peer set has trained an epoch: the change is kept. The checkpoint of the epoch it was made after
+        is written again with the new set (a resume goes on from it), with its config.yaml; the requests are
+        answered."""
+        trial, self.trial = self.trial, None
+        elastic.save_retired(self.run_dir, trial.retired)
+        dump_config(self.config, self.run_dir / "config.yaml")
+        self.save_state(trial.epoch, trial.new_workers, trial.new_loop)
+        for taken, request in trial.requests:
+            control.answer(taken, "done", trial.message, request)
+
+    def undo_change(self, reason: str) -> int:
+        """The new peer set failed in its first epoch: the workers of the set before the change are started again
+        from its state, the records of the failed epoch dropped, and the requests refused. Returns the epoch to
+        continue from (the one the change was made before)."""
+        trial, self.trial = self.trial, None
+        self.workers.shutdown()
+        self.workers = self.rebuild(trial.config)
+        self.set_peer_config(trial.config)
+        if self.state.epochs_completed > trial.epoch:
+            self.recorder.rewind(trial.epoch)
+        restarts, steps_redone = self.state.restarts, self.state.steps_redone
+        self.state = trial.loop
+        self.state.restarts, self.state.steps_redone = restarts, steps_redone
+        self.workers.set_state(trial.workers)
+        self.mark_rollback(trial.epoch, 0, trial.workers, CallReport())
+        message = (f"refused: the new peer set failed in its first epoch ({reason}); the run goes on with peers "
+                   f"{', '.join(self.config.peer_names)}")
+        self.console.line(f"peers: {message}")
+        for taken, request in trial.requests:
+            control.answer(taken, "refused", message, request)
+        return trial.epoch
 
     # ---- failures ----------------------------------------------------------------------------------------------
     def mark_rollback(self, epoch: int, step: int, worker_state: dict, figures: CallReport) -> None:
@@ -379,20 +485,19 @@ class Run:
                 self.restart(lost)
 
     def restart(self, lost: WorkerLost) -> None:
-        """Counts a lost worker against the restart budget, waits for Ray to restart it (on this node or a
-        replacement) and forms the group again; a worker lost again meanwhile is counted and waited for too."""
-        limit = self.config.resources.max_restarts
+        """Waits for Ray to restart a lost worker (on this node or a replacement) and forms the group again; a worker
+        lost again meanwhile is waited for too. The budget is Ray's: each worker (and the object-store coordinator)
+        may be restarted ``resources.max_restarts`` times; once Ray gives one up, the run stops at once."""
         wait = self.config.resources.node_wait_s
         while True:
             self.state.restarts += 1
-            if self.state.restarts > limit * max(1, self.config.num_peers + 2):
-                raise TrainingError(f"lost a worker ({lost}) after {self.state.restarts - 1} restarts, more than "
-                                    f"resources.max_restarts={limit} allows; the run stopped: {self.kept()}")
             self.console.line(f"lost a worker at epoch {self.position[0] + 1} step {self.position[1]} ({lost}); "
                               f"waiting up to {wait:.0f}s for it to come back")
             try:
                 self.workers.recover(wait)
                 return
+            except WorkerGivenUp as err:
+                raise TrainingError(f"lost a worker: {err}; the run stopped: {self.kept()}") from None
             except TimeoutError as err:
                 raise TrainingError(f"{err}; add capacity, then: {self.kept()}") from None
             except WorkerLost as again:
@@ -446,10 +551,9 @@ class Run:
         if self.config.train.health is None:            # the stop a non-finite loss has always been
             return TrainingError(f"{decision.reason}; the run stopped. Lower train.lr or method.temperature: "
                                  f"{self.kept()}, e.g. with --set train.lr=...")
-        if self.state.history:
-            summary = self.reports.summary(self.state, self.runtime, self.workers.transport, self.workers.nodes())
-            summary["stopped"] = {"rule": decision.rule, "reason": decision.reason, "epoch": decision.epoch}
-            self.recorder.write_summary(summary)
+        summary = self.reports.summary(self.state, self.runtime, self.workers.transport, self.workers.nodes())
+        summary["stopped"] = {"rule": decision.rule, "reason": decision.reason, "epoch": decision.epoch}
+        self.recorder.write_summary(summary)          # also when no epoch has ended yet
         return TrainingError(f"train.health ({decision.rule}): {decision.reason}; the run stopped: {self.kept()}")
 
     def roll_back(self, decision: Decision) -> int:
@@ -491,4 +595,4 @@ class Run:
             raise TrainingError(f"train.health: the rollback target epoch_{epoch:04d} holds another peer set "
                                 f"({', '.join(state['loop']['peers'])}); the run stopped: {self.kept()}")
         return RollbackPoint(epoch, 0, {"peers": state["peers"], "coordinator": state["coordinator"]},
-                             loop=LoopState.from_dict(state["loop"]))
+                             loop=LoopState.from_dict(state["loop"], self.observe))

@@ -27,9 +27,13 @@ from raydistill.engine.manifest import write_export
 
 @dataclass
 class LoopState:
-    """The loop's state: what a checkpoint's loop.json holds."""
+    """The loop's state: what a checkpoint's loop.json holds. Its size does not grow with the epochs: instead of every
+    epoch's record it keeps the last record and, per model, its last and best epochs' figures (``Reports.observe``);
+    every epoch's figures are in metrics.parquet and TensorBoard."""
     epochs_completed: int = 0
-    history: list = field(default_factory=list)       # one epoch record per completed epoch (epoch_record)
+    last: dict | None = None                           # the last epoch's record (epoch_record)
+    models: dict = field(default_factory=dict)         # model name -> {"last": entry, "best": entry} (model_entry)
+    streak: int = 0                                    # unhealthy epochs in a row at the end (train.health)
     train_s: float = 0.0
     samples: int = 0
     wall_s: float = 0.0
@@ -43,8 +47,14 @@ class LoopState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LoopState":
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+    def from_dict(cls, data: dict, observe=None) -> "LoopState":
+        """A checkpoint's loop state; one written before the compact state (its ``history``: every epoch's record)
+        is folded into it record by record with ``observe(state, record)`` (the loop's)."""
+        state = cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        if data.get("history") and observe is not None and state.last is None:
+            for record in data["history"]:
+                observe(state, record)
+        return state
 
 
 @dataclass(frozen=True)
@@ -80,15 +90,6 @@ def record_peers(record: dict) -> list[str]:
     return record.get("peers") or [f"peer{i}" for i in range(len(record["train"]))]
 
 
-def place_in(record: dict, kind: str, key) -> int | None:
-    """Where a model sits in an epoch record: a peer or EMA teacher by its peer's name (None where it did not
-    train that epoch), a teacher by its index, the ensemble at 0."""
-    if kind not in ("peer", "ema_teacher"):
-        return key
-    names = record_peers(record)
-    return names.index(key) if key in names else None
-
-
 class Reports:
     def __init__(self, config, method, spec, has_val: bool):
         self.config = config
@@ -114,26 +115,30 @@ class Reports:
     def better(self, a: float, b: float) -> bool:
         return a > b if self.mode == "max" else a < b
 
-    def best_epoch(self, history: list, kind: str, key) -> int | None:
-        """The history index of a model's best epoch by validation (key: a peer's name, else the index); None
-        without a validation split."""
-        if not self.has_val:
-            return None
-        best, trained = None, None
-        for e, record in enumerate(history):
-            place = place_in(record, kind, key)
-            if place is None:
+    def observe(self, state: LoopState, record: dict) -> None:
+        """An epoch's record joins the loop state: the last record, and each model's last and best epochs (by
+        validation; the earliest of equal scores; with no valid score yet, its last epoch; none without a
+        validation split)."""
+        state.last = record
+        for model in self.models():
+            entry = {"epoch": record["epoch"], "val": figures(record["val"], model.kind, model.index),
+                     "test": figures(record["test"], model.kind, model.index)}
+            kept = state.models.setdefault(model.name, {"last": None, "best": None})
+            kept["last"] = entry
+            if not self.has_val:
                 continue
-            trained = e
-            score = figures(record["val"], kind, place).get(self.metric, math.nan)
-            if not math.isnan(score) and (best is None or self.better(score, best[1])):
-                best = (e, score)
-        return best[0] if best is not None else trained
+            score = entry["val"].get(self.metric, math.nan)
+            best = kept["best"]
+            best_score = math.nan if best is None else best["val"].get(self.metric, math.nan)
+            if best is None or (not math.isnan(score) and (math.isnan(best_score) or self.better(score, best_score))):
+                kept["best"] = entry
+            elif math.isnan(best_score):               # no valid score yet: the latest epoch stands in
+                kept["best"] = entry
 
-    def deploy(self, history: list) -> dict:
+    def deploy(self, last: dict) -> dict:
         """Among the deploy candidates, the best last-epoch validation figure (the exported weights are the last
-        epoch's); with no validation split, the lowest last-epoch training loss of the candidates' peers."""
-        last = history[-1]
+        epoch's; last: the last epoch's record); with no validation split, the lowest last-epoch training loss of
+        the candidates' peers."""
         candidates = self.deploy_candidates()
         if self.has_val:
             scores = [figures(last["val"], kind, i).get(self.metric, math.nan) for kind, i in candidates]
@@ -225,37 +230,31 @@ class Reports:
         return report
 
     # ---- the summary -------------------------------------------------------------------------------------------
-    def model_summary(self, history: list, kind: str, key) -> dict:
-        """key: a peer's (or its EMA teacher's) peer name, else the index. "Last" is the model's last epoch: for a
-        peer removed from the run, the epoch it left after."""
-        best = self.best_epoch(history, kind, key)
+    def model_summary(self, state: LoopState, name: str) -> dict:
+        """A model's figures at its last epoch (for a peer removed from the run, the epoch it left after) and at its
+        best epoch by validation."""
+        kept = state.models.get(name) or {"last": None, "best": None}
+        last, best = kept["last"] or {"val": {}, "test": {}}, kept["best"]
         metric = self.metric
-        trained = [record for record in history if place_in(record, kind, key) is not None]
-        last = trained[-1] if trained else history[-1]
-
-        def at(record: dict, split: str):
-            return figures(record[split], kind, place_in(record, kind, key)).get(metric)
-
-        return {f"val_{metric}": at(last, "val"),
-                f"best_val_{metric}": None if best is None else at(history[best], "val"),
-                "best_epoch": None if best is None else history[best]["epoch"] + 1,
-                f"test_{metric}": at(last, "test"),
-                f"test_{metric}_at_best_epoch": None if best is None else at(history[best], "test")}
+        return {f"val_{metric}": (last["val"] or {}).get(metric),
+                f"best_val_{metric}": None if best is None else best["val"].get(metric),
+                "best_epoch": None if best is None else best["epoch"] + 1,
+                f"test_{metric}": (last["test"] or {}).get(metric),
+                f"test_{metric}_at_best_epoch": None if best is None else best["test"].get(metric)}
 
     def summary(self, state: LoopState, runtime: str, transport: str, nodes: dict) -> dict:
-        history = state.history
         current = [(i, name, p.arch, nodes["peers"][i], None)
                    for i, (name, p) in enumerate(zip(self.config.peer_names, self.config.peers))]
         removed = [(None, c["peer"], c["arch"], None, c["epoch"]) for c in state.changes if c["action"] == "remove"]
         peers = [{"index": i, "name": name, "arch": arch, "node": node,
                   **({"removed_at_epoch": gone} if gone is not None else {}),
-                  **self.model_summary(history, "peer", name)} for i, name, arch, node, gone in current + removed]
+                  **self.model_summary(state, name)} for i, name, arch, node, gone in current + removed]
         ema_teachers = [{"index": i, "name": f"{name}_ema", "arch": arch, "node": node,
                          **({"removed_at_epoch": gone} if gone is not None else {}),
-                         **self.model_summary(history, "ema_teacher", name)}
+                         **self.model_summary(state, f"{name}_ema")}
                         for i, name, arch, node, gone in current + removed] if self.method.uses_ema_teacher else []
         teachers = [{"index": j, "name": model_name("teacher", j), "arch": t.arch, "node": nodes["teachers"][j],
-                     **self.model_summary(history, "teacher", j)} for j, t in enumerate(self.config.teacher_list)]
+                     **self.model_summary(state, model_name("teacher", j))} for j, t in enumerate(self.config.teacher_list)]
         summary = {"name": self.config.name, "method": self.config.method.name, "dataset": self.config.data.name,
                    "task": self.config.task, "runtime": runtime, "transport": transport,
                    "epochs_completed": state.epochs_completed, "epochs": self.config.train.epochs,
@@ -263,8 +262,8 @@ class Reports:
                    "peers": peers, "ema_teachers": ema_teachers, "teachers": teachers,
                    "worker_nodes": nodes.get("workers", [])}
         if self.config.num_peers > 1:
-            summary.update({f"ensemble_{k}": v for k, v in self.model_summary(history, "ensemble", 0).items()})
-            last = history[-1]["val"] or history[-1]["test"]
+            summary.update({f"ensemble_{k}": v for k, v in self.model_summary(state, "ensemble").items()})
+            last = (state.last["val"] or state.last["test"]) if state.last is not None else {}
             summary["consistency"] = last.get("consistency")
         train_s = max(state.train_s, 1e-9)
         summary.update(wall_s=state.wall_s, train_samples_per_s=state.samples / train_s,

@@ -92,6 +92,28 @@ def _hold_ray_logs(verbose: bool) -> None:
                 handler.setLevel(logging.CRITICAL + 1)
 
 
+def raylet_errors_to_log() -> callable:
+    """The raylet's messages to the driver ("A worker died or was killed while executing a task...", one block per
+    lost worker) go to Ray's logger (ray.log) instead of the console, where a run prints its own line for each loss;
+    ``--verbose`` shows them. Returns the function that puts Ray's printer back."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+
+    def print_to_stdstream(data, ignore_prefix: bool):
+        if data.get("pid") != "raylet":
+            return original(data, ignore_prefix)
+        for line in data.get("lines", []):
+            _ray_logger().warning("(raylet) %s", line)
+
+    ray_worker.print_to_stdstream = print_to_stdstream
+
+    def restore():
+        ray_worker.print_to_stdstream = original
+
+    return restore
+
+
 def log_to(run_dir: Path) -> None:
     """From now on Ray's log records of this session go to RUN_DIR/ray.log (with what was held so far)."""
     buffer = _state.get("buffer")
