@@ -123,7 +123,9 @@ class Teacher:
                 outputs["logits"].append(self.model(self.data.view(idx, epoch, step, v, replay)).float())
             if self.hint is not None:
                 outputs["hint"].append(self.hint.value.float())
-        return {name: torch.stack(values) for name, values in outputs.items()}
+        # contiguous, as every exchange and the cache deliver them: a conv's channels_last map would otherwise
+        # reduce in another order in process than after a transport (attention maps differ in the last bit)
+        return {name: torch.stack(values).contiguous() for name, values in outputs.items()}
 
     def evaluate(self, split: str) -> np.ndarray:
         return self.data.predict(self.model, split)
