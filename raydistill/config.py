@@ -90,7 +90,8 @@ class MethodConfig:
     features: Union[dict, None] = None         # hint layers {student: layer2, teacher: layer2}; default: middle stage
     hint_weight: Union[float, None] = None     # fitnet: weight of MSE(adapter(f_student), f_teacher) (100)
     kd_weight: Union[float, None] = None       # fitnet one-stage: weight of KD beside the hint (0)
-    at_weight: Union[float, None] = None       # fitnet: weight of attention transfer on the hint pair (0)
+    at_weight: Union[float, None] = None       # fitnet: weight of attention transfer, summed over its pairs (0)
+    at_form: Union[str, None] = None           # fitnet: code (the authors' released at_loss, default) | paper
     hint_epochs: Union[int, None] = None       # fitnet two-stage: epochs of hints alone before KD (0: one-stage)
     feature_weight: Union[float, None] = None  # dml / kdcl: weight of peer feature alignment (0: off)
     peer_weighting: Union[str, None] = None    # dml: uniform | performance (weights from the peers' val loss)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import raydistill
 from raydistill.config import load_config
+from raydistill.distill.features import attention_transfer_loss
 from raydistill.engine.checkpoint import latest_checkpoint, load_checkpoint
 from raydistill.engine.coordinator import Coordinator
 from raydistill.engine.data import load_run_data
@@ -100,7 +101,8 @@ def _fitnet_resolved(**keys):
     """A resolved fitnet config without a teacher checkpoint (the method's pure functions need none)."""
     config = load_config(tiny_dml(**{"method.name": "dml", "train.epochs": 4}))
     method_config = dataclasses.replace(config.method, name="fitnet", temperature=4.0, alpha=1.0, ce_weight=1.0,
-                                        hint_weight=100.0, kd_weight=0.0, at_weight=0.0, hint_epochs=0, features={})
+                                        hint_weight=100.0, kd_weight=0.0, at_weight=0.0, at_form="code",
+                                        hint_epochs=0, features={})
     for key, value in keys.items():
         setattr(method_config, key, value)
     return dataclasses.replace(config, method=method_config)
@@ -135,6 +137,110 @@ def test_fitnet_one_stage_with_attention_transfer_runs_heterogeneous(teacher_run
     metrics = pd.read_parquet(result.run_dir / "metrics.parquet").query("model == 'peer0'").iloc[0]
     assert metrics["hint_weight"] == 100.0 and metrics["train_hint"] > 0 and metrics["train_at"] > 0
     assert result.summary["teachers"][0]["arch"] == "cnn_small"
+
+
+def test_attention_transfer_sums_its_layer_pairs_and_averages_the_teachers_by_hand():
+    """AT = (1/M) sum_j sum_k at_loss(f_s^k, f_t^jk), at_weight 1000 on it; without pairs it is the hint pair's."""
+    torch.manual_seed(0)
+    logits, teacher_logits, labels = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    student_maps = [torch.randn(4, 3, 8, 8), torch.randn(4, 5, 4, 4), torch.randn(4, 7, 2, 2)]
+    teachers_maps = [[torch.randn(4, 6, 8, 8), torch.randn(4, 2, 8, 8), torch.randn(4, 4, 4, 4)] for _ in range(2)]
+    hint, teacher_hint = torch.randn(4, 6), torch.randn(4, 6)
+    outputs = {"logits": logits, "hint": hint, "adapted_hint": [hint, hint], "attention": student_maps}
+    targets = {"teacher_logits": teacher_logits, "teacher_hint": [teacher_hint, teacher_hint],
+               "teacher_attention": teachers_maps}
+    method = build_method(_fitnet_resolved(at_weight=1000.0, hint_weight=0.0,
+                                           features={"attention": ["layer1", "layer2", "layer3"]}))
+    loss, terms = method.loss(method.hyper(0), outputs, labels, targets)
+    sums = [sum(attention_transfer_loss(s, t, form="code") for s, t in zip(student_maps, maps))
+            for maps in teachers_maps]
+    assert terms["at"].item() == pytest.approx((sums[0] + sums[1]).item() / 2, rel=1e-6)
+    assert loss.item() == pytest.approx((F.cross_entropy(logits, labels) + 1000 * terms["at"]).item(), rel=1e-6)
+    paper = build_method(_fitnet_resolved(at_weight=1.0, at_form="paper", features={"attention": ["a", "b", "c"]}))
+    _, terms = paper.loss(paper.hyper(0), {**outputs, "adapted_hint": hint},
+                          labels, {**targets, "teacher_hint": teacher_hint, "teacher_attention": teachers_maps[:1]})
+    expected = sum(attention_transfer_loss(s, t, form="paper") for s, t in zip(student_maps, teachers_maps[0]))
+    assert terms["at"].item() == pytest.approx(expected.item(), rel=1e-6)
+    # no pairs named: one pair, the hint pair, exactly as a one-pair config always computed it
+    on_hints = build_method(_fitnet_resolved(at_weight=1000.0))
+    maps = {"logits": logits, "hint": student_maps[0], "adapted_hint": torch.randn(4, 6, 8, 8)}
+    _, terms = on_hints.loss(on_hints.hyper(0), maps, labels, {"teacher_logits": teacher_logits,
+                                                               "teacher_hint": teachers_maps[0][0]})
+    assert torch.equal(terms["at"], attention_transfer_loss(student_maps[0], teachers_maps[0][0]))
+    assert on_hints.outputs_needed("teacher") == ("logits", "hint")
+    assert method.outputs_needed("teacher") == ("logits", "hint", "attention0", "attention1", "attention2")
+
+
+def test_teacher_sends_and_peer_taps_each_attention_pair(teacher_run, tmp_path):
+    pairs = ["layer1", {"student": "layer2", "teacher": "layer3"}]
+    config, spec, arrays = engine(fitnet_config(teacher_run, **{
+        "peers": [{"arch": "resnet20", "options": {}}], "method.at_weight": 1000.0,
+        "method.features": {"attention": pairs}, "teacher.cache": str(tmp_path / "cache")}))
+    teacher = Teacher(0, config, arrays, spec)
+    outputs = teacher.live_forward(0, 1)
+    assert teacher.hint.attention_paths == ["net.layer1", "net.layer3"]
+    assert {name: tuple(v.shape) for name, v in outputs.items() if name.startswith("attention")} == \
+        {"attention0": (1, 128, 32, 8, 8), "attention1": (1, 128, 128, 8, 8)}
+    assert teacher.cache.key["attention_layers"] == ["net.layer1", "net.layer3"]   # another pair, another cache
+    np.testing.assert_array_equal(teacher.forward(0, 1)["attention1"], outputs["attention1"].numpy())
+    peer = Peer(0, config, arrays, spec)
+    assert peer.hint.attention_paths == ["net.layer1", "net.layer2"]
+    peer.forward(0, 1)
+    _, _, logits, _, tapped = peer._pending
+    student = peer.student_outputs(logits, tapped)
+    assert [tuple(f.shape[1:]) for f in student["attention"]] == [(16, 8, 8), (32, 4, 4)]
+    method = build_method(config)
+    target = method.targets(method.hyper(0), [{}], [outputs], None)[0]
+    assert [tuple(f.shape) for f in target["teacher_attention"][0]] == [(128, 32, 8, 8), (128, 128, 8, 8)]
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"method.at_form": "norm"}, "method.at_form='norm': code (the authors' released at_loss"),
+    ({"method.at_weight": 0.0}, "method.features.attention=['layer1']: layer pairs of attention transfer: only with "
+                                "method.at_weight > 0"),
+    ({"method.features": {"attention": "layer1"}}, "method.features.attention='layer1': a list of layer pairs"),
+    ({"method.features": {"attention": []}}, "method.features.attention=[]: a list of layer pairs"),
+    ({"method.features": {"attention": [{"student": "layer1"}]}},
+     "method.features.attention.0={'student': 'layer1'}: a module path for both networks, or {student: PATH, "
+     "teacher: PATH or a list of one per teacher}"),
+    ({"method.features": {"attention": ["layer1", 3]}}, "method.features.attention.1=3: a module path"),
+    ({"method.hint_epochs": 2}, "method.at_weight=1000.0: 0 with method.hint_epochs > 0"),
+])
+def test_attention_transfer_config_is_refused_in_one_line(teacher_run, keys, message):
+    config = fitnet_config(teacher_run, **{"method.at_weight": 1000.0, "method.features": {"attention": ["layer1"]},
+                                           **keys})
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_attention_layers_are_found_and_must_be_maps(teacher_run):
+    """Before Ray starts, each teacher's layers (check_teachers); in the peer, the student's; the field named."""
+    from raydistill.engine.teacher import check_teachers
+
+    def built(pairs, **keys):
+        return engine(fitnet_config(teacher_run, **{"method.at_weight": 1000.0,
+                                                    "method.features": {"attention": pairs}, **keys}))
+
+    config, spec, arrays = built([{"student": "layer1", "teacher": "block9"}])
+    with pytest.raises(ConfigError, match=r"^method.features.attention.0.teacher='block9': a module path of"):
+        check_teachers(config, spec)
+    config, spec, arrays = built(["layer1", "layer9"], peers=[{"arch": "cnn_small", "options": {}}])
+    with pytest.raises(ConfigError, match=r"^method.features.attention.1='layer9': a module path of the model"):
+        Peer(0, config, arrays, spec)
+    config, spec, arrays = built([{"student": "fc", "teacher": "layer2"}], peers=[{"arch": "cnn_small",
+                                                                                  "options": {}}])
+    with pytest.raises(ConfigError, match=r"^method.features.attention.0.student='fc': a layer whose output is a "
+                                          r"feature map \[C, H, W\] .*net.fc gives \(10,\)"):
+        Peer(0, config, arrays, spec)
+    config, spec, arrays = built([{"student": "layer1", "teacher": ["layer1", "layer2"]}])
+    with pytest.raises(ConfigError, match=r"^method.features.attention.0.teacher=\['layer1', 'layer2'\]: one module "
+                                          r"path for every teacher, or a list of 1"):
+        check_teachers(config, spec)
+    dml = load_config(tiny_dml(**{"method.feature_weight": 0.5, "method.features": {"attention": ["layer1"]}}))
+    _, spec, arrays = engine(tiny_dml())
+    with pytest.raises(ConfigError, match=r"^method.features.attention=\['layer1'\]: .*only with method.at_weight"):
+        Peer(0, dml, arrays, spec)
 
 
 # ---- regression ----------------------------------------------------------------------------------------------------

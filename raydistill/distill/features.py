@@ -13,10 +13,13 @@ def hint_loss(adapted_student: torch.Tensor, teacher_features: torch.Tensor) -> 
     """FitNet's hint (Romero et al. 2015, "FitNets: Hints for Thin Deep Nets"):
     MSE(r(f_s), f_t) = mean over batch and elements of (r(f_s) - f_t)^2, r the student's adapter, f_t detached.
 
-    The paper writes 1/2 ||.||^2 summed per sample; the mean (RepDistiller's HintLoss) keeps hint_weight independent
-    of the feature size.
+    The paper writes 1/2 ||.||^2 summed per sample; the mean (RepDistiller's HintLoss, mdistiller's FitNet) keeps
+    hint_weight independent of the feature size: their weight 100 carries over, the paper's scale is C*H*W/2.
     """
     return mse_to_target(adapted_student, teacher_features)
+
+
+AT_FORMS = ("code", "paper")
 
 
 def attention_map(features: torch.Tensor, p: float = 2.0, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -37,16 +40,40 @@ def attention_map(features: torch.Tensor, p: float = 2.0, size: tuple[int, int] 
     return F.normalize(q.flatten(1), p=2, dim=1)
 
 
-def attention_transfer_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
-                            p: float = 2.0) -> torch.Tensor:
-    """Attention transfer (Zagoruyko & Komodakis 2017): mean over the batch of || a_s - a_t ||_2, a = attention_map
-    (p = 2), the student's map brought to the teacher's spatial size; the teacher's map is detached.
+def pooled_to_smaller(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two maps [B, C, H, W] at one spatial size: the larger one average-pooled (adaptive) to the smaller's, before
+    any attention map is taken (RepDistiller's and mdistiller's AT: they pool to (H, H), the same for square maps)."""
+    size = (min(student.shape[-2], teacher.shape[-2]), min(student.shape[-1], teacher.shape[-1]))
+    if tuple(student.shape[-2:]) != size:
+        student = F.adaptive_avg_pool2d(student, size)
+    if tuple(teacher.shape[-2:]) != size:
+        teacher = F.adaptive_avg_pool2d(teacher, size)
+    return student, teacher
 
-    The paper weights the term by beta/2 (beta = 1000 spread over the attention pairs); that weight is the caller's.
+
+def attention_transfer_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, p: float = 2.0,
+                            form: str = "code") -> torch.Tensor:
+    """Attention transfer (Zagoruyko & Komodakis 2017) on one pair of feature maps [B, C, H, W]; the channel counts
+    may differ, the teacher's map is detached; a = attention_map (p = 2; the codes below take f^p, not |f|^p: the
+    same at p = 2).
+
+    ``form="code"`` (the authors' released code, szagoruyko/attention-transfer ``utils.at_loss``; RepDistiller's
+    ``Attention``; mdistiller's ``at_loss``): the mean over the batch AND the H*W positions of (a_s - a_t)^2, that is
+    (1/(B*H*W)) sum_b ||a_s - a_t||_2^2, after the larger of the two maps is average-pooled to the smaller's size.
+    Those codes weight the sum of this term over the layer pairs by beta = 1000: at_weight 1000 reproduces them.
+
+    ``form="paper"`` (Eq. 2 as written): the mean over the batch of ||a_s - a_t||_2 (not squared), the student's
+    attention map resized to the teacher's spatial size. The norm, not its square, and not divided by H*W: another
+    function of the maps, which no weight turns into the authors' computation (docs/features.md).
     """
-    target = attention_map(teacher_features.detach(), p)
-    student = attention_map(student_features, p, size=tuple(teacher_features.shape[-2:]))
-    return (student - target).norm(p=2, dim=1).mean()
+    teacher = teacher_features.detach()
+    if form == "code":
+        student, teacher = pooled_to_smaller(student_features, teacher)
+        return (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean()
+    if form == "paper":
+        student = attention_map(student_features, p, size=tuple(teacher.shape[-2:]))
+        return (student - attention_map(teacher, p)).norm(p=2, dim=1).mean()
+    raise ValueError(f"attention transfer form {form!r}: one of {', '.join(AT_FORMS)}")
 
 
 def peer_alignment_loss(adapted: list[torch.Tensor], peer_features: list[torch.Tensor]) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from raydistill.data.views import device_batch_indices, make_view, num_steps, to_device, to_float
 from raydistill.errors import ConfigError
-from raydistill.engine.hints import Hint, feature_paths, student_adapters, teacher_adapter_names
+from raydistill.engine.hints import student_adapters, student_hint, teacher_adapter_names
 from raydistill.engine.optim import learning_rate, make_optimizer
 from raydistill.engine.self_teacher import cpu_state, make_self_teacher
 from raydistill.methods import build_method
@@ -166,8 +166,7 @@ class Peer:
         self.adapters = torch.nn.ModuleDict()
         self.teacher_adapters = []          # the names of its adapters toward the teachers, in teacher order
         if self.method.uses_hint:
-            paths = feature_paths(config.method)
-            self.hint = Hint(self.model, paths.get("student"), "method.features.student", spec)
+            self.hint = student_hint(self.model, config, spec)
             self.adapters = student_adapters(config, spec, index, self.hint.shape,
                                              self.method.feature_target).to(self.device)
             if self.method.feature_target == "teacher":
@@ -218,12 +217,12 @@ class Peer:
 
     def forward_outputs(self, epoch: int, step: int, idx, x, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """Keeps the forward's graph for learn() and returns what the peer sends (see ``forward``)."""
-        hint = self.hint.value if self.hint is not None else None
-        self._pending = (epoch, step, logits, self.data.y["train"][idx], hint)
+        tapped = (self.hint.value, self.hint.attention) if self.hint is not None else None
+        self._pending = (epoch, step, logits, self.data.y["train"][idx], tapped)
         outputs = {"logits": logits.detach().float()}
         needed = self.method.outputs_needed("peer")
         if "hint" in needed:
-            outputs["hint"] = hint.detach().float()
+            outputs["hint"] = tapped[0].detach().float()
         if self.taps is not None:
             outputs["features"] = self.taps.pooled().detach().float()
         teacher_logits = self.self_teacher.outputs(x)
@@ -237,12 +236,16 @@ class Peer:
         """Drops the graph of a forward that will not learn (benchmarks)."""
         self._pending = None
 
-    def student_outputs(self, logits: torch.Tensor, hint: torch.Tensor | None) -> dict:
-        """What the method's loss reads of the student: logits, and its hint with the adapters applied."""
+    def student_outputs(self, logits: torch.Tensor, tapped: tuple | None) -> dict:
+        """What the method's loss reads of the student: logits, and from ``tapped`` = (hint, attention maps) its hint
+        (with the adapters applied) and its attention-transfer maps."""
         outputs = {"logits": logits.float()}
-        if hint is None:
+        if tapped is None:
             return outputs
+        hint, attention = tapped
         outputs["hint"] = hint.float()
+        if attention:
+            outputs["attention"] = [features.float() for features in attention]
         if self.teacher_adapters:          # one tensor for one teacher, a list in teacher order for several
             adapted = [self.adapters[name](outputs["hint"]) for name in self.teacher_adapters]
             outputs["adapted_hint"] = adapted[0] if len(adapted) == 1 else adapted
@@ -274,7 +277,7 @@ class Peer:
     def loss(self, epoch: int, step: int, targets: dict) -> tuple[torch.Tensor, "StepFigures"]:
         """The step's loss against the coordinator's targets (arrays or tensors), with the step's learning rate set
         in the optimizer; and the step's figures."""
-        pending_epoch, pending_step, logits, labels, hint = self._pending
+        pending_epoch, pending_step, logits, labels, tapped = self._pending
         if (pending_epoch, pending_step) != (epoch, step):
             raise RuntimeError(f"peer {self.index}: learn({epoch}, {step}) after forward({pending_epoch}, {pending_step})")
         self._pending = None
@@ -286,7 +289,7 @@ class Peer:
         targets = {name: as_tensors(value, self.device) for name, value in targets.items()}
         targets.update(self.local_targets)
         self.local_targets = {}
-        loss, terms = self.method.loss(hyper, self.student_outputs(logits, hint), labels, targets)
+        loss, terms = self.method.loss(hyper, self.student_outputs(logits, tapped), labels, targets)
         figures = {name: value.detach().float() for name, value in terms.items()}
         if self.config.task == "classification":
             figures["acc"] = (logits.detach().argmax(1) == labels).float().mean()

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raydistill.engine.hints import Hint, teacher_hint_layers
+from raydistill.engine.hints import teacher_hint
 from raydistill.engine.manifest import deployed_entry, manifest_path, model_file, read_manifest
 from raydistill.engine.peer import DataView, autocast, pick_device
 from raydistill.engine.teacher_cache import CachedTeacher
 from raydistill.errors import ConfigError
 from raydistill.methods import build_method
+from raydistill.methods.fitnet import attention_output
 from raydistill.models import build_model
 
 
@@ -66,13 +67,11 @@ def check_teachers(config, spec) -> None:
     """Every teacher of a run, as its worker will build it: weights loaded from its checkpoint, its hint layer found
     where the method reads one. The driver calls it before Ray starts; the first problem is one ConfigError."""
     method = build_method(config)
-    layers = teacher_hint_layers(config.method, config.num_teachers) if "hint" in method.outputs_needed("teacher") \
-        else [None] * config.num_teachers
-    for j, (settings, layer) in enumerate(zip(config.teacher_list, layers)):
+    for j, settings in enumerate(config.teacher_list):
         model = build_model(settings.arch, spec, **settings.options)
         load_teacher_weights(model, settings.checkpoint, settings.arch, config.teacher_field(j))
-        if layer is not None:
-            Hint(model, *layer, spec)
+        if "hint" in method.outputs_needed("teacher"):
+            teacher_hint(model, config, j, spec)
 
 
 def cache_folder(config, index: int = 0) -> str | None:
@@ -102,8 +101,7 @@ class Teacher:
         self.model.to(self.device).eval()
         self.hint = None
         if "hint" in self.output_names:
-            layer, field = teacher_hint_layers(config.method, config.num_teachers)[index]
-            self.hint = Hint(self.model, layer, field, spec)
+            self.hint = teacher_hint(self.model, config, index, spec)
         folder = cache_folder(config, index)
         self.cache = CachedTeacher(self, Path(folder) / f"teacher{index}") if folder else None
 
@@ -123,7 +121,11 @@ class Teacher:
                 outputs["logits"].append(self.model(self.data.view(idx, epoch, step, v, replay)).float())
             if self.hint is not None:
                 outputs["hint"].append(self.hint.value.float())
-        return {name: torch.stack(values) for name, values in outputs.items()}
+                for k, features in enumerate(self.hint.attention):
+                    outputs[attention_output(k)].append(features.float())
+        # contiguous, as every exchange and the cache deliver them: a conv's channels_last map would otherwise
+        # reduce in another order in process than after a transport (attention maps differ in the last bit)
+        return {name: torch.stack(values).contiguous() for name, values in outputs.items()}
 
     def evaluate(self, split: str) -> np.ndarray:
         return self.data.predict(self.model, split)

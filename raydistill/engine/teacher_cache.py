@@ -41,7 +41,15 @@ def cache_key(teacher) -> dict:
             "crop_pad": config.data.crop_pad, "flip": config.data.flip, "pad_mode": config.data.pad_mode,
             "views": list(teacher.views),
             "outputs": list(getattr(teacher, "output_names", ["logits"])),
-            "hint_layer": teacher.hint.path if getattr(teacher, "hint", None) is not None else None}
+            "hint_layer": teacher.hint.path if getattr(teacher, "hint", None) is not None else None,
+            **attention_key(teacher)}
+
+
+def attention_key(teacher) -> dict:
+    """The layers of a teacher's attention-transfer outputs, where it has some (a key without them stays as it was,
+    so the caches written before attention pairs existed stay valid)."""
+    paths = list(getattr(getattr(teacher, "hint", None), "attention_paths", []))
+    return {"attention_layers": paths} if paths else {}
 
 
 def write_epoch(path: Path, key: dict, steps: list[dict[str, np.ndarray]]) -> None:
