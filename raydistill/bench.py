@@ -66,9 +66,9 @@ def exchange_ms(workers, steps: int) -> float:
     """ms per step of the exchange (and targets) alone."""
     import ray
 
-    if workers.transport == "inprocess":
+    if workers.transport_name == "inprocess":
         return workers.worker.exchange_only(0, steps) / steps * 1000
-    if workers.transport.startswith("collective"):
+    if workers.transport_name.startswith("collective"):
         return max(ray.get([w.exchange_only.remote(0, steps) for w in workers.workers], timeout=600)) / steps * 1000
     learners = [w for w, m in zip(workers.workers, workers.members) if m.peers]
     ray.get([w.cached_outputs.remote(0) for w in workers.workers], timeout=600)

@@ -23,7 +23,6 @@ from raydistill.files import write_text
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "dml-digits"
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-TRANSPORTS = ("auto", "collective", "object_store", "codistill")
 SCHEDULES = ("cosine", "step", "constant", "onecycle")
 ONECYCLE_DEFAULTS = {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4}   # torch OneCycleLR's
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -472,7 +471,6 @@ def validate(config: Config, defaults: dict) -> None:
     _check_teachers(config)
     _check_train(config)
     _check_resources(config)
-    _check_codistill(config)
     _check_peer_execution(config)
     _check_compile(config)
 
@@ -656,8 +654,9 @@ def _check_resources(config: Config) -> None:
     r = config.resources
     if r.strategy not in STRATEGIES:
         raise ConfigError("resources.strategy", r.strategy, f"one of: {', '.join(STRATEGIES)}")
-    if r.transport not in TRANSPORTS:
-        raise ConfigError("resources.transport", r.transport, f"one of: {', '.join(TRANSPORTS)}")
+    from raydistill.transports import check_transport
+
+    check_transport(config)                  # a known transport, and its own rules
     for name in ("gpus_per_peer", "gpus_per_teacher"):
         value = getattr(r, name)
         if value is not None and (not math.isfinite(value) or value < 0 or (value > 1 and value != int(value))):
@@ -671,40 +670,6 @@ def _check_resources(config: Config) -> None:
         raise ConfigError("resources.threads_per_peer", r.threads_per_peer, "must be >= 1")
     if r.peers_per_worker is not None and r.peers_per_worker < 1:
         raise ConfigError("resources.peers_per_worker", r.peers_per_worker, "must be >= 1, or null (auto)")
-
-
-CODISTILL_EVERY = 10      # method.codistill_every where resources.transport=codistill leaves it unset
-
-
-def _check_codistill(config: Config) -> None:
-    """Codistillation: the peers' weights travel every method.codistill_every steps and each worker computes the
-    other peers' outputs from its stale copies. Only outputs a copy can compute (logits, EMA-teacher logits)."""
-    m, codistill = config.method, config.resources.transport == "codistill"
-    if not codistill:
-        if m.codistill_every is not None:
-            raise ConfigError("method.codistill_every", m.codistill_every,
-                              "read only with resources.transport=codistill")
-        return
-    from raydistill.methods import methods_using
-
-    if m.name not in methods_using("codistill_every"):
-        raise ConfigError("resources.transport", "codistill",
-                          f"not for method {m.name}: codistillation exchanges the weights of peers that learn "
-                          f"from each other ({', '.join(methods_using('codistill_every'))})")
-    if m.codistill_every is None:
-        m.codistill_every = CODISTILL_EVERY
-    k = m.codistill_every
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError("method.codistill_every", k, "an integer >= 1 (steps between two exchanges of weights)")
-    if m.ensemble == "learned_head" or (m.feature_weight or 0) > 0:
-        field, value = (("method.ensemble", m.ensemble) if m.ensemble == "learned_head"
-                        else ("method.feature_weight", m.feature_weight))
-        raise ConfigError(field, value, "not with resources.transport=codistill: it needs the peers' features of "
-                          "every step; use an ensemble of logits or probabilities, feature_weight 0")
-    every = config.train.checkpoint_every_steps
-    if every is not None and every % k:
-        raise ConfigError("train.checkpoint_every_steps", every, f"a multiple of method.codistill_every ({k}) with "
-                          "resources.transport=codistill: a rollback point must be an exchange of weights")
 
 
 PEER_EXECUTIONS = ("loop", "stacked")
@@ -737,7 +702,7 @@ def _check_peer_execution(config: Config) -> None:
                           f"configured: {what}; use resources.peer_execution=loop")
     refusals = (("train.grad_clip", config.train.grad_clip, config.train.grad_clip is not None,
                  "null with resources.peer_execution=stacked (a stacked gradient has no per-peer norm here)"),
-                ("resources.transport", r.transport, r.transport == "codistill",
+                ("resources.transport", r.transport, _stale_copies(config),
                  "not codistill with resources.peer_execution=stacked (each worker keeps stale single copies)"))
     for field_name, value, refused, allowed in refusals:
         if refused:
@@ -760,7 +725,7 @@ def _check_compile(config: Config) -> None:
     if config.method.name == "self" and (config.method.generations or 1) >= 2:
         raise ConfigError("train.compile", t.compile, "none with born-again generations (method.generations >= 2): "
                           "a generation switch rebuilds the student, which a captured graph cannot follow")
-    if config.resources.transport == "codistill":
+    if _stale_copies(config):
         raise ConfigError("train.compile", t.compile, "none with resources.transport=codistill (the stale copies' "
                           "weights are reloaded between captures)")
     from raydistill.methods import build_method
@@ -769,6 +734,12 @@ def _check_compile(config: Config) -> None:
     if method.uses_hint or method.feature_taps():
         raise ConfigError("train.compile", t.compile, f"none for method {config.method.name} as configured: its "
                           "peers' hidden features are read by hooks, which a captured graph does not run")
+
+
+def _stale_copies(config: Config) -> bool:
+    from raydistill.transports import transport_of
+
+    return transport_of(config).stale_copies
 
 
 def check_data_fits(config: Config, num_train: int) -> None:

@@ -19,6 +19,7 @@ import torch
 from raydistill.engine.coordinator import Coordinator
 from raydistill.engine.peer import Peer, host_outputs
 from raydistill.engine.teacher import Teacher
+from raydistill.transports import transport_of
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ class Worker:
 
             self.stack = PeerStack(self.peers)
         self.codistill = None
-        if config.resources.transport == "codistill" and self.peers:
+        if transport_of(config).stale_copies and self.peers:
             from raydistill.engine.codistill import Codistillation
 
             self.codistill = Codistillation(config, spec, self.peers, self.coordinator)

@@ -22,9 +22,9 @@ from raydistill.errors import ConfigError, user_error
 from raydistill.runtime import placement, session
 from raydistill.runtime.actors import CoordinatorActor, WorkerActor
 from raydistill.runtime.collective import CollectiveError
+from raydistill.transports import transport_of
 from raydistill.runtime.loop import Console, WorkerGivenUp, WorkerLost
 
-GROUP_TRANSPORTS = ("collective", "codistill")   # the workers form a group and run whole calls of steps
 PLACEMENT_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 600.0          # workers import torch and build their models: minutes on a loaded small machine
 
@@ -69,8 +69,8 @@ class RayWorkers:
         self.generation = generation
         self.config = config
         self.console = console or Console(False)
-        self.transport = placement.resolve_transport(config)
-        self.layout = placement.layout(config, self.transport, driver_cpus)
+        self.transport = transport_of(config)
+        self.layout = placement.layout(config, driver_cpus)
         self.members = self.layout.members
         self.num_teachers = config.num_teachers
         self.owns_group = group is None
@@ -97,11 +97,15 @@ class RayWorkers:
         self.console.line(f"{len(self.workers)} workers ready in {time.perf_counter() - tic:.1f}s "
                           f"({self.describe()})")
 
+    @property
+    def transport_name(self) -> str:
+        return self.transport.name
+
     def describe(self) -> str:
         names = self.config.peer_names
         hosted = ", ".join("+".join([names[i] for i in m.peers] + [f"teacher{i}" for i in m.teachers])
                            for m in self.members)
-        return f"transport {self.transport}; workers: {hosted}"
+        return f"transport {self.transport.name}; workers: {hosted}"
 
     def _wait_placed(self) -> None:
         ready, _ = ray.wait([self.group.ready()], timeout=PLACEMENT_TIMEOUT_S)
@@ -117,7 +121,7 @@ class RayWorkers:
         # again from its constructor arguments, so they must stay in the object store.
         self.data_ref = ray.put(arrays)
         restartable = {"max_restarts": r.max_restarts, "max_task_retries": 0}
-        replicas = self.transport in GROUP_TRANSPORTS
+        replicas = not self.transport.coordinator_actor
         for rank, (members, bundle) in enumerate(zip(self.members, self.layout.workers)):
             need = placement.worker_bundle(self.config, members)
             self.workers.append(WorkerActor.options(
@@ -220,7 +224,7 @@ class RayWorkers:
     # ---- the group ------------------------------------------------------------------------------------------------
     def form_group(self) -> None:
         """A new torch.distributed group over the workers on a new port (a restarted rank cannot rejoin an old one)."""
-        if self.transport not in GROUP_TRANSPORTS or len(self.workers) < 2:
+        if not self.transport.forms_group or len(self.workers) < 2:
             return
         timeout = self.config.resources.collective_timeout_s
         address, port = ray.get(self.workers[0].address.remote(), timeout=READY_TIMEOUT_S)
@@ -229,7 +233,7 @@ class RayWorkers:
                        for rank, w in enumerate(self.workers)], timeout + 30.0)
 
     def leave_group(self, timeout: float = 30.0) -> None:
-        if self.transport not in GROUP_TRANSPORTS or len(self.workers) < 2:
+        if not self.transport.forms_group or len(self.workers) < 2:
             return
         refs = [w.leave_group.remote() for w in self.workers]
         ray.wait(refs, num_returns=len(refs), timeout=timeout)
@@ -242,7 +246,7 @@ class RayWorkers:
     # ---- the loop's protocol ----------------------------------------------------------------------------------------
     def run_steps(self, epoch: int, first: int, count: int, replay: int = 0) -> CallReport:
         self.check_restarted()
-        if self.transport in GROUP_TRANSPORTS:
+        if self.transport.workers_drive:
             reports = self._get_all([w.run_steps.remote(epoch, first, count, replay) for w in self.workers])
             return _merge(reports)
         return self._drive_steps(epoch, first, count, replay)
@@ -278,7 +282,7 @@ class RayWorkers:
             self._get_all([w.prepare_epoch.remote(epoch) for w in self.workers])
 
     def evaluate(self, split: str) -> dict:
-        if self.transport in GROUP_TRANSPORTS:
+        if not self.transport.coordinator_actor:
             return self._get_all([w.evaluate.remote(split) for w in self.workers])[0]
         outputs = [w.evaluate_outputs.remote(split) for w in self.workers]
         return self._get_all([self.coordinator.evaluate.remote(split, *outputs)])[0]

@@ -13,7 +13,7 @@ from raydistill.engine.worker import CallReport, Members, Worker
 
 
 class InProcessWorkers:
-    transport = "inprocess"
+    transport_name = "inprocess"
 
     def __init__(self, config, spec, arrays):
         torch.set_num_threads(config.resources.threads_per_peer)

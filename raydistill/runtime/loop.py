@@ -242,7 +242,7 @@ class Run:
                     continue
                 epoch += 1
             exported = self.export_states() if self.state.epochs_completed == epochs else None
-            summary = self.reports.summary(self.state, self.runtime, self.workers.transport, self.workers.nodes())
+            summary = self.reports.summary(self.state, self.runtime, self.workers.transport_name, self.workers.nodes())
             if exported is not None:                     # the summary counts a worker lost during the export
                 summary["deploy"] = self.reports.deploy(self.state.last)
                 removed = [c["peer"] for c in self.state.changes if c["action"] == "remove"]
@@ -551,7 +551,7 @@ class Run:
         if self.config.train.health is None:            # the stop a non-finite loss has always been
             return TrainingError(f"{decision.reason}; the run stopped. Lower train.lr or method.temperature: "
                                  f"{self.kept()}, e.g. with --set train.lr=...")
-        summary = self.reports.summary(self.state, self.runtime, self.workers.transport, self.workers.nodes())
+        summary = self.reports.summary(self.state, self.runtime, self.workers.transport_name, self.workers.nodes())
         summary["stopped"] = {"rule": decision.rule, "reason": decision.reason, "epoch": decision.epoch}
         self.recorder.write_summary(summary)          # also when no epoch has ended yet
         return TrainingError(f"train.health ({decision.rule}): {decision.reason}; the run stopped: {self.kept()}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from raydistill.engine.worker import Members
 from raydistill.errors import ConfigError
+from raydistill.transports import transport_of
 
 
 @dataclass(frozen=True)
@@ -75,12 +76,12 @@ def worker_bundle(config, members: Members) -> dict:
     return {"CPU": cpus, **({"GPU": round(gpus, 6)} if gpus > 0 else {})}
 
 
-def layout(config, transport: str, driver_cpus: float = 0.0) -> Layout:
-    """transport: the one that runs (collective or object_store); driver_cpus: what a Tune trial's driver reserves."""
+def layout(config, driver_cpus: float = 0.0) -> Layout:
+    """driver_cpus: what a Tune trial's driver reserves (in the head bundle, with the transport's own head)."""
     r = config.resources
     members = worker_members(config)
     bundles = [worker_bundle(config, m) for m in members]
-    head = (r.cpus_per_coordinator if transport == "object_store" else 0.0) + driver_cpus
+    head = transport_of(config).head_cpus(config) + driver_cpus
     if head == 0:
         return Layout(bundles, None, list(range(len(bundles))), members)
     if r.strategy == "STRICT_SPREAD":
@@ -89,17 +90,8 @@ def layout(config, transport: str, driver_cpus: float = 0.0) -> Layout:
     return Layout([{"CPU": head}] + bundles, 0, list(range(1, len(bundles) + 1)), members)
 
 
-def bundles(config, driver_cpus: float = 0.0, transport: str | None = None) -> list[dict]:
-    return layout(config, transport or resolve_transport(config), driver_cpus).bundles
-
-
-def resolve_transport(config) -> str:
-    """auto: the collective wherever there is more than one worker to exchange between, and also for one worker
-    (which then exchanges with itself, no copy); the object store only when asked for; codistill (the group carries
-    weights every few steps) when asked for."""
-    if config.resources.transport in ("object_store", "codistill"):
-        return config.resources.transport
-    return "collective"
+def bundles(config, driver_cpus: float = 0.0) -> list[dict]:
+    return layout(config, driver_cpus).bundles
 
 
 def required(config, driver_cpus: float = 0.0) -> dict[str, float]:
