@@ -235,7 +235,7 @@ def report_error(err: Exception) -> int:
     if bad_input is not None:
         print(f"raydistill: error: {bad_input}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from raydistill.runtime.loop import TrainingError
+    from raydistill.runtime.recovery import TrainingError
 
     if os.environ.get("RAYDISTILL_TRACEBACK"):
         raise err

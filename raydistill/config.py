@@ -27,7 +27,6 @@ SCHEDULES = ("cosine", "step", "constant", "onecycle")
 ONECYCLE_DEFAULTS = {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4}   # torch OneCycleLR's
 OPTIMIZERS = ("sgd", "adam", "adamw")
 TASKS = ("classification", "regression")
-HEALTH_ACTIONS = ("rollback", "stop")
 
 
 @dataclass
@@ -57,7 +56,6 @@ class PeerConfig:
     init: Union[str, None] = None       # a peer added to a checkpoint: scratch (default) | ensemble | peer:K
 
 
-PEER_INITS = ("scratch", "ensemble", "peer:K")
 
 
 @dataclass
@@ -413,7 +411,7 @@ def resolve(config: Config, method_defaults) -> Config:
     config = copy.deepcopy(config)
     defaults = method_defaults(config.method.name)     # raises ConfigError on an unknown method
     m = config.method
-    from raydistill.methods import check_method_config, methods_using
+    from raydistill.methods import methods_using
 
     ramp_given = m.rampup_epochs is not None
     for key in (f.name for f in dataclasses.fields(MethodConfig) if f.name != "name"):
@@ -425,7 +423,6 @@ def resolve(config: Config, method_defaults) -> Config:
     if m.rampup_epochs is not None and not ramp_given:
         # the sources ramp over 80 of 200 epochs; a shorter run keeps that fraction
         m.rampup_epochs = min(float(m.rampup_epochs), 0.4 * config.train.epochs)
-    check_method_config(m, config.task)
     if isinstance(config.peers, bool) or not isinstance(config.peers, (int, list)):
         raise ConfigError("peers", config.peers, "must be a count or a list of per-peer settings")
     if isinstance(config.peers, int) and config.peers < 1:
@@ -522,25 +519,9 @@ def _check_method(config: Config, defaults: dict) -> None:
         raise ConfigError("method.ce_weight", m.ce_weight, "must be a number >= 0 or 'complement'")
     if not (math.isfinite(m.decay) and m.decay >= 0):
         raise ConfigError("method.decay", m.decay, "must be a number >= 0")
-    if config.num_peers < defaults["min_peers"]:
-        raise ConfigError("peers", config.num_peers,
-                          f"method {m.name} needs at least {defaults['min_peers']} peers")
-    teachers = config.teacher_list
-    if defaults["needs_teacher"]:
-        if not teachers:
-            raise ConfigError("teacher.checkpoint", None, f"method {m.name} needs a teacher: {{arch, checkpoint}} "
-                              "(a run directory or a .pt file), or teachers: a list of them")
-        for j, teacher in enumerate(teachers):
-            field = f"{config.teacher_field(j)}.checkpoint"
-            if not teacher.checkpoint:
-                raise ConfigError(field, teacher.checkpoint, f"method {m.name} needs a teacher: {{arch, checkpoint}} "
-                                  "(a run directory or a .pt file)")
-            if not Path(teacher.checkpoint).exists():
-                raise ConfigError(field, teacher.checkpoint, "does not exist")
-    elif teachers:
-        field, value = ("teacher", config.teacher.arch) if config.teacher else ("teachers", [t.arch for t in teachers])
-        raise ConfigError(field, value, f"none for method {m.name}: only "
-                          f"{', '.join(_methods_needing_teacher())} train from a teacher")
+    from raydistill.methods import check_method_config
+
+    check_method_config(config)               # the peers and teachers it needs, its own keys
     if m.generations is not None and m.generations > config.train.epochs:
         raise ConfigError("method.generations", m.generations, f"at most train.epochs ({config.train.epochs}): "
                           "each generation trains for train.epochs / generations epochs")
@@ -567,12 +548,6 @@ def _check_teachers(config: Config) -> None:
                               f"(given: {[t.weight for t in teachers]})")
 
 
-def _methods_needing_teacher() -> list[str]:
-    from raydistill.methods import method_defaults, method_names
-
-    return [name for name in method_names() if method_defaults(name)["needs_teacher"]]
-
-
 def _positive(value) -> bool:
     return math.isfinite(value) and value > 0
 
@@ -590,7 +565,9 @@ def _check_train(config: Config) -> None:
             raise ConfigError(f"train.{name}", getattr(t, name), "must be >= 1 or null")
     if not _positive(t.lr):
         raise ConfigError("train.lr", t.lr, "must be a finite number > 0")
-    _check_peer_ids(config)
+    from raydistill.engine.elastic import check_peer_ids
+
+    check_peer_ids(config)                    # stable ids, and what a new peer starts from
     for i, peer in enumerate(config.peers):
         if not _positive(peer.lr):
             raise ConfigError(f"peers.{i}.lr", peer.lr, "must be a finite number > 0")
@@ -614,40 +591,10 @@ def _check_train(config: Config) -> None:
     if t.optimizer not in OPTIMIZERS:
         raise ConfigError("train.optimizer", t.optimizer, f"one of: {', '.join(OPTIMIZERS)}")
     if t.health is not None:
-        _check_health(config)
+        from raydistill.runtime.health import check_config as check_health
 
+        check_health(config)
 
-def _check_peer_ids(config: Config) -> None:
-    seen = set()
-    for i, peer in enumerate(config.peers):
-        if isinstance(peer.id, bool) or not isinstance(peer.id, int) or peer.id < 0 or peer.id in seen:
-            raise ConfigError(f"peers.{i}.id", peer.id, "must be a whole number >= 0, unique among the peers "
-                              "(or null: the next unused number)")
-        seen.add(peer.id)
-        init = peer.init
-        if init is not None and init not in ("scratch", "ensemble") and not (
-                isinstance(init, str) and init.startswith("peer:") and init[5:].isdigit()):
-            raise ConfigError(f"peers.{i}.init", init, f"one of: {', '.join(PEER_INITS)} (K: a peer's number)")
-
-
-def _check_health(config: Config) -> None:
-    h = config.train.health
-    if h.action not in HEALTH_ACTIONS:
-        raise ConfigError("train.health.action", h.action, f"one of: {', '.join(HEALTH_ACTIONS)}")
-    if h.patience < 1:
-        raise ConfigError("train.health.patience", h.patience, "must be >= 1 (epochs in a row)")
-    if h.max_rollbacks < 0:
-        raise ConfigError("train.health.max_rollbacks", h.max_rollbacks, "must be >= 0 (0: stop at the first)")
-    if h.max_consistency is None:
-        return
-    if not _positive(h.max_consistency):
-        raise ConfigError("train.health.max_consistency", h.max_consistency, "must be a finite number > 0, or null")
-    if config.task != "classification" or config.num_peers < 2:
-        raise ConfigError("train.health.max_consistency", h.max_consistency,
-                          "needs 2 or more peers of a classification task (consistency is their mean pairwise KL)")
-    if config.data.val_fraction == 0:
-        raise ConfigError("train.health.max_consistency", h.max_consistency,
-                          "needs a validation split (data.val_fraction > 0): the test split never decides a rollback")
 
 
 def _check_resources(config: Config) -> None:

@@ -303,7 +303,8 @@ def test_a_new_peer_set_that_fails_in_its_first_epoch_is_undone_and_no_checkpoin
     tests/test_failures.py.)"""
     from raydistill.engine.checkpoint import list_checkpoints
     from raydistill.engine.data import load_run_data
-    from raydistill.runtime.loop import Console, Run
+    from raydistill.runtime.console import Console
+    from raydistill.runtime.loop import Run
 
     config = raydistill.load_config(tiny_dml(**{"train.epochs": 3}))
     spec, arrays = load_run_data(config)

@@ -39,7 +39,9 @@ from raydistill.engine.checkpoint import list_checkpoints, load_latest_checkpoin
 from raydistill.engine.data import load_run_data
 from raydistill.runtime.driver import actor_name
 from raydistill.runtime.inprocess import InProcessWorkers
-from raydistill.runtime.loop import Console, Run, TrainingError, WorkerLost
+from raydistill.runtime.console import Console
+from raydistill.runtime.loop import Run
+from raydistill.runtime.recovery import TrainingError, WorkerLost
 from raydistill.runtime.reaper import descendants
 from tests.conftest import one_line, tiny_dml, write_config
 from tests.test_runtime import assert_same_parameters, final_parameters
@@ -653,18 +655,18 @@ def test_a_ctrl_c_that_python_drops_is_raised_at_the_next_call_boundary():
     and the loop raises it at its next call boundary."""
     import weakref
 
-    from raydistill.runtime import loop
+    from raydistill.runtime import interrupts
 
     class Thing:
         pass
 
-    with loop.interrupts_kept():
-        assert signal.getsignal(signal.SIGINT) is loop._on_interrupt
+    with interrupts.interrupts_kept():
+        assert signal.getsignal(signal.SIGINT) is interrupts._on_interrupt
         thing = Thing()
-        ref = weakref.ref(thing, lambda _: loop._on_interrupt(signal.SIGINT, None))   # the handler, in a callback
+        ref = weakref.ref(thing, lambda _: interrupts._on_interrupt(signal.SIGINT, None))   # the handler, in a callback
         del thing                                                                        # raised there and dropped
         assert ref() is None
         with pytest.raises(KeyboardInterrupt):
-            loop.check_interrupted()
-    loop.check_interrupted()                                # cleared when the run ends
-    assert signal.getsignal(signal.SIGINT) is not loop._on_interrupt
+            interrupts.check_interrupted()
+    interrupts.check_interrupted()                                # cleared when the run ends
+    assert signal.getsignal(signal.SIGINT) is not interrupts._on_interrupt

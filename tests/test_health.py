@@ -41,7 +41,9 @@ from raydistill.engine.data import load_run_data
 from raydistill.engine.teacher import Teacher
 from raydistill.models import build_model
 from raydistill.runtime.inprocess import InProcessWorkers
-from raydistill.runtime.loop import Console, Run, WorkerLost
+from raydistill.runtime.console import Console
+from raydistill.runtime.loop import Run
+from raydistill.runtime.recovery import WorkerLost
 from raydistill.seeding import generator
 from tests.conftest import one_line, tiny_dml, write_config
 from tests.test_runtime import assert_same_parameters, final_parameters, tensorboard_scalars

@@ -15,7 +15,9 @@ import raydistill
 from raydistill.engine.checkpoint import latest_checkpoint, load_checkpoint
 from raydistill.engine.data import load_run_data
 from raydistill.runtime.inprocess import InProcessWorkers
-from raydistill.runtime.loop import Console, Run, WorkerLost
+from raydistill.runtime.console import Console
+from raydistill.runtime.loop import Run
+from raydistill.runtime.recovery import WorkerLost
 from tests.conftest import tiny_dml
 
 

@@ -9,12 +9,10 @@ import torch.nn.functional as F
 
 from raydistill.data.views import device_batch_indices, num_steps
 from raydistill.distill.losses import pairwise_kl
-from raydistill.distill.peer_weights import performance_peer_weights, recent_loss
 from raydistill.engine.evaluation import ensemble_outputs, score
 from raydistill.engine.optim import learning_rate, make_optimizer
 from raydistill.engine.peer import _to_cpu, as_tensors
 from raydistill.methods import build_method
-from raydistill.methods.online import LEARNED_HEAD
 from raydistill.seeding import generator
 
 
@@ -87,7 +85,7 @@ class Coordinator:
         self.head = None
         self.val_losses = [[] for _ in range(self.num_peers)]   # each peer's validation loss per epoch
         self.train_labels = {}                                  # device -> the train labels there
-        if config.method.ensemble == LEARNED_HEAD:
+        if self.method.learned_head:
             self.head = EnsembleHead(config, spec.num_classes, num_steps(len(labels["train"]), config.train.batch_size))
 
     def batch_labels(self, epoch: int, step: int, replay: int = 0, device="cpu") -> torch.Tensor:
@@ -110,10 +108,7 @@ class Coordinator:
         if self.head is not None:
             learned = self.head.step(epoch, step, [p["features"] for p in peers], labels)
         targets = self.method.targets(self.method.hyper(epoch), peers, teachers, labels, learned)
-        if self.method.uses_peer_losses:
-            weights = performance_peer_weights([recent_loss(history) for history in self.val_losses])
-            for i, target in enumerate(targets):
-                target["peer_weights"] = as_tensors(np.delete(weights[i], i).astype(np.float32), device)
+        targets = self.method.with_peer_losses(targets, self.val_losses)
         return targets
 
     def evaluate(self, split: str, *outputs) -> dict:

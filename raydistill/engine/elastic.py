@@ -23,7 +23,6 @@ from raydistill.engine.peer import Peer
 from raydistill.engine.self_teacher import EmaTeacher
 from raydistill.errors import ConfigError
 from raydistill.methods import build_method
-from raydistill.methods.online import LEARNED_HEAD
 from raydistill.models import build_model
 
 ENSEMBLE_INIT_STEPS = 50          # distillation steps of a peer that joins with init: ensemble
@@ -31,18 +30,26 @@ RETIRED_DIR = "retired"           # run directory: the deployable models of the 
 
 
 def check_elastic(config) -> None:
-    """Methods whose coordinator keeps per-peer state, or whose peers own adapters toward every other peer, cannot
-    change their peer set: one line naming the field and what allows it."""
-    m = config.method
-    if m.ensemble == LEARNED_HEAD:
-        raise ConfigError("method.ensemble", m.ensemble, "a learned ensemble head is as wide as the peer set; "
-                          "changing peers needs another ensemble (mean_logits, mean_probs, minlogit, best)")
-    if m.peer_weighting == "performance":
-        raise ConfigError("method.peer_weighting", m.peer_weighting, "keeps every peer's validation history; "
-                          "changing peers needs peer_weighting: uniform")
-    if build_method(config).feature_target == "peers":
-        raise ConfigError("method.feature_weight", m.feature_weight, "each peer owns adapters toward every other "
-                          "peer; changing peers needs feature_weight: 0")
+    """A method that keeps per-peer state in its coordinator, or whose peers own adapters toward every other peer,
+    cannot change its peer set: one line naming the field and what allows it (the method says so itself)."""
+    build_method(config).check_peer_change()
+
+
+PEER_INITS = ("scratch", "ensemble", "peer:K")
+
+
+def check_peer_ids(config) -> None:
+    """Each peer's stable id (peer<id>), and what a peer new to a checkpoint starts from (``init``)."""
+    seen = set()
+    for i, peer in enumerate(config.peers):
+        if isinstance(peer.id, bool) or not isinstance(peer.id, int) or peer.id < 0 or peer.id in seen:
+            raise ConfigError(f"peers.{i}.id", peer.id, "must be a whole number >= 0, unique among the peers "
+                              "(or null: the next unused number)")
+        seen.add(peer.id)
+        init = peer.init
+        if init is not None and init not in ("scratch", "ensemble") and not (
+                isinstance(init, str) and init.startswith("peer:") and init[5:].isdigit()):
+            raise ConfigError(f"peers.{i}.init", init, f"one of: {', '.join(PEER_INITS)} (K: a peer's number)")
 
 
 def names_of(state: dict) -> list[str]:

@@ -13,9 +13,9 @@ def methods_using(key: str) -> list[str]:
     return [name for name in method_names() if key in method_class(name).defaults]
 
 
-def check_method_config(method_config, task: str) -> None:
-    """The method's own checks of its keys (ensemble names, momentum and ramp ranges...)."""
-    method_class(method_config.name).check_config(method_config, task)
+def check_method_config(config) -> None:
+    """The method's rules over the whole resolved config (the peers and teachers it needs, its own keys)."""
+    method_class(config.method.name).check_config(config)
 
 
 def build_method(config) -> Method:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -91,8 +92,10 @@ def peer_alignment_term(outputs: dict, targets: dict) -> dict:
 class Method:
     name = "base"
     # the defaults reproduce each method's source; resolved into config.yaml so a run states what it used
-    defaults = {"temperature": 1.0, "alpha": 1.0, "ce_weight": 1.0, "per_peer_views": False, "decay": 0.0,
-                "min_peers": 1, "needs_teacher": False}
+    defaults = {"temperature": 1.0, "alpha": 1.0, "ce_weight": 1.0, "per_peer_views": False, "decay": 0.0}
+    # what the method needs and supports, declared; the config (check_config), the engine and elastic peers read it
+    min_peers = 1                  # peers it needs at least
+    needs_teacher = False          # it trains from frozen teachers (teacher or teachers in the config)
     uses_ema_teacher = False       # each peer keeps a temporal-mean teacher of itself (PCL, DKEL)
     ema_targets = False            # the coordinator's targets read every peer's EMA-teacher logits (PCL, DKEL)
     self_teacher = False           # the peer holds the teacher it learns from (self-distillation)
@@ -162,9 +165,56 @@ class Method:
         """The views a teacher must see so that every peer gets targets for its own view."""
         return sorted({self.view_index(i) for i in range(self.num_peers)})
 
+    @property
+    def learned_head(self) -> bool:
+        """The coordinator trains an ensemble head over the peers' features (``ensemble: learned_head``)."""
+        return False
+
     @classmethod
-    def check_config(cls, method_config, task: str) -> None:
-        """Raises ConfigError for a value of a method key that this method cannot use. Default: nothing to check."""
+    def check_config(cls, config) -> None:
+        """The method's rules over the whole resolved config: the peers and teachers it needs, then its own keys
+        (``check_keys``). The first problem raises a ConfigError."""
+        m = config.method
+        if config.num_peers < cls.min_peers:
+            raise ConfigError("peers", config.num_peers, f"method {m.name} needs at least {cls.min_peers} peers")
+        teachers = config.teacher_list
+        if cls.needs_teacher:
+            if not teachers:
+                raise ConfigError("teacher.checkpoint", None, f"method {m.name} needs a teacher: {{arch, "
+                                  "checkpoint}} (a run directory or a .pt file), or teachers: a list of them")
+            for j, teacher in enumerate(teachers):
+                field = f"{config.teacher_field(j)}.checkpoint"
+                if not teacher.checkpoint:
+                    raise ConfigError(field, teacher.checkpoint, f"method {m.name} needs a teacher: {{arch, "
+                                      "checkpoint}} (a run directory or a .pt file)")
+                if not Path(teacher.checkpoint).exists():
+                    raise ConfigError(field, teacher.checkpoint, "does not exist")
+        elif teachers:
+            field, value = (("teacher", config.teacher.arch) if config.teacher
+                            else ("teachers", [t.arch for t in teachers]))
+            needing = [name for name in method_names() if method_class(name).needs_teacher]
+            raise ConfigError(field, value, f"none for method {m.name}: only {', '.join(needing)} train from a "
+                              "teacher")
+        cls.check_keys(config)
+
+    @classmethod
+    def check_keys(cls, config) -> None:
+        """Raises ConfigError for a value of one of the method's keys that it cannot use. Default: nothing."""
+
+    def check_peer_change(self) -> None:
+        """Raises ConfigError where the peer set cannot change while the run trains (elastic peers): state kept per
+        peer in the coordinator (a learned ensemble head as wide as the peer set, each peer's validation history), or
+        adapters each peer owns toward every other peer."""
+        m = self.config
+        if self.learned_head:
+            raise ConfigError("method.ensemble", m.ensemble, "a learned ensemble head is as wide as the peer set; "
+                              "changing peers needs another ensemble (mean_logits, mean_probs, minlogit, best)")
+        if self.uses_peer_losses:
+            raise ConfigError("method.peer_weighting", m.peer_weighting, "keeps every peer's validation history; "
+                              "changing peers needs peer_weighting: uniform")
+        if self.feature_target == "peers":
+            raise ConfigError("method.feature_weight", m.feature_weight, "each peer owns adapters toward every "
+                              "other peer; changing peers needs feature_weight: 0")
 
     @staticmethod
     def check_feature_weight(method_config) -> None:
@@ -179,6 +229,11 @@ class Method:
 
         learned_ensemble: the coordinator's learned ensemble head's logits [B, C] (``ensemble: learned_head``)."""
         return [{} for _ in peers]
+
+    def with_peer_losses(self, targets: list[dict], peer_losses: list[list[float]]) -> list[dict]:
+        """The targets with what the coordinator's record of the peers' validation losses adds (``uses_peer_losses``:
+        ``peer_weights``, the performance weights of the other peers). Default: the targets as they are."""
+        return targets
 
     # ---- peer side ---------------------------------------------------------------------------------------------
     def distill_terms(self, hyper: dict, outputs: dict, labels: torch.Tensor, targets: dict) -> dict:

@@ -7,19 +7,25 @@ paper. align_i (``feature_weight`` > 0, off by default) is peer feature alignmen
 MSE(r_ij(f_i), f_j) with peer i's adapters r_ij toward each other peer's hint (distill/features.py).
 The coordinator hands each peer the stacked logits of the other peers (and their hints where aligned).
 """
-from raydistill.distill.peer_weights import check_peer_weighting
+import numpy as np
+import torch
+
+from raydistill.data.views import to_device
+from raydistill.distill.peer_weights import check_peer_weighting, performance_peer_weights, recent_loss
+from raydistill.names import PEER_WEIGHTS
 from raydistill.methods.base import Method, peer_alignment_term, register_method, stacked, with_peer_hints, without
 
 
 @register_method("dml")
 class DeepMutualLearning(Method):
-    defaults = {**Method.defaults, "min_peers": 2, "feature_weight": 0.0, "peer_weighting": "uniform",
-                "features": {}, "codistill_every": None}
+    defaults = {**Method.defaults, "feature_weight": 0.0, "peer_weighting": "uniform", "features": {},
+                "codistill_every": None}
+    min_peers = 2
 
     @classmethod
-    def check_config(cls, method_config, task):
-        check_peer_weighting(method_config.peer_weighting)
-        cls.check_feature_weight(method_config)
+    def check_keys(cls, config):
+        check_peer_weighting(config.method.peer_weighting)
+        cls.check_feature_weight(config.method)
 
     @property
     def feature_target(self):
@@ -28,6 +34,16 @@ class DeepMutualLearning(Method):
     @property
     def uses_peer_losses(self) -> bool:
         return self.config.peer_weighting == "performance"
+
+    def with_peer_losses(self, targets, peer_losses):
+        """W_ij from the peers' recent validation losses (``peer_weighting: performance``)."""
+        if not self.uses_peer_losses:
+            return targets
+        weights = performance_peer_weights([recent_loss(losses) for losses in peer_losses])
+        for i, target in enumerate(targets):
+            device = target["peer_logits"].device
+            target[PEER_WEIGHTS] = to_device(torch.from_numpy(np.delete(weights[i], i).astype(np.float32)), device)
+        return targets
 
     def targets(self, hyper, peers, teachers, labels, learned_ensemble=None):
         logits = stacked([p["logits"] for p in peers])                    # [P, B, C]
@@ -40,8 +56,8 @@ class DeepMutualLearning(Method):
     def distill_terms(self, hyper, outputs, labels, targets):
         others = targets["peer_logits"]                                    # [P-1, B, C]
         terms = [self.distill(outputs["logits"], other, hyper["temperature"]) for other in others]
-        if "peer_weights" in targets:                                      # W_ij, j != i (performance weighting)
-            kd = sum(w * term for w, term in zip(targets["peer_weights"], terms))
+        if PEER_WEIGHTS in targets:                                      # W_ij, j != i (performance weighting)
+            kd = sum(w * term for w, term in zip(targets[PEER_WEIGHTS], terms))
         else:
             kd = sum(terms) / len(terms)
         return {"kd": kd, **peer_alignment_term(outputs, targets)}

@@ -97,9 +97,9 @@ class FitNet(FromTeachers):
     feature_target = "teacher"          # the student's adapters map its hint to each teacher's hint shape
 
     @classmethod
-    def check_config(cls, method_config, task):
-        super().check_config(method_config, task)
-        m = method_config
+    def check_keys(cls, config):
+        super().check_keys(config)
+        m = config.method
         for key in ("hint_weight", "kd_weight", "at_weight"):
             value = getattr(m, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):

@@ -11,13 +11,14 @@ from raydistill.methods.online import ENSEMBLES, check_online_config, peer_ensem
 
 @register_method("kdcl")
 class KnowledgeDistillationCollaborativeLearning(Method):
-    defaults = {**Method.defaults, "temperature": 3.0, "per_peer_views": True, "min_peers": 2,
+    defaults = {**Method.defaults, "temperature": 3.0, "per_peer_views": True,
                 "ensemble": "minlogit", "feature_weight": 0.0, "features": {}, "codistill_every": None}
+    min_peers = 2
 
     @classmethod
-    def check_config(cls, method_config, task):
-        check_online_config(method_config, task, ENSEMBLES)
-        cls.check_feature_weight(method_config)
+    def check_keys(cls, config):
+        check_online_config(config.method, config.task, ENSEMBLES)
+        cls.check_feature_weight(config.method)
 
     @property
     def feature_target(self):

@@ -21,15 +21,20 @@ from raydistill.methods.online import ENSEMBLES, LEARNED_HEAD, check_online_conf
 
 @register_method("pcl")
 class PeerCollaborativeLearning(Method):
-    defaults = {**Method.defaults, "temperature": 3.0, "per_peer_views": True, "min_peers": 2,
+    defaults = {**Method.defaults, "temperature": 3.0, "per_peer_views": True,
                 "ensemble": "mean_logits", "rampup_epochs": 80.0, "ema_momentum": 0.999, "teacher_init_steps": 0,
                 "reference_quirks": False, "codistill_every": None}
+    min_peers = 2
     uses_ema_teacher = True
     ema_targets = True
 
     @classmethod
-    def check_config(cls, method_config, task):
-        check_online_config(method_config, task, ENSEMBLES + (LEARNED_HEAD,))
+    def check_keys(cls, config):
+        check_online_config(config.method, config.task, ENSEMBLES + (LEARNED_HEAD,))
+
+    @property
+    def learned_head(self) -> bool:
+        return self.config.ensemble == LEARNED_HEAD
 
     def hyper(self, epoch):
         ramp = reference_quirk_rampup if self.config.reference_quirks else sigmoid_rampup

@@ -25,8 +25,8 @@ class SelfDistillation(Method):
     self_teacher = True                 # the peer holds its own teacher (EMA or the previous generation)
 
     @classmethod
-    def check_config(cls, method_config, task):
-        m = method_config
+    def check_keys(cls, config):
+        m = config.method
         if isinstance(m.generations, bool) or not isinstance(m.generations, int) or m.generations < 1:
             raise ConfigError("method.generations", m.generations, "an integer >= 1 (1: EMA teacher)")
         if m.generations == 1 and not 0.0 < m.ema_momentum < 1.0:

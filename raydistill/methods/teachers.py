@@ -24,11 +24,12 @@ TEACHER_ENSEMBLES = ("mean_logits", "mean_probs", "weighted")
 
 class FromTeachers(Method):
     """A method whose peers learn from frozen teacher members: its targets read the teachers' outputs per view."""
-    defaults = {**Method.defaults, "needs_teacher": True, "teacher_ensemble": "mean_logits"}
+    defaults = {**Method.defaults, "teacher_ensemble": "mean_logits"}
+    needs_teacher = True
 
     @classmethod
-    def check_config(cls, method_config, task):
-        name = method_config.teacher_ensemble
+    def check_keys(cls, config):
+        name, task = config.method.teacher_ensemble, config.task
         if name not in TEACHER_ENSEMBLES:
             raise ConfigError("method.teacher_ensemble", name, f"one of: {', '.join(TEACHER_ENSEMBLES)}")
         if task == "regression" and name == "mean_probs":

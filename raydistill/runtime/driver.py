@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -23,7 +22,9 @@ from raydistill.runtime import placement, session
 from raydistill.runtime.actors import CoordinatorActor, WorkerActor
 from raydistill.runtime.collective import CollectiveError
 from raydistill.transports import transport_of
-from raydistill.runtime.loop import Console, WorkerGivenUp, WorkerLost
+from raydistill.runtime.console import Console
+from raydistill.runtime.objectstore import drive_steps
+from raydistill.runtime.recovery import WorkerGivenUp, WorkerLost
 
 PLACEMENT_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 600.0          # workers import torch and build their models: minutes on a loaded small machine
@@ -140,7 +141,7 @@ class RayWorkers:
     def setup(self) -> None:
         """Every worker builds its peers and teachers over the run's arrays (a restarted one builds them again)."""
         self._identities = None                 # being renewed: an error in a restarted worker's setup is its own
-        self._nodes = self._get_all([w.setup.remote(self.data_ref) for w in self.workers], READY_TIMEOUT_S)
+        self._nodes = self.results([w.setup.remote(self.data_ref) for w in self.workers], READY_TIMEOUT_S)
         self._identities = self._identify()
 
     def _hide_gpus(self, need: dict) -> dict | None:
@@ -157,7 +158,7 @@ class RayWorkers:
         return [*self.workers, *([self.coordinator] if self.coordinator is not None else [])]
 
     # ---- calls ----------------------------------------------------------------------------------------------------
-    def _get_all(self, refs: list, timeout: float | None = None, hung=None) -> list:
+    def results(self, refs: list, timeout: float | None = None, hung=None) -> list:
         """Every call's result, after every call has ended (none is left running into a broken group): a ConfigError
         raised in an actor as itself, a lost actor or broken group as WorkerLost, anything else as it was raised.
         Calls still running at the timeout hang: their actors are killed (Ray restarts them), found by ``hung``
@@ -205,7 +206,7 @@ class RayWorkers:
         """(node, pid) of every actor. Asked between calls, so each answers at once: a worker that does not within
         the collective timeout hangs (a stopped process), and is restarted as a hung call's worker is."""
         actors = self._actors()
-        found = self._get_all([a.node.remote() for a in actors] + [a.pid.remote() for a in actors],
+        found = self.results([a.node.remote() for a in actors] + [a.pid.remote() for a in actors],
                               self.config.resources.collective_timeout_s)
         return list(zip(found[:len(actors)], found[len(actors):]))
 
@@ -229,7 +230,7 @@ class RayWorkers:
         timeout = self.config.resources.collective_timeout_s
         address, port = ray.get(self.workers[0].address.remote(), timeout=READY_TIMEOUT_S)
         one_node = len(set(self._nodes)) == 1 and self.shared_memory   # then the step's data go through /dev/shm
-        self._get_all([w.join_group.remote(rank, len(self.workers), address, port, timeout, one_node)
+        self.results([w.join_group.remote(rank, len(self.workers), address, port, timeout, one_node)
                        for rank, w in enumerate(self.workers)], timeout + 30.0)
 
     def leave_group(self, timeout: float = 30.0) -> None:
@@ -247,51 +248,25 @@ class RayWorkers:
     def run_steps(self, epoch: int, first: int, count: int, replay: int = 0) -> CallReport:
         self.check_restarted()
         if self.transport.workers_drive:
-            reports = self._get_all([w.run_steps.remote(epoch, first, count, replay) for w in self.workers])
+            reports = self.results([w.run_steps.remote(epoch, first, count, replay) for w in self.workers])
             return _merge(reports)
-        return self._drive_steps(epoch, first, count, replay)
-
-    def _drive_steps(self, epoch: int, first: int, count: int, replay: int) -> CallReport:
-        """The object-store transport: three rounds of calls per step, at most train.steps_in_flight outstanding."""
-        report, pending = CallReport(), deque()
-        learners = [i for i, m in enumerate(self.members) if m.peers]
-        calls = StepCalls(len(self.workers))
-        stall_s = self.config.resources.collective_timeout_s     # a step computes within it, as with a collective
-        try:
-            for step in range(first, first + count):
-                outputs = [w.forward.remote(epoch, step, replay) for w in self.workers]
-                targets = self.coordinator.targets.options(num_returns=len(learners)).remote(epoch, step, *outputs,
-                                                                                             replay=replay)
-                targets = targets if len(learners) > 1 else [targets]
-                learns = [self.workers[i].learn.remote(epoch, step, t) for i, t in zip(learners, targets)]
-                calls.add(outputs, targets, learners, learns)
-                pending.append((step, learns))
-                while len(pending) > self.config.train.steps_in_flight or (pending and step == first + count - 1):
-                    done_step, refs = pending.popleft()
-                    parts = self._get_all(refs, stall_s + min(30.0, stall_s + 5.0),
-                                          hung=lambda _: calls.hung(self.workers, self.coordinator))
-                    report.add_step(epoch, done_step, {i: m for part in parts for i, m in part.items()})
-                    calls.forget_done()
-        except BaseException:
-            _drain([ref for _, refs in pending for ref in refs])
-            raise
-        return report
+        return drive_steps(self, epoch, first, count, replay)
 
     def prepare_epoch(self, epoch: int) -> None:
         if any(t.cache for t in self.config.teacher_list):
-            self._get_all([w.prepare_epoch.remote(epoch) for w in self.workers])
+            self.results([w.prepare_epoch.remote(epoch) for w in self.workers])
 
     def evaluate(self, split: str) -> dict:
         if not self.transport.coordinator_actor:
-            return self._get_all([w.evaluate.remote(split) for w in self.workers])[0]
+            return self.results([w.evaluate.remote(split) for w in self.workers])[0]
         outputs = [w.evaluate_outputs.remote(split) for w in self.workers]
-        return self._get_all([self.coordinator.evaluate.remote(split, *outputs)])[0]
+        return self.results([self.coordinator.evaluate.remote(split, *outputs)])[0]
 
     def get_state(self) -> dict:
-        states = self._get_all([w.state_dict.remote() for w in self.workers])
+        states = self.results([w.state_dict.remote() for w in self.workers])
         peers = {i: s for state in states for i, s in state["peers"].items()}
         coordinator = (states[0]["coordinator"] if self.coordinator is None
-                       else self._get_all([self.coordinator.state_dict.remote()])[0])
+                       else self.results([self.coordinator.state_dict.remote()])[0])
         self.check_restarted()                  # the states are those of the actors that were set up
         return {"peers": [peers[i] for i in range(self.config.num_peers)], "coordinator": coordinator}
 
@@ -301,10 +276,10 @@ class RayWorkers:
                  for w, m in zip(self.workers, self.members)]
         if self.coordinator is not None:
             calls.append(self.coordinator.load_state_dict.remote(state["coordinator"]))
-        self._get_all(calls)
+        self.results(calls)
 
     def export(self) -> dict:
-        parts = self._get_all([w.export.remote() for w in self.workers])
+        parts = self.results([w.export.remote() for w in self.workers])
         return {name: entry for part in parts for name, entry in part.items()}
 
     def check_room(self, config) -> None:
@@ -380,54 +355,3 @@ def _merge(reports: list[CallReport]) -> CallReport:
         merged.merge(report)
     merged.nonfinite.sort()
     return merged
-
-
-class StepCalls:
-    """The object-store transport's calls in flight, per actor in submission order, to tell which actor hangs when a
-    step does not end: a worker whose oldest unfinished call is a forward, or a learn whose targets are there; the
-    coordinator when a step's forwards are all done and its targets are not. A worker whose learn waits for targets
-    only waits (an actor runs its calls in order, so its next forward waits behind that learn)."""
-
-    def __init__(self, workers: int):
-        self.queues = [deque() for _ in range(workers)]      # per worker: (ref, the targets it waits for, or None)
-        self.steps = deque()                                  # (forward refs, targets refs) per step
-
-    def add(self, outputs: list, targets: list, learners: list, learns: list) -> None:
-        for queue, ref in zip(self.queues, outputs):
-            queue.append((ref, None))
-        for i, target, ref in zip(learners, targets, learns):
-            self.queues[i].append((ref, target))
-        self.steps.append((outputs, targets))
-
-    @staticmethod
-    def _done(ref) -> bool:
-        return bool(ray.wait([ref], timeout=0)[0])
-
-    def forget_done(self) -> None:
-        for queue in self.queues:
-            while queue and self._done(queue[0][0]):
-                queue.popleft()
-        while self.steps and all(self._done(ref) for ref in self.steps[0][1]):
-            self.steps.popleft()
-
-    def hung(self, workers: list, coordinator) -> list:
-        actors = []
-        for worker, queue in zip(workers, self.queues):
-            waiting = next(((ref, target) for ref, target in queue if not self._done(ref)), None)
-            if waiting is not None and (waiting[1] is None or self._done(waiting[1])):
-                actors.append(worker)
-        if not actors and any(all(self._done(ref) for ref in outputs) and not all(self._done(t) for t in targets)
-                              for outputs, targets in self.steps):
-            actors.append(coordinator)
-        return actors
-
-
-def _drain(refs: list) -> None:
-    """Waits (briefly) for calls that are no longer wanted and reads their errors, so none is reported as unhandled."""
-    if refs:
-        ray.wait(refs, num_returns=len(refs), timeout=30.0)
-        for ref in refs:
-            try:
-                ray.get(ref, timeout=0)
-            except Exception:  # noqa: BLE001 — the failure that mattered is being handled already
-                pass

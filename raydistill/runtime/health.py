@@ -15,31 +15,33 @@ previous rollback's target, so every target is still on disk: the loop keeps che
 """
 from __future__ import annotations
 
-import enum
 import math
-from dataclasses import dataclass
+
+from raydistill.errors import ConfigError
+from raydistill.runtime.decisions import CONTINUE, Action, Decision
+
+ACTIONS = ("rollback", "stop")
 
 
-class Action(enum.Enum):
-    CONTINUE = "continue"
-    ROLLBACK = "rollback"
-    STOP = "stop"
-
-
-@dataclass(frozen=True)
-class Decision:
-    action: Action
-    rule: str = ""                  # the rule that fired: "max_consistency" or "non_finite"
-    reason: str = ""                # what was seen, in one line
-    epoch: int = 0                  # the epoch it fired at (from 1, as the console counts)
-    back_to: int | None = None      # a rollback's target: the epochs completed at that checkpoint
-
-    def event(self) -> dict:
-        """The rollback as the loop state, the checkpoint and summary.json keep it."""
-        return {"epoch": self.epoch, "rule": self.rule, "reason": self.reason, "back_to": self.back_to}
-
-
-CONTINUE = Decision(Action.CONTINUE)
+def check_config(config) -> None:
+    """The rules of ``train.health`` (the config calls it): its ranges, and what the consistency rule needs."""
+    h = config.train.health
+    if h.action not in ACTIONS:
+        raise ConfigError("train.health.action", h.action, f"one of: {', '.join(ACTIONS)}")
+    if h.patience < 1:
+        raise ConfigError("train.health.patience", h.patience, "must be >= 1 (epochs in a row)")
+    if h.max_rollbacks < 0:
+        raise ConfigError("train.health.max_rollbacks", h.max_rollbacks, "must be >= 0 (0: stop at the first)")
+    if h.max_consistency is None:
+        return
+    if not (math.isfinite(h.max_consistency) and h.max_consistency > 0):
+        raise ConfigError("train.health.max_consistency", h.max_consistency, "must be a finite number > 0, or null")
+    if config.task != "classification" or config.num_peers < 2:
+        raise ConfigError("train.health.max_consistency", h.max_consistency,
+                          "needs 2 or more peers of a classification task (consistency is their mean pairwise KL)")
+    if config.data.val_fraction == 0:
+        raise ConfigError("train.health.max_consistency", h.max_consistency,
+                          "needs a validation split (data.val_fraction > 0): the test split never decides a rollback")
 
 
 def replay_of(rollbacks: list[dict], epoch: int) -> int:

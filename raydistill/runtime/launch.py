@@ -23,7 +23,9 @@ from raydistill.engine.storage import resolve_storage
 from raydistill.engine.teacher import check_teachers
 from raydistill.errors import ConfigError, Terminated
 from raydistill.runtime.inprocess import InProcessWorkers
-from raydistill.runtime.loop import Console, Run, RunResult, interrupts_kept, interrupts_kept_again
+from raydistill.runtime.console import Console
+from raydistill.runtime.interrupts import interrupts_kept, interrupts_kept_again
+from raydistill.runtime.loop import Run, RunResult
 
 RUNTIMES = ("ray", "inprocess")
 
