@@ -9,7 +9,8 @@ import shutil
 from pathlib import Path
 
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-TORCH_WRITE_FAILED = ("file write failed", "unexpected pos")     # torch.save's writer on a full disk
+TORCH_WRITE_FAILED = ("file write failed", "unexpected pos", "iostream error")   # torch.save's writer, disk full
+NEARLY_FULL = 1 << 20            # a write error with less than this free where it wrote: the disk is full
 
 
 class DiskFull(OSError):
@@ -23,21 +24,34 @@ class DiskFull(OSError):
         return (type(self), (self.path,))
 
 
-def _free(path: Path) -> str:
-    probe = path
+def _free_bytes(path: Path) -> int | None:
+    probe = Path(path)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     try:
-        free = shutil.disk_usage(probe).free
+        return shutil.disk_usage(probe).free
     except OSError:
+        return None
+
+
+def _free(path: Path) -> str:
+    free = _free_bytes(path)
+    if free is None:
         return "unknown space"
     return f"{free / 2**20:.1f} MiB" if free >= 2**20 else f"{free} bytes"
 
 
-def is_disk_full(err: BaseException) -> bool:
+def is_disk_full(err: BaseException, path=None) -> bool:
+    """An OSError of a full disk or quota; or an error of torch's writer (which words ENOSPC in several ways) where
+    the filesystem has next to nothing left."""
     if isinstance(err, OSError):
         return err.errno in FULL_ERRNOS
-    return isinstance(err, RuntimeError) and any(text in str(err) for text in TORCH_WRITE_FAILED)
+    if not isinstance(err, RuntimeError):
+        return False
+    if any(text in str(err) for text in TORCH_WRITE_FAILED):
+        return True
+    free = _free_bytes(path) if path is not None else None
+    return free is not None and free < NEARLY_FULL
 
 
 @contextlib.contextmanager
@@ -48,7 +62,7 @@ def disk_write(path):
     except DiskFull:
         raise
     except (OSError, RuntimeError) as err:
-        if is_disk_full(err):
+        if is_disk_full(err, path):
             raise DiskFull(path) from err
         raise
 
