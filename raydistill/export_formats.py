@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raydistill.engine.manifest import class_names, model_file, read_manifest
+from raydistill.engine.manifest import class_names, read_manifest
 from raydistill.errors import ConfigError
 
 FORMATS = ("onnx", "pt2", "state_dict")
@@ -82,17 +82,17 @@ class Choice:
 def choose(manifest: dict, model: str) -> Choice:
     """deploy (the run's deployable model), ensemble (its current peers), or a manifest name (peerK, peerK_ema)."""
     models = manifest["models"]
+    peers = [n for n, entry in models.items() if entry["kind"] == "peer" and not entry.get("removed")]
     if model == "deploy":
         name = manifest["deploy"]["name"]
         return Choice(name, models[name]["kind"], [name])
     if model == "ensemble":
-        peers = [n for n, entry in models.items() if entry["kind"] == "peer" and not entry.get("removed")]
         if len(peers) < 2:
             raise ConfigError("--model", model, f"the run has {len(peers)} peer(s) and no ensemble; one of: "
                                                 f"{', '.join(['deploy', *models])}")
         return Choice("ensemble", "ensemble", peers)
     if model not in models:
-        ensemble = ["ensemble"] if sum(e["kind"] == "peer" and not e.get("removed") for e in models.values()) > 1 else []
+        ensemble = ["ensemble"] if len(peers) > 1 else []
         raise ConfigError("--model", model, f"one of: {', '.join(['deploy', *ensemble, *models])}")
     return Choice(model, models[model]["kind"], [model])
 
@@ -113,7 +113,7 @@ def metadata(run_dir, manifest: dict, choice: Choice, batch: int | None) -> dict
         output = (f"{output_name}: float32 [{rows}, {outputs}] log-probabilities" +
                   (" (log of the mean of the peers' probabilities)" if choice.kind == "ensemble" else
                    " (log_softmax of the logits)"))
-    kind = "images in [0, 1], NCHW" if input_name == "images" else "raw features"
+    meaning = "images in [0, 1], NCHW" if input_name == "images" else "raw features"
     return {"format_version": FORMAT_VERSION, "run": Path(run_dir).resolve().name, "model": choice.name,
             "kind": choice.kind, "task": task,
             "members": [{"name": n, "arch": manifest["models"][n]["arch"], "options": manifest["models"][n]["options"]}
@@ -121,7 +121,8 @@ def metadata(run_dir, manifest: dict, choice: Choice, batch: int | None) -> dict
             "class_names": class_names(spec),
             "normalization": {"mean": list(spec["mean"]), "std": list(spec["std"]),
                               "note": "inside the graph: feed unnormalized input"},
-            "input": {"name": input_name, "shape": [rows, *spec["input_shape"]], "dtype": "float32", "meaning": kind},
+            "input": {"name": input_name, "shape": [rows, *spec["input_shape"]], "dtype": "float32",
+                      "meaning": meaning},
             "output": {"name": output_name, "shape": [rows, outputs], "meaning": output},
             "batch": "dynamic" if batch is None else batch}
 
@@ -133,7 +134,7 @@ def deployable(run_dir, manifest: dict, choice: Choice) -> Deployable:
 
 
 # ---- inputs and the outputs they must give ------------------------------------------------------------------------
-def test_inputs(run_dir, manifest: dict, count: int) -> tuple[torch.Tensor, str]:
+def sample_inputs(run_dir, manifest: dict, count: int) -> tuple[torch.Tensor, str]:
     """``count`` of the run's test inputs as float32 (repeated where the split is smaller), and where they came
     from; seeded uniform noise in the input's range where the run's data cannot be read here."""
     from raydistill.config import load_config
@@ -168,7 +169,7 @@ def expected_outputs(run_dir, manifest: dict, choice: Choice, inputs: torch.Tens
     return torch.log_softmax(torch.from_numpy(outputs[0]), dim=-1).numpy()
 
 
-# ---- writing ----------------------------------------------------------------------------------------------------------
+# ---- writing --------------------------------------------------------------------------------------------------------
 def dynamic_shapes(module_input: str, batch: int | None):
     return None if batch is not None else {module_input: {0: torch.export.Dim("batch", min=1)}}
 
@@ -273,10 +274,11 @@ class Check:
         return self.max_allowed_excess <= 0 and self.same_argmax is not False
 
 
-def check(path: Path, fmt: str, run_dir, manifest: dict, choice: Choice, batch: int | None) -> Check:
+def check(path: Path, fmt: str, run_dir, manifest: dict, choice: Choice, batch: int | None,
+          inputs: torch.Tensor, source: str) -> Check:
+    """inputs: at least CHECK_BATCH (a fixed batch: ``batch``) of them."""
     run = runner(path, fmt)
     sizes = [batch] if batch is not None else [CHECK_BATCH, 1]
-    inputs, source = test_inputs(run_dir, manifest, max(sizes))
     max_abs, excess, same = 0.0, -np.inf, True
     for size in sizes:
         x = inputs[:size]
@@ -349,7 +351,8 @@ def export(run_dir, output, fmt: str = "onnx", model: str = "deploy", batch: int
     choice = choose(manifest, model)
     meta = metadata(run_dir, manifest, choice, batch)
     module = deployable(run_dir, manifest, choice)
-    example, _ = test_inputs(run_dir, manifest, batch or EXAMPLE_BATCH)
+    inputs, source = sample_inputs(run_dir, manifest, batch or CHECK_BATCH)
+    example = inputs[:batch or EXAMPLE_BATCH]
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp{SUFFIXES[fmt]}")      # torch.export.load wants its own suffix
@@ -361,7 +364,7 @@ def export(run_dir, output, fmt: str = "onnx", model: str = "deploy", batch: int
             hint = " (try --format pt2 or state_dict)" if fmt == "onnx" else ""
             raise ConfigError("--model", model, f"{choice.name} ({archs}) cannot be exported to {fmt}: "
                                                 f"{why_not(err)}{hint}") from None
-        result = check(tmp, fmt, run_dir, manifest, choice, batch)
+        result = check(tmp, fmt, run_dir, manifest, choice, batch, inputs, source)
         if not result.passed:
             raise RuntimeError(f"the exported {fmt} file of {choice.name} differs from load_model by up to "
                                f"{result.max_abs:.3g} (allowed {ATOL:g} + {RTOL:g}·|expected|) on {result.source}; "

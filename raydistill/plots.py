@@ -36,8 +36,15 @@ WEIGHT_STYLES = {"alpha": {"linestyle": "-", "marker": "o", "linewidth": 2.5, "a
                  "beta": {"linestyle": ":", "marker": "D", "linewidth": 1.5}}
 
 
+def installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ValueError:                 # a module set to None in sys.modules: blocked, as if not installed
+        return False
+
+
 def have_matplotlib() -> bool:
-    return importlib.util.find_spec("matplotlib") is not None
+    return installed("matplotlib")
 
 
 def require_matplotlib(field: str) -> None:
@@ -176,7 +183,8 @@ def run_curves(run_dir) -> RunCurves:
     peers = [name for name in models if kinds[name] == "peer"]
     train_loss = {name: s for name in peers if (s := series(per_model[name], "train_loss")) is not None}
     lr = {name: s for name in peers if (s := series(per_model[name], "train_lr")) is not None}
-    weights = {key: by_epoch[key].dropna() for key in WEIGHTS if key in by_epoch.columns and by_epoch[key].notna().any()}
+    weights = {key: by_epoch[key].dropna() for key in WEIGHTS
+               if key in by_epoch.columns and by_epoch[key].notna().any()}
     temperature = by_epoch["temperature"].dropna() if "temperature" in by_epoch.columns else None
     consistency = by_epoch["consistency"].dropna() if "consistency" in by_epoch.columns else None
     replayed = sorted(by_epoch.index[by_epoch["replay"] > 0].tolist()) if "replay" in by_epoch.columns else []
@@ -184,7 +192,8 @@ def run_curves(run_dir) -> RunCurves:
     method = summary.get("method", "?")
     dataset = summary.get("dataset", "?")
     done = summary.get("epochs_completed", int(by_epoch.index.max()))
-    title = f"{name}: {method} on {dataset}, {summary.get('runtime', '?')} runtime, {done}/{summary.get('epochs', '?')} epochs"
+    title = (f"{name}: {method} on {dataset}, {summary.get('runtime', '?')} runtime, "
+             f"{done}/{summary.get('epochs', '?')} epochs")
     restarts, redone = int(summary.get("restarts", 0) or 0), int(summary.get("steps_redone", 0) or 0)
     return RunCurves(name, title, metric, test, kinds, train_loss, lr,
                      consistency if consistency is not None and len(consistency) else None, weights,

@@ -46,7 +46,8 @@ def stopped_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("stopped") / "run"
     with pytest.raises(TrainingError, match="max_consistency"):
         raydistill.train("dkel-digits", run_dir, runtime="inprocess", progress=False,
-                         overrides=[*TINY, "train.epochs=2", "train.health={max_consistency: 1.0e-9, max_rollbacks: 1}"])
+                         overrides=[*TINY, "train.epochs=2",
+                                    "train.health={max_consistency: 1.0e-9, max_rollbacks: 1}"])
     return run_dir
 
 
