@@ -63,10 +63,11 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("presets", help="list the built-in presets")
 
-    from raydistill import bench, results
+    from raydistill import bench, run_commands, results
 
     bench.add_arguments(commands.add_parser("bench", help="per-step time of every runtime and transport, side by side"))
     results.add_parser(commands)
+    run_commands.add_parsers(commands)
 
     cluster = commands.add_parser("cluster", help="cluster YAML tools")
     cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True)
@@ -202,11 +203,14 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv=None) -> int:
+    from raydistill import run_commands
+
     args = _parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():   # SIGTERM stops a command as Ctrl-C does
         signal.signal(signal.SIGTERM, _on_sigterm)
     handler = {"bench": cmd_bench, "train": cmd_train, "tune": cmd_tune, "eval": cmd_eval, "presets": cmd_presets,
-               "cluster": cmd_cluster, "results": cmd_results, "peers": cmd_peers}[args.command]
+               "cluster": cmd_cluster, "results": cmd_results, "peers": cmd_peers,
+               **run_commands.HANDLERS}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt as interrupt:

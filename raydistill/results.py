@@ -14,6 +14,11 @@ standard deviation over the seeds, per model: each peer, each EMA teacher, the e
 probabilities) and the deployed model (``summary.json``'s ``deploy``), at the last epoch and at the best epoch.
 The best epoch and the deployed model are chosen on the validation split, never on the test split: a setup without
 one (``data.val_fraction: 0``) gets last-epoch figures only.
+
+Beside the tables, with matplotlib installed (the ``plots`` extra), three figures as PNG and SVG, linked from
+results.md: ``curves`` (the peers' mean test figure per epoch per method, mean over the seeds with a band of one
+standard deviation), ``paired_difference`` (each method minus the baseline, seed by seed) and ``ensemble_gap`` (the
+ensemble minus its peers' mean).
 """
 from __future__ import annotations
 
@@ -343,6 +348,40 @@ def as_json(results: dict) -> dict:
             for method, entry in results.items()}
 
 
+# ---- the figures ----------------------------------------------------------------------------------------------------
+FIGURE_CAPTIONS = {
+    "curves": "the peers' mean test figure per epoch, per method (mean over the seeds; band: ± one standard deviation)",
+    "paired_difference": "each method's peers' mean minus the baseline's, seed by seed, per epoch (mean and band "
+                         "over the paired seeds)",
+    "ensemble_gap": "the ensemble's test figure minus its peers' mean, per epoch (mean and band over the seeds)",
+}
+
+
+def write_figures(output: Path, specs: list[RunSpec], metric: str, title: str) -> tuple[dict, str | None]:
+    """The figures beside the tables ({name: [png, svg]}), or why there are none (one line)."""
+    from raydistill import plots
+
+    if not plots.have_matplotlib():
+        return {}, f"figures skipped: matplotlib is not installed ({plots.MATPLOTLIB_MISSING})"
+    run_dirs = {}
+    for spec in specs:
+        if (output / spec.name / "summary.json").is_file():
+            run_dirs.setdefault(spec.method, {})[spec.seed] = output / spec.name
+    if not run_dirs:
+        return {}, "figures skipped: no finished run"
+    return plots.draw_results(plots.results_curves(run_dirs, metric), output, title), None
+
+
+def figures_section(figures: dict, skipped: str | None) -> str:
+    if skipped:
+        return f"\n{skipped}\n"
+    lines = ["", "## Figures", ""]
+    for name, paths in figures.items():
+        lines += [f"![{FIGURE_CAPTIONS[name]}]({paths[0].name})", "", f"{FIGURE_CAPTIONS[name]} "
+                  f"([SVG]({paths[1].name})).", ""]
+    return "\n".join(lines)
+
+
 # ---- the header: what ran, where, how --------------------------------------------------------------------------------
 def machine() -> str:
     import torch
@@ -448,11 +487,16 @@ def run(args) -> int:
         timing = json.loads((output / TIMING_JSON).read_text())
         header.append(f"- Wall time of the command that trained: {timing['minutes']:.1f} min for {timing['runs']} "
                       "runs (runs kept from an earlier command not counted).")
-    table = render(results, metric, header)
+    figures, skipped = write_figures(output, specs, metric, Path(str(args.setup)).stem)
+    table = render(results, metric, header) + figures_section(figures, skipped)
     (output / RESULTS_MD).write_text(table)
     (output / RESULTS_JSON).write_text(json.dumps(as_json(results), indent=2))
     print(table)
     print(f"tables: {output / RESULTS_MD}")
+    if figures:
+        print(f"figures: {', '.join(str(paths[0]) for paths in figures.values())} (and .svg)")
+    if skipped:
+        print(f"raydistill: {skipped}")
     if errors:
         for line in errors:
             print(f"raydistill: run failed: {line}")

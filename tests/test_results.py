@@ -15,7 +15,7 @@ TINY = ["--set", "train.epochs=1", "--set", "model.options={hidden: [16]}", "--s
 
 def run_results(tmp_path: Path, *args) -> Path:
     output = tmp_path / "results"
-    assert results.main(["dml-digits", *args, "--output", str(output), *TINY]) == 0
+    assert results.main(["dml-digits", *TINY, *args, "--output", str(output)]) == 0     # args override TINY
     return output
 
 
@@ -37,8 +37,15 @@ def mean_std(values) -> str:
     return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
 
 
-def test_tables_hold_the_runs_summaries_mean_and_std(tmp_path):
-    output = run_results(tmp_path, "--methods", "independent,dml", "--seeds", "2")
+@pytest.fixture(scope="module")
+def two_methods(tmp_path_factory) -> Path:
+    """independent and dml x seeds 0, 1, two epochs each: the tables' and the figures' results directory."""
+    return run_results(tmp_path_factory.mktemp("two"), "--methods", "independent,dml", "--seeds", "2",
+                       "--set", "train.epochs=2")
+
+
+def test_tables_hold_the_runs_summaries_mean_and_std(two_methods):
+    output = two_methods
     markdown = (output / "results.md").read_text()
     assert "raydistill results dml-digits --methods independent,dml --seeds 2" in markdown   # the exact command
     assert "cores" in markdown and "torch" in markdown                                        # the machine
@@ -141,3 +148,39 @@ def test_bad_input_is_one_line_naming_the_field(tmp_path, argv, field):
         results.main(["dml-digits", "--methods", "dml", *argv, "--output", str(tmp_path / "out")])
     assert err.value.field == field
     assert not re.search(r"\n", str(err.value))
+
+
+# ---- the figures beside the tables ---------------------------------------------------------------------------------
+def test_figures_draw_each_methods_curve_the_paired_difference_and_the_ensemble_gap(two_methods):
+    """The figures' numbers at the last epoch are the runs' summary.json figures (a file the figures do not read);
+    the files are real PNG and SVG images that results.md links."""
+    from PIL import Image
+    from xml.etree import ElementTree
+
+    from raydistill import plots
+
+    output = two_methods
+    summaries = {(method, seed): json.loads((output / f"{method}-s{seed}" / "summary.json").read_text())
+                 for method in ("independent", "dml") for seed in (0, 1)}
+    peers_mean = {key: np.mean([p["test_acc"] for p in s["peers"]]) for key, s in summaries.items()}
+    curves = plots.results_curves({m: {seed: output / f"{m}-s{seed}" for seed in (0, 1)}
+                                   for m in ("independent", "dml")}, "acc")
+    assert curves.baseline == "independent"
+    for method in ("independent", "dml"):
+        assert curves.peers[method].index.tolist() == [1, 2]                      # every epoch, not only the last
+        for seed in (0, 1):
+            assert curves.peers[method].loc[2, seed] == pytest.approx(peers_mean[method, seed], abs=1e-7)
+            gap = summaries[method, seed]["ensemble_test_acc"] - peers_mean[method, seed]
+            assert plots.ensemble_gap(curves, method).loc[2, seed] == pytest.approx(gap, abs=1e-7)
+    for seed in (0, 1):
+        difference = peers_mean["dml", seed] - peers_mean["independent", seed]
+        assert plots.paired_difference(curves, "dml").loc[2, seed] == pytest.approx(difference, abs=1e-7)
+    markdown = (output / "results.md").read_text()
+    for name in ("curves", "paired_difference", "ensemble_gap"):
+        png, svg = output / f"{name}.png", output / f"{name}.svg"
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.width >= 600 and image.height >= 300
+        text = " ".join(ElementTree.parse(svg).getroot().itertext())
+        assert "epoch" in text and ("(%)" in text or "percentage points" in text)     # axes labelled with units
+        assert f"]({name}.png)" in markdown
+    assert "peers' mean − independent (percentage points)" in (output / "paired_difference.svg").read_text()

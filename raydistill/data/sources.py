@@ -30,6 +30,7 @@ class DataSpec:
     num_classes: int  # classes; for regression the number of target outputs
     mean: tuple  # per-channel mean of the float input in [0,1] (images) or per-feature (tabular)
     std: tuple
+    class_names: tuple | None = None  # label order, where the source knows them (exports carry them as metadata)
 
 
 @dataclass
@@ -159,10 +160,11 @@ def _positive_int(field, value, minimum=1):
     return int(value)
 
 
-def _image_spec(train_x, num_classes, mean=None, std=None) -> DataSpec:
+def _image_spec(train_x, num_classes, mean=None, std=None, class_names=None) -> DataSpec:
     if mean is None:
         mean, std = channel_stats(train_x)
-    return DataSpec("classification", tuple(train_x.shape[1:]), num_classes, tuple(mean), tuple(std))
+    names = tuple(str(n) for n in class_names) if class_names is not None else None
+    return DataSpec("classification", tuple(train_x.shape[1:]), num_classes, tuple(mean), tuple(std), names)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -196,7 +198,8 @@ def load_digits_dataset(root=None) -> Dataset:
     n_test = int(round(DIGITS_TEST_FRACTION * len(x)))
     test_idx, train_idx = np.sort(perm[:n_test]), np.sort(perm[n_test:])
     train_x = x[train_idx]
-    return Dataset(_image_spec(train_x, 10), train_x, y[train_idx], x[test_idx], y[test_idx], "digits")
+    return Dataset(_image_spec(train_x, 10, class_names=range(10)), train_x, y[train_idx], x[test_idx], y[test_idx],
+                   "digits")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -209,6 +212,17 @@ _CIFAR = {
     "cifar100": ("CIFAR100", "CIFAR-100", "train", "test", "fine_labels", 100,
                  (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }  # fmt: skip
+_CIFAR_META = {"cifar10": ("batches.meta", "label_names"), "cifar100": ("meta", "fine_label_names")}
+
+
+def _cifar_class_names(name, folder: Path):
+    """The class names in the folder's meta file (beside the test batch), or None where it has none."""
+    file_name, key = _CIFAR_META[name]
+    if not (folder / file_name).is_file():
+        return None
+    meta = safe_load(folder / file_name, encoding="latin1")
+    names = meta.get(key) if isinstance(meta, dict) else None
+    return [n.decode("latin1") if isinstance(n, bytes) else n for n in names] if names is not None else None
 
 
 def _torchvision_cifar(name):
@@ -279,7 +293,8 @@ def _load_cifar(name, root, download) -> Dataset:
     train = [_read_cifar_batch(p, label_key) for p in train_paths]
     train_x, train_y = np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train])
     test_x, test_y = _read_cifar_batch(test_path, label_key)
-    return Dataset(_image_spec(train_x, num_classes, mean, std), train_x, train_y, test_x, test_y, name)
+    spec = _image_spec(train_x, num_classes, mean, std, _cifar_class_names(name, test_path.parent))
+    return Dataset(spec, train_x, train_y, test_x, test_y, name)
 
 
 @_source("cifar10")
@@ -370,7 +385,8 @@ def load_imagefolder(root=None, image_size=64) -> Dataset:
     train_x = _read_images(train_paths, image_size)
     test_x = _read_images(test_paths, image_size)
     train_y, test_y = np.asarray(train_labels, np.int64), np.asarray(test_labels, np.int64)
-    return Dataset(_image_spec(train_x, len(classes)), train_x, train_y, test_x, test_y, "imagefolder")
+    return Dataset(_image_spec(train_x, len(classes), class_names=classes), train_x, train_y, test_x, test_y,
+                   "imagefolder")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -437,9 +453,10 @@ def standardize_targets(train_y: np.ndarray, test_y: np.ndarray):
     return ((train_y - mean) / std).astype(np.float32), ((test_y - mean) / std).astype(np.float32)
 
 
-def _tabular_dataset(train_x, train_y, test_x, test_y, task, num_classes, name) -> Dataset:
+def _tabular_dataset(train_x, train_y, test_x, test_y, task, num_classes, name, class_names=None) -> Dataset:
     mean, std = feature_stats(train_x)
-    spec = DataSpec(task, (train_x.shape[1],), num_classes, mean, std)
+    spec = DataSpec(task, (train_x.shape[1],), num_classes, mean, std,
+                    tuple(str(c) for c in class_names) if class_names is not None else None)
     return Dataset(spec, train_x, train_y, test_x, test_y, name)
 
 
@@ -548,7 +565,7 @@ def load_tabular(root=None, target=None, task=None, test_fraction=TABULAR_TEST_F
             raise ConfigError("data.root", root, f"test labels among the train labels; unseen: {unknown[:5].tolist()}")
         train_y = np.searchsorted(classes, train_t).astype(np.int64)
         test_y = np.searchsorted(classes, test_t).astype(np.int64)
-        return _tabular_dataset(train_x, train_y, test_x, test_y, task, len(classes), "tabular")
+        return _tabular_dataset(train_x, train_y, test_x, test_y, task, len(classes), "tabular", classes.tolist())
     try:
         train_y, test_y = train_t.astype(np.float32), test_t.astype(np.float32)
     except ValueError:

@@ -35,6 +35,12 @@ def model_file(run_dir, entry: dict) -> Path:
     return Path(run_dir) / EXPORT_DIR / entry["file"]
 
 
+def class_names(spec: dict) -> list | None:
+    """The class names in label order where the data source knows them (None for regression and unnamed labels)."""
+    names = spec.get("class_names")
+    return list(names) if names is not None else None
+
+
 def deployed_entry(manifest: dict) -> dict:
     return manifest["models"][manifest["deploy"]["name"]]
 
@@ -42,7 +48,8 @@ def deployed_entry(manifest: dict) -> dict:
 def write_export(run_dir, spec: dict, task: str, states: dict, settings_of, deploy: dict) -> None:
     """export/ written to a temporary name and renamed: one ``NAME.pt`` per model (states: name -> {kind, index,
     state}, or with its own ``settings`` and index None: a peer removed from the run) and the manifest (each model's
-    kind, index, arch and options from ``settings_of(index)``, the data spec, the task, and the deploy choice)."""
+    kind, index, arch and options from ``settings_of(index)``, the data spec, the task, the class names, and the deploy
+    choice)."""
     import torch
 
     tmp, final = Path(run_dir) / f".{EXPORT_DIR}.tmp", Path(run_dir) / EXPORT_DIR
@@ -58,6 +65,7 @@ def write_export(run_dir, spec: dict, task: str, states: dict, settings_of, depl
                                 "options": settings["options"], "file": f"{name}.pt",
                                 **({"removed": True} if entry.get("settings") else {})}
             manifest = {"spec": spec, "task": task, "models": models, "deploy": deploy,
+                        "class_names": class_names(spec),
                         "input": "float images in [0, 1], NCHW (normalization is inside the model)"}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=float))
     except DiskFull:
