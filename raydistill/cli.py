@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                                            "SOURCE must be at the same path on every node")
     prepare.add_argument("--val-labels", metavar="FILE", help="the labels of a flat val/ folder: ImageNet's "
                                                               "LOC_val_solution.csv, or lines 'FILE CLASS'")
+    prepare.add_argument("--view", metavar="random-resized-crop|crop-pad=N",
+                         help="the views the set trains with (default: random-resized-crop for a folder, a source's "
+                              "own crop-pad)")
     prepare.add_argument("--root", help="a source's data root (cifar10's python batches, ...)")
     prepare.add_argument("--download", action="store_true", help="fetch a source's files into --root first")
     prepare.add_argument("--shard-mb", type=float, default=1024.0, help="MiB of images per file (default 1024)")

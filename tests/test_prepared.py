@@ -385,3 +385,99 @@ def test_an_imagenet_style_set_is_not_read_whole_by_the_in_memory_path(imagenet)
     _, dest, _ = imagenet
     with pytest.raises(ConfigError, match=r"^data\.root='.*': a prepared set with crop-and-pad views to read whole"):
         load_dataset("prepared", str(dest))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# presets that train on prepared sets
+
+# The values each preset must carry, read from its source (its leading comment names the files and lines).
+SOURCE_VALUES = {
+    # torchdistill configs/official/ilsvrc2012/yoshitomo-matsubara/rrpr2020/kd-resnet18_from_resnet34.yaml
+    "kd-torchdistill-imagenet": {
+        "data.name": "prepared", "data.options": {"crop_size": 224}, "data.val_fraction": 0.0, "data.crop_pad": None,
+        "model.arch": "resnet18", "teacher.arch": "resnet34", "num_peers": 1, "method.name": "kd",
+        "method.temperature": 1.0, "method.alpha": 0.5, "method.ce_weight": "complement", "train.optimizer": "sgd",
+        "train.lr": 0.1, "train.momentum": 0.9, "train.nesterov": False, "train.weight_decay": 1e-4,
+        "train.batch_size": 256, "train.epochs": 100, "train.schedule": "step", "train.milestones": [30, 60, 90],
+        "train.gamma": 0.1,
+    },
+    # Guo et al. 2020 (the pair and the loss) with torchvision's reference ResNet schedule
+    "kdcl-guo2020-imagenet": {
+        "data.name": "prepared", "data.options": {"crop_size": 224}, "data.crop_pad": None, "num_peers": 2,
+        "method.name": "kdcl", "method.alpha": 1.0, "method.ce_weight": 1.0, "method.per_peer_views": True,
+        "train.lr": 0.1, "train.batch_size": 256, "train.epochs": 90, "train.milestones": [30, 60],
+        "train.weight_decay": 1e-4, "train.momentum": 0.9,
+    },
+    # the DKEL code: configs/20221027_tinyimagenet.yml, src/schemes/scheme_config.yml (tiny_multi_step_lr), ...
+    "dkel-shao2023-tinyimagenet": {
+        "data.name": "prepared", "data.val_fraction": 0.0, "data.crop_pad": 4, "data.flip": True,
+        "data.pad_mode": "zeros", "model.arch": "resnet18", "num_peers": 3, "method.name": "dkel",
+        "method.temperature": 3.0, "method.alpha": 0.1, "method.decay": 0.5, "method.beta_floor": 0.01,
+        "method.teacher_init_steps": 2, "method.ema_momentum": 0.999, "method.per_peer_views": True,
+        "train.lr": 0.1, "train.batch_size": 128, "train.epochs": 100, "train.milestones": [30, 60],
+        "train.gamma": 0.1, "train.weight_decay": 5e-4, "train.nesterov": True, "train.momentum": 0.9, "seed": 42,
+    },
+}
+
+
+def preset(name, tmp_path, overrides=()):
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"")
+    extra = [f"teacher.checkpoint={teacher}"] if name.startswith("kd-") else []
+    return load_config(name, extra + list(overrides))
+
+
+@pytest.mark.parametrize("name", sorted(SOURCE_VALUES))
+def test_the_prepared_set_presets_carry_their_sources_values(name, tmp_path):
+    config = preset(name, tmp_path)
+    for path, expected in SOURCE_VALUES[name].items():
+        node = config.num_peers if path == "num_peers" else config
+        for part in path.split(".") if path != "num_peers" else ():
+            node = getattr(node, part)
+        assert node == expected, f"{name}: {path}"
+    assert [p.arch for p in preset("kdcl-guo2020-imagenet", tmp_path).peers] == ["resnet50", "mobilenet_v2"]
+
+
+@pytest.mark.parametrize("name", ["kd-torchdistill-imagenet", "kdcl-guo2020-imagenet"])
+def test_the_imagenet_presets_build_their_networks_on_a_set_of_imagenets_layout(imagenet, tmp_path, name):
+    """Each network of the preset, built from the reader's spec, takes a step's views of the prepared set."""
+    from raydistill.models import build_model
+
+    _, dest, _ = imagenet
+    config = preset(name, tmp_path)
+    assert PreparedSet(dest, **config.data.options).spec.input_shape == (3, 224, 224)
+    data = PreparedSet(dest, crop_size=32).with_validation(0.25, seed=config.seed)   # 32 x 32 views: seconds
+    assert data.spec.num_classes == 10
+    x, y = data.batch("train", [0, 1])
+    networks = [(p.arch, p.options) for p in config.peers] + [(t.arch, t.options) for t in config.teacher_list]
+    for arch, options in networks:
+        model = build_model(arch, data.spec, **options).eval()
+        with torch.no_grad():
+            assert model(data.train_view(x, config.seed, 0, 0, 0)).shape == (2, 10), arch
+            assert model(data.eval_view(data.batch("val", [0])[0])).shape == (1, 10), arch
+
+
+def test_the_tinyimagenet_preset_trains_on_a_set_of_tinyimagenets_layout(tmp_path):
+    """TinyImageNet's layout (train/<wnid>/images/, val/images/ + val_annotations.txt) prepared with the preset's
+    crop-and-pad views, and the preset trained on it (one short epoch, in process)."""
+    source = tmp_path / "tiny-imagenet-200"
+    lines = []
+    for c, wnid in enumerate(CLASSES[:4]):
+        (source / "train" / wnid / "images").mkdir(parents=True)
+        (source / "train" / wnid / f"{wnid}_boxes.txt").write_text("boxes beside images/ are not samples")
+        for i in range(3):
+            Image.new("RGB", (64, 64), colour(c)).save(source / "train" / wnid / "images" / f"{wnid}_{i}.JPEG")
+        (source / "val" / "images").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (64, 64), colour(c)).save(source / "val" / "images" / f"val_{c}.JPEG")
+        lines.append(f"val_{c}.JPEG\t{wnid}\t0\t0\t63\t63")
+    (source / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    dest = tmp_path / "tinyimagenet-32"                      # stored at 32 x 32: a test's seconds
+    index = prepare(str(source), dest, size=32, workers=1, view="crop-pad=4", progress=Lines())
+    assert index["view"] == {"kind": "crop_pad", "crop_pad": 4, "flip": True, "pad_mode": "zeros"}
+    assert index["skipped"] == [] and PreparedSet(dest).labels("test").tolist() == [0, 1, 2, 3]
+    overrides = [f"data.root={dest}", "train.epochs=1", "train.batch_size=4", "train.bf16=false",
+                 "train.channels_last=false", "resources.gpus_per_peer=0"]
+    config = preset("dkel-shao2023-tinyimagenet", tmp_path, overrides)
+    summary = raydistill.train(config, tmp_path / "run", runtime="inprocess", progress=False).summary
+    assert summary["epochs_completed"] == 1 and len(summary["peers"]) == 3
+    assert all(0.0 <= peer["test_acc"] <= 1.0 for peer in summary["peers"])

@@ -194,6 +194,19 @@ class ArraySource:
         return self._fingerprint.hexdigest()
 
 
+def parse_view(view: str | None, source) -> dict:
+    """``--view``: ``random-resized-crop`` (ImageNet-style) or ``crop-pad=N`` (CIFAR-style: pad N, crop back, flip);
+    None: the source's own (a folder: random-resized-crop; a source name: its usual crop and flip)."""
+    if view is None:
+        return source.view
+    if view == "random-resized-crop":
+        return {"kind": "random_resized_crop", "scale": list(RRC_SCALE), "ratio": list(RRC_RATIO), "flip": True}
+    kind, _, pad = view.partition("=")
+    if kind == "crop-pad" and pad.isdigit():
+        return {"kind": "crop_pad", "crop_pad": int(pad), "flip": True, "pad_mode": "zeros"}
+    raise ConfigError("--view", view, "random-resized-crop or crop-pad=N (N pixels of padding)")
+
+
 def open_source(source: str, root=None, download: bool = False, val_labels=None):
     """SOURCE as a source name (``cifar10``...) or an image folder."""
     if source in ARRAY_SOURCES:
@@ -281,10 +294,10 @@ def _write_json(path: Path, content) -> None:
     os.replace(temporary, path)
 
 
-def _plan(source, size: int, shard_bytes: int) -> dict:
+def _plan(source, size: int, shard_bytes: int, view: dict) -> dict:
     sample_bytes = source.channels * size * size
     return {"format": FORMAT, "version": VERSION, "source": source.display(), "fingerprint": source.fingerprint(),
-            "size": size, "channels": source.channels, "classes": source.classes, "view": source.view,
+            "size": size, "channels": source.channels, "classes": source.classes, "view": view,
             "counts": {split: source.count(split) for split in SPLITS},
             "shard_samples": max(1, shard_bytes // sample_bytes)}
 
@@ -359,11 +372,12 @@ class Progress:
 
 
 def prepare(source: str, dest, size: int | None = None, workers: int | None = None, address: str | None = None,
-            root=None, download: bool = False, val_labels=None, shard_bytes: int = SHARD_BYTES,
-            progress: Progress | None = None) -> dict:
+            root=None, download: bool = False, val_labels=None, view: str | None = None,
+            shard_bytes: int = SHARD_BYTES, progress: Progress | None = None) -> dict:
     """Prepares SOURCE into DEST (see the module's docstring); returns the index. Run again after an interruption,
     it resumes; run again on a finished DEST, it checks it and returns its index. ``workers``: decoding processes
-    (default: one per core), or with ``address`` Ray tasks at once (default: twice the cluster's CPUs)."""
+    (default: one per core), or with ``address`` Ray tasks at once (default: twice the cluster's CPUs); ``view``: the
+    views the set is trained with (``parse_view``)."""
     if size is not None:
         _positive("--size", size, MIN_SIZE)
     if workers is not None:
@@ -374,7 +388,7 @@ def prepare(source: str, dest, size: int | None = None, workers: int | None = No
     size = size or src.default_size()
     _positive("--size", size, MIN_SIZE)
     dest = Path(dest)
-    plan = _plan(src, size, shard_bytes)
+    plan = _plan(src, size, shard_bytes, parse_view(view, src))
     done = _start(dest, plan)
     if done is None:
         index = read_index(dest)
@@ -504,7 +518,8 @@ def run_command(args) -> int:
         raise ConfigError("--shard-mb", args.shard_mb, "a number of MiB > 0")
     try:
         prepare(args.source, args.dest, size=args.size, workers=args.workers, address=args.address, root=args.root,
-                download=args.download, val_labels=args.val_labels, shard_bytes=int(args.shard_mb * 2**20),
+                download=args.download, val_labels=args.val_labels, view=args.view,
+                shard_bytes=int(args.shard_mb * 2**20),
                 progress=Progress(lambda line: print(line, flush=True)))
     except KeyboardInterrupt:
         print("raydistill: prepare stopped; the shards written are kept: run the same command to resume",
