@@ -234,7 +234,7 @@ def run(args) -> int:
     if args.data is not None:
         from raydistill.data.bench_data import run_data
 
-        return run_data(args)
+        return run_data(args, machine_line())
     if args.gpu and not torch.cuda.is_available():
         raise ConfigError("--gpu", True, "needs a CUDA device and torch sees none here: run the bench without --gpu "
                           "(add --reference for the plain-loop row on this machine)")

@@ -28,7 +28,8 @@ from raydistill.data import load_dataset
 from raydistill.data.cache import localize
 from raydistill.data.prefetch import Prefetcher, host_batch, prefetched
 from raydistill.data.prepare import PARTIAL, Progress, prepare
-from raydistill.data.prepared import INDEX, PreparedSet, read_index, verify
+from raydistill.data.layout import INDEX, read_index, verify
+from raydistill.data.prepared import PreparedSet
 from raydistill.data.sources import channel_stats
 from raydistill.errors import ConfigError
 from tests.conftest import one_line

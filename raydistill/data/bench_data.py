@@ -223,9 +223,10 @@ def reader_memory(dest: Path, readers: int) -> list:
 # the run
 
 
-def run_data(args) -> int:
-    from raydistill.bench import machine_line
-    from raydistill.data.prepared import PreparedSet, read_index
+def run_data(args, machine: str) -> int:
+    """The bench's --data run; ``machine``: the bench's line about this machine."""
+    from raydistill.data.layout import read_index
+    from raydistill.data.prepared import PreparedSet
     from raydistill.errors import ConfigError
 
     images, size = args.data, args.data_size
@@ -261,7 +262,7 @@ def run_data(args) -> int:
             import shutil
 
             shutil.rmtree(base, ignore_errors=True)
-    print(f"{machine_line()}; {images:,} JPEGs (~500x375, quality 90, mean {jpeg_kb:.0f} KB), crops {size} x {size}, "
+    print(f"{machine}; {images:,} JPEGs (~500x375, quality 90, mean {jpeg_kb:.0f} KB), crops {size} x {size}, "
           f"batch {BATCH}, median of {args.repeats} rounds (each path one pass a round) after a warm-up round")
     print(f"{'path':<66}{'images/s':>10}{'ratio':>8}")
     rows = [(f"ImageFolder + DataLoader ({workers} worker processes: PIL decode, RandomResizedCrop, ...)", reference),

@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from raydistill.data.prepared import CHECKSUM, INDEX, READ_BLOCK, index_files, read_index, set_digest
+from raydistill.data.layout import CHECKSUM, INDEX, READ_BLOCK, index_files, read_index, set_digest
 from raydistill.errors import ConfigError
 
 COMPLETE = ".complete"      # in a cached folder: the digest of the set, written last

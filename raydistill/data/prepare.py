@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from raydistill.data.prepared import (CHECKSUM, FORMAT, INDEX, SIDE_FILES, SPLITS, VERSION, read_index, set_digest,
-                                      shard_name, side_name)
+from raydistill.data.layout import (CHECKSUM, FORMAT, INDEX, SIDE_FILES, SPLITS, VERSION, file_checksum, read_index,
+                                    set_digest, shard_name, side_name, verify)
 from raydistill.data.sources import (channel_histogram, dataset_names, default_augment,
                                      histogram_stats, list_image_folder, load_dataset)
 from raydistill.data.views import RRC_RATIO, RRC_SCALE
@@ -457,8 +457,6 @@ def _write_shard(src, dest: Path, plan: dict, split: str, k: int, start: int, st
 
 def _finish(src, dest: Path, plan: dict, shards: dict, done: dict) -> dict:
     """The split files beside the shards, the channel statistics, the index (written last), and no .partial."""
-    from raydistill.data.prepared import file_checksum
-
     index = {"format": FORMAT, "version": VERSION, "size": plan["size"], "channels": plan["channels"],
              "classes": plan["classes"], "view": plan["view"], "splits": {},
              "source": {"name": plan["source"], "plan": _plan_digest(plan)},
@@ -507,8 +505,6 @@ def _finish(src, dest: Path, plan: dict, shards: dict, done: dict) -> dict:
 
 def run_command(args) -> int:
     """``raydistill data prepare|verify`` (arguments in cli.py)."""
-    from raydistill.data.prepared import verify
-
     if args.data_command == "verify":
         index = verify(args.dest)
         print(f"{args.dest}: every file matches its index (train {index['splits']['train']['count']:,}, test "

@@ -1,9 +1,9 @@
 """Data sets by name: each source returns the whole set as numpy arrays (uint8 NCHW images or float32 features).
 
 Sources: ``digits`` (scikit-learn's embedded 8x8 digits), ``cifar10`` / ``cifar100`` (the python-pickle batches, read
-through a restricted unpickler), ``imagefolder`` (ImageNet / TinyImageNet-style class folders), ``prepared`` (a set
-made by ``raydistill data prepare``), ``diabetes`` (scikit-learn's embedded regression set), ``tabular`` (CSV or Parquet
-files) and ``synthetic`` (seeded random data for benchmarks).
+through a restricted unpickler), ``imagefolder`` (ImageNet / TinyImageNet-style class folders), ``diabetes``
+(scikit-learn's embedded regression set), ``tabular`` (CSV or Parquet files), ``synthetic`` (seeded random data for
+benchmarks), and ``prepared`` (a set made by ``raydistill data prepare``, registered by data/prepared.py).
 A source's options are its keyword parameters; ``load_dataset`` refuses any other, and a ``root`` for a data set that
 reads no files (digits, diabetes, synthetic).
 """
@@ -85,7 +85,7 @@ _AUGMENT = {
 }
 
 
-def _source(name, reads_files=True):
+def register_source(name, reads_files=True):
     """Register a loader ``fn(root, **options) -> Dataset`` under ``name``; ``reads_files=False``: it takes no root."""
 
     def register(fn):
@@ -211,7 +211,7 @@ def _sklearn_table(name: str, **kwargs) -> np.ndarray:
         return np.loadtxt(f, **kwargs)
 
 
-@_source("digits", reads_files=False)
+@register_source("digits", reads_files=False)
 def load_digits_dataset(root=None) -> Dataset:
     """scikit-learn's 1,797 8x8 grey digits (values 0..16, scaled to uint8 0..255), 20% held out as a fixed test set."""
     data = _sklearn_table("digits.csv.gz", delimiter=",")
@@ -307,13 +307,13 @@ def _load_cifar(name, root, download) -> Dataset:
     return Dataset(_image_spec(train_x, num_classes, mean, std), train_x, train_y, test_x, test_y, name)
 
 
-@_source("cifar10")
+@register_source("cifar10")
 def load_cifar10(root=None, download=False) -> Dataset:
     """CIFAR-10 python batches: all ``data_batch_*`` present (a subset may hold only some) and ``test_batch``."""
     return _load_cifar("cifar10", root, download)
 
 
-@_source("cifar100")
+@register_source("cifar100")
 def load_cifar100(root=None, download=False) -> Dataset:
     """CIFAR-100 python batches ``train`` / ``test`` with the 100 fine labels."""
     return _load_cifar("cifar100", root, download)
@@ -449,7 +449,7 @@ def _read_images(samples, image_size: int) -> np.ndarray:
     return out
 
 
-@_source("imagefolder")
+@register_source("imagefolder")
 def load_imagefolder(root=None, image_size=64) -> Dataset:
     """``root/train/<class>/[images/]*.{jpg,png,...}``; test split ``root/val/`` as class folders or TinyImageNet's
     ``val/images/`` + ``val/val_annotations.txt``. Classes are the train folder names in sorted order; a class folder
@@ -464,34 +464,10 @@ def load_imagefolder(root=None, image_size=64) -> Dataset:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# prepared sets (raydistill data prepare; data/prepared.py)
-
-
-@_source("prepared")
-def load_prepared(root=None, crop_size=None, cache_dir=None) -> Dataset:
-    """A prepared set (``raydistill data prepare``) in its folder, or at a ``pyarrow.fs`` URI copied once per node into
-    ``cache_dir``. ``crop_size``: the side of the views (default: the stored size).
-
-    Read whole into arrays, the in-memory form every source gives, for a set made with crop-and-pad views
-    (CIFAR-style, from a source such as cifar10): its pixels, labels, order and channel statistics are the source's.
-    An ImageNet-style set (random-resized-crop views) is read from its memory maps, batch by batch
-    (``raydistill.data.prepared.PreparedSet``), never whole: it is refused here."""
-    from raydistill.data.prepared import open_prepared
-
-    prepared = open_prepared(root, crop_size, cache_dir)
-    if prepared.view["kind"] != "crop_pad":
-        raise ConfigError("data.root", str(root), "a prepared set with crop-and-pad views to read whole into memory; "
-                                                  f"this one ({prepared.view['kind']} views) is read by index from its "
-                                                  "memory maps, which the training runtime does not do yet")
-    return Dataset(prepared.spec, prepared.arrays("train"), prepared.labels("train"), prepared.arrays("test"),
-                   prepared.labels("test"), "prepared")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # synthetic
 
 
-@_source("synthetic", reads_files=False)
+@register_source("synthetic", reads_files=False)
 def load_synthetic(
     root=None, num_train=1024, num_test=256, shape=(3, 32, 32), num_classes=10, task="classification", seed=0
 ) -> Dataset:
@@ -557,7 +533,7 @@ def _tabular_dataset(train_x, train_y, test_x, test_y, task, num_classes, name) 
     return Dataset(spec, train_x, train_y, test_x, test_y, name)
 
 
-@_source("diabetes", reads_files=False)
+@register_source("diabetes", reads_files=False)
 def load_diabetes_dataset(root=None, standardize_target=True) -> Dataset:
     """scikit-learn's diabetes regression set (442 patients, 10 features, disease progression after one year), 20% held
     out as a fixed test set. Features are the raw values (the model standardizes its input itself).
@@ -642,7 +618,7 @@ def infer_task(target_values: np.ndarray) -> str:
     return "classification" if discrete and len(np.unique(target_values)) <= MAX_INFERRED_CLASSES else "regression"
 
 
-@_source("tabular")
+@register_source("tabular")
 def load_tabular(root=None, target=None, task=None, test_fraction=TABULAR_TEST_FRACTION,
                  standardize_target=True) -> Dataset:
     """A CSV or Parquet table (read with pyarrow): ``root`` is one file (a fixed ``test_fraction`` of its rows is held
