@@ -180,7 +180,7 @@ def test_the_reader_gathers_from_memory_maps_and_carves_validation_by_index(imag
     whole = data.arrays("train")
     picked = [32, 0, 7, 8, 31, 8]                      # across shards, repeated, out of order
     np.testing.assert_array_equal(data.read("train", picked), whole[picked])
-    shard = data._shard("train", 0)
+    _, shard = data._shard("train", 0)
     assert not shard.flags.writeable and not shard.flags.owndata    # a view of the map, not a heap copy
     carved = data.with_validation(0.25, seed=3)
     assert carved.splits == ("train", "val", "test") and carved.num_samples("val") == 8
@@ -482,3 +482,17 @@ def test_the_tinyimagenet_preset_trains_on_a_set_of_tinyimagenets_layout(tmp_pat
     summary = raydistill.train(config, tmp_path / "run", runtime="inprocess", progress=False).summary
     assert summary["epochs_completed"] == 1 and len(summary["peers"]) == 3
     assert all(0.0 <= peer["test_acc"] <= 1.0 for peer in summary["peers"])
+
+
+def test_the_command_prepares_a_source_and_verifies_it(tmp_path, capsys):
+    dest = tmp_path / "digits"
+    assert main(["data", "prepare", "digits", str(dest), "--shard-mb", "0.03"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"prepare digits -> {dest}: 10 classes, train 1,438 and test 359 samples at 8 x 8")
+    assert out[1] == "train shard 1/3 written (491 images; " + out[1].split("; ")[1]
+    assert out[-1].startswith(f"prepared {dest}: train 1,438, test 359 images; 0 files skipped; digest ")
+    digits, data = load_dataset("digits"), PreparedSet(dest)
+    np.testing.assert_array_equal(data.arrays("train"), digits.train_x)       # one channel, 8 x 8, as the source
+    assert data.view == {"kind": "crop_pad", "crop_pad": 1, "flip": False, "pad_mode": "zeros"}
+    assert main(["data", "verify", str(dest)]) == 0
+    assert capsys.readouterr().out.startswith(f"{dest}: every file matches its index (train 1,438, test 359 images")

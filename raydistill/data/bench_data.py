@@ -4,11 +4,12 @@ On JPEGs generated at ImageNet's typical size (about 500 x 375, quality 90; 10 c
 - images/s of a plain ``torchvision.datasets.ImageFolder`` + ``DataLoader`` (PIL decode, ``RandomResizedCrop(S)``,
   flip, ``ToTensor``, ``Normalize``; one worker process per core) against the prepared reader + views making the same
   batches (crops S x S, float, normalized) in one process: the next batch read on the background thread, and without
-  it (read, then views); the reader alone and the views alone;
+  it (read, then views); the reader alone and the views alone; and the same from the disk (the set's pages dropped
+  from the page cache before each pass);
 - the prepare itself on worker processes and on Ray tasks (a local Ray of as many CPUs);
 - the memory of 1, 2 and 3 processes reading the whole prepared set: PSS (from /proc/PID/smaps_rollup, which shares
   each page out among the processes mapping it) in all and of the set's files alone, and RSS.
-Every pass after a first (warm-up) pass: the JPEGs and the prepared set sit in the page cache.
+Passes after a first (warm-up) round: the JPEGs and the prepared set sit in the page cache, but where said.
 """
 from __future__ import annotations
 
@@ -83,50 +84,65 @@ def reference_pass(train: Path, size: int, workers: int, mean, std):
     return one_pass
 
 
+def evict(dest: Path) -> None:
+    """Drops the set's pages from the page cache (posix_fadvise DONTNEED on its files; pages no process maps): the
+    next pass reads from the disk. Only this set's files: nothing else on the machine is touched."""
+    for path in Path(dest).glob("*.u8"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def prepared_passes(dest: Path, size: int) -> dict:
     """The prepared reader and the views on the same batches, one process, one torch thread (and the background
-    reader's): overlapped, one after the other, and each alone. Functions running one pass, returning images."""
+    reader's): overlapped, one after the other, the read alone and the views alone; from the page cache, and from
+    the disk (the set's pages dropped first). Functions running one pass, returning the images they made."""
     import torch
 
     from raydistill.data.prefetch import host_batch, prefetched
     from raydistill.data.prepared import PreparedSet
     from raydistill.data.views import batch_indices, num_steps, random_resized_crop_view
 
-    data = PreparedSet(dest, crop_size=size)
-    n = data.num_samples("train")
+    spec = PreparedSet(dest, crop_size=size).spec
+    n = PreparedSet(dest).num_samples("train")
     steps = num_steps(n, BATCH)
-    mean = torch.tensor(data.spec.mean).reshape(1, -1, 1, 1)
-    std = torch.tensor(data.spec.std).reshape(1, -1, 1, 1)
-
-    def load(epoch):
-        return lambda step: host_batch(data, "train", batch_indices(SEED, epoch, step, n, BATCH))
+    mean = torch.tensor(spec.mean).reshape(1, -1, 1, 1)
+    std = torch.tensor(spec.std).reshape(1, -1, 1, 1)
 
     def views(x, epoch, step):
         return random_resized_crop_view(x, SEED, epoch, step, 0, size).sub_(mean).div_(std)
 
-    def overlapped(epoch):
-        for step, (x, _) in enumerate(prefetched(range(steps), load(epoch))):
-            views(x, epoch, step)
-        return steps * BATCH
+    def make(kind: str, cold: bool):
+        def one_pass(epoch):
+            if cold:
+                evict(dest)
+            data = PreparedSet(dest, crop_size=size)           # opened for the pass: no page stays mapped after it
 
-    def sequential(epoch):
-        for step in range(steps):
-            views(load(epoch)(step)[0], epoch, step)
-        return steps * BATCH
+            def load(step):
+                return host_batch(data, "train", batch_indices(SEED, epoch, step, n, BATCH))
 
-    def read_alone(epoch):
-        for step in range(steps):
-            load(epoch)(step)
-        return steps * BATCH
+            if kind == "overlapped":
+                for step, (x, _) in enumerate(prefetched(range(steps), load)):
+                    views(x, epoch, step)
+            elif kind == "sequential":
+                for step in range(steps):
+                    views(load(step)[0], epoch, step)
+            elif kind == "read":
+                for step in range(steps):
+                    load(step)
+            else:
+                batch = load(0)[0]
+                for step in range(steps):
+                    views(batch, epoch, step)
+            return steps * BATCH
 
-    batch = load(0)(0)[0]
+        return one_pass
 
-    def views_alone(epoch):
-        for step in range(steps):
-            views(batch, epoch, step)
-        return steps * BATCH
-
-    return {"overlapped": overlapped, "sequential": sequential, "read": read_alone, "views": views_alone}
+    passes = {kind: make(kind, False) for kind in ("overlapped", "sequential", "read", "views")}
+    passes.update({f"cold {kind}": make(kind, True) for kind in ("overlapped", "sequential", "read")})
+    return passes
 
 
 def interleaved_rates(passes: dict, repeats: int) -> dict:
@@ -145,9 +161,22 @@ def interleaved_rates(passes: dict, repeats: int) -> dict:
     return {name: statistics.median(rates) for name, rates in timed.items()}
 
 
-def prepare_rate(source: Path, dest: Path, size: int, workers: int, ray_tasks: bool) -> tuple:
-    """(images/s of a prepare, seconds to start Ray where it is used)."""
+TIMING_SHARD_BYTES = 8 << 20      # small shards for the prepare timing: a rate between shards, start-up aside
+
+
+def prepare_rate(source: Path, dest: Path, size: int, workers: int, ray_tasks: bool) -> dict:
+    """A prepare's images/s: in all (its start-up, workers importing their modules, included) and steady (from the
+    first shard written to the last); and the seconds to start Ray, where it is used (not in either rate)."""
     from raydistill.data.prepare import Progress, prepare
+
+    class Timing(Progress):
+        def __init__(self):
+            super().__init__(echo=lambda line: None)
+            self.shards = []
+
+        def shard(self, split, number, shards, count):
+            super().shard(split, number, shards, count)
+            self.shards.append((time.perf_counter(), count))
 
     started = 0.0
     if ray_tasks:
@@ -157,11 +186,14 @@ def prepare_rate(source: Path, dest: Path, size: int, workers: int, ray_tasks: b
         ray.init(num_cpus=workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         started = time.perf_counter() - tic
     try:
+        timing = Timing()
         tic = time.perf_counter()
         index = prepare(str(source), dest, size=size, workers=workers, address="auto" if ray_tasks else None,
-                        progress=Progress(echo=lambda line: None))
+                        shard_bytes=TIMING_SHARD_BYTES, progress=timing)
         images = index["splits"]["train"]["count"] + index["splits"]["test"]["count"]
-        return images / (time.perf_counter() - tic), started
+        (first, _), (last, _) = timing.shards[0], timing.shards[-1]
+        steady = sum(count for _, count in timing.shards[1:]) / (last - first)
+        return {"all": images / (time.perf_counter() - tic), "steady": steady, "ray_start": started}
     finally:
         if ray_tasks:
             ray.shutdown()
@@ -245,11 +277,13 @@ def run_data(args, machine: str) -> int:
         import shutil
 
         shutil.rmtree(scratch, ignore_errors=True)
-        process_rate, _ = prepare_rate(source, scratch / "processes", size, workers, ray_tasks=False)
-        ray_rate, ray_start = prepare_rate(source, scratch / "ray", size, workers, ray_tasks=True)
-        if not (dest / "index.json").is_file():
-            shutil.copytree(scratch / "processes", dest)
+        processes = prepare_rate(source, scratch / "processes", size, workers, ray_tasks=False)
+        ray_tasks = prepare_rate(source, scratch / "ray", size, workers, ray_tasks=True)
         shutil.rmtree(scratch, ignore_errors=True)
+        if not (dest / "index.json").is_file():
+            from raydistill.data.prepare import Progress, prepare
+
+            prepare(str(source), dest, size=size, workers=workers, progress=Progress(echo=lambda line: None))
         memory = {k: reader_memory(dest, k) for k in (1, 2, 3)}     # first: no other process maps the set
         spec = PreparedSet(dest).spec
         passes = {"reference": reference_pass(source / "train", size, workers, spec.mean, spec.std),
@@ -264,17 +298,22 @@ def run_data(args, machine: str) -> int:
             shutil.rmtree(base, ignore_errors=True)
     print(f"{machine}; {images:,} JPEGs (~500x375, quality 90, mean {jpeg_kb:.0f} KB), crops {size} x {size}, "
           f"batch {BATCH}, median of {args.repeats} rounds (each path one pass a round) after a warm-up round")
-    print(f"{'path':<66}{'images/s':>10}{'ratio':>8}")
-    rows = [(f"ImageFolder + DataLoader ({workers} worker processes: PIL decode, RandomResizedCrop, ...)", reference),
-            ("prepared reader + views (1 process, the next batch read on a background thread)",
-             ours["overlapped"]),
-            ("prepared reader + views (read, then views)", ours["sequential"]),
+    print(f"{'path (from the page cache unless said)':<72}{'images/s':>10}{'ratio':>8}")
+    rows = [(f"ImageFolder + DataLoader, {workers} worker processes (PIL decode, RandomResizedCrop, ...)", reference),
+            ("prepared reader + views, 1 process, next batch read on a background thread", ours["overlapped"]),
+            ("prepared reader + views, 1 process, read then views", ours["sequential"]),
             ("prepared reader alone (gather from the memory maps)", ours["read"]),
-            ("views alone (RandomResizedCrop + flip + normalize)", ours["views"])]
+            ("views alone (RandomResizedCrop + flip + normalize)", ours["views"]),
+            ("from the disk: prepared reader + views, next batch read ahead", ours["cold overlapped"]),
+            ("from the disk: prepared reader + views, read then views", ours["cold sequential"]),
+            ("from the disk: prepared reader alone", ours["cold read"])]
     for name, rate in rows:
-        print(f"{name:<66}{rate:>10,.0f}{rate / reference:>8.2f}")
-    print(f"prepare ({size} px): {workers} worker processes {process_rate:,.0f} images/s; Ray tasks on a local Ray of "
-          f"{workers} CPUs {ray_rate:,.0f} images/s (after {ray_start:.1f} s to start Ray)")
+        print(f"{name:<72}{rate:>10,.0f}{rate / reference:>8.2f}")
+    print(f"prepare ({size} px, {images + CLASSES * VAL_PER_CLASS:,} images), images/s in all (start-up included) / "
+          f"steady (between the first and the last of {TIMING_SHARD_BYTES >> 20} MiB shards):")
+    print(f"  {workers} worker processes {processes['all']:,.0f} / {processes['steady']:,.0f}; Ray tasks on a local "
+          f"Ray of {workers} CPUs {ray_tasks['all']:,.0f} / {ray_tasks['steady']:,.0f} (and {ray_tasks['ray_start']:.1f} "
+          "s before, to start Ray)")
     print(f"memory of processes reading the whole train split ({set_mb:.0f} MiB) from /proc/PID/smaps_rollup:")
     print(f"{'readers':<9}{'PSS of the set per process':>28}{'sum over readers':>18}{'PSS per process':>17}"
           f"{'RSS per process':>17}")
