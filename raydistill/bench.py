@@ -3,6 +3,7 @@
     raydistill bench [CONFIG] [--steps 200] [--repeats 3] [--set KEY=VALUE ...]
     raydistill bench --gpu [--steps 100] [--repeats 3]      # 3 ResNet-32 peers sharing one GPU, against a plain loop
     raydistill bench --reference [--only reference,inprocess] ...
+    raydistill bench --data [IMAGES] [--data-size 128]      # the data path: a prepared set against ImageFolder
     python -m raydistill.bench ...
 
 In one run: the in-process runtime (every peer in this process, one after another), the Ray runtime with the
@@ -217,6 +218,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "over it")
     p.add_argument("--only", metavar="ROWS", default=None,
                    help=f"only these rows, comma-separated: {', '.join(ROWS)}")
+    p.add_argument("--data", type=int, nargs="?", const=3000, metavar="IMAGES",
+                   help="the data path instead (raydistill/data/bench_data.py): a prepared set against ImageFolder + "
+                        "DataLoader on IMAGES generated JPEGs (3000), and the memory of 1-3 readers; --repeats passes")
+    p.add_argument("--data-size", type=int, default=128, metavar="S", help="--data: crops S x S (128)")
+    p.add_argument("--data-dir", metavar="DIR", help="--data: keep the JPEGs and the set here, reused by a rerun")
 
 
 def run(args) -> int:
@@ -225,6 +231,10 @@ def run(args) -> int:
     for flag, value in (("--steps", args.steps), ("--repeats", args.repeats)):
         if value < 1:
             raise ConfigError(flag, value, "an integer >= 1")
+    if args.data is not None:
+        from raydistill.data.bench_data import run_data
+
+        return run_data(args, machine_line())
     if args.gpu and not torch.cuda.is_available():
         raise ConfigError("--gpu", True, "needs a CUDA device and torch sees none here: run the bench without --gpu "
                           "(add --reference for the plain-loop row on this machine)")

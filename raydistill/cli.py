@@ -63,6 +63,29 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("presets", help="list the built-in presets")
 
+    data = commands.add_parser("data", help="prepare an image data set once, to train from memory maps")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    prepare = data_commands.add_parser("prepare", help="decode an image folder or a source once into a prepared set "
+                                                       "(resumes an unfinished one)")
+    prepare.add_argument("source", metavar="SOURCE", help="an image folder (train/<class>/ and val/: ImageNet, "
+                                                          "TinyImageNet) or a source: cifar10, cifar100, digits, synthetic")
+    prepare.add_argument("dest", metavar="DEST", help="the prepared set's folder")
+    prepare.add_argument("--size", type=int, help="side S of the stored S x S images (default: 128 for a folder, a "
+                                                  "source's own size)")
+    prepare.add_argument("--workers", type=int, help="decoding processes (default: one per core)")
+    prepare.add_argument("--address", help="decode with Ray tasks on this cluster's nodes (auto, ray://host:10001); "
+                                           "SOURCE must be at the same path on every node")
+    prepare.add_argument("--val-labels", metavar="FILE", help="the labels of a flat val/ folder: ImageNet's "
+                                                              "LOC_val_solution.csv, or lines 'FILE CLASS'")
+    prepare.add_argument("--view", metavar="random-resized-crop|crop-pad=N",
+                         help="the views the set trains with (default: random-resized-crop for a folder, a source's "
+                              "own crop-pad)")
+    prepare.add_argument("--root", help="a source's data root (cifar10's python batches, ...)")
+    prepare.add_argument("--download", action="store_true", help="fetch a source's files into --root first")
+    prepare.add_argument("--shard-mb", type=float, default=1024.0, help="MiB of images per file (default 1024)")
+    verify = data_commands.add_parser("verify", help="read every file of a prepared set and check it against its index")
+    verify.add_argument("dest", metavar="DEST")
+
     from raydistill import bench, run_commands, results
 
     bench.add_arguments(commands.add_parser("bench", help="per-step time of every runtime and transport, side by side"))
@@ -178,6 +201,12 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from raydistill.data.prepare import run_command
+
+    return run_command(args)
+
+
 def cmd_bench(args) -> int:
     from raydistill.bench import run
 
@@ -209,7 +238,7 @@ def main(argv=None) -> int:
     if threading.current_thread() is threading.main_thread():   # SIGTERM stops a command as Ctrl-C does
         signal.signal(signal.SIGTERM, _on_sigterm)
     handler = {"bench": cmd_bench, "train": cmd_train, "tune": cmd_tune, "eval": cmd_eval, "presets": cmd_presets,
-               "cluster": cmd_cluster, "results": cmd_results, "peers": cmd_peers,
+               "cluster": cmd_cluster, "results": cmd_results, "peers": cmd_peers, "data": cmd_data,
                **run_commands.HANDLERS}[args.command]
     try:
         return handler(args)

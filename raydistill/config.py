@@ -39,6 +39,7 @@ class DataConfig:
     pad_mode: str = "zeros"             # crop padding: zeros (torchvision RandomCrop) or reflect (WRN / DML recipe)
     download: bool = False
     options: dict = field(default_factory=dict)   # source-specific: image_size, num_train, shape, ...
+    cache_dir: Union[str, None] = None  # prepared sets: the node-local folder a data.root URI is copied into, once
 
 
 @dataclass
@@ -486,6 +487,8 @@ def _check_run(config: Config) -> None:
     if config.data.name not in dataset_names():
         raise ConfigError("data.name", config.data.name, f"one of: {', '.join(dataset_names())}")
     check_root(config.data.name, config.data.root)
+    if config.data.cache_dir is not None and config.data.name != "prepared":
+        raise ConfigError("data.cache_dir", config.data.cache_dir, "only for data.name prepared")
     if not (math.isfinite(config.data.val_fraction) and 0.0 <= config.data.val_fraction < 1.0):
         raise ConfigError("data.val_fraction", config.data.val_fraction, "must be in [0, 1)")
 

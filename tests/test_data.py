@@ -265,7 +265,8 @@ def test_synthetic_images_and_tabular():
 
 
 def test_names_options_and_defaults():
-    assert dataset_names() == ["cifar10", "cifar100", "diabetes", "digits", "imagefolder", "synthetic", "tabular"]
+    assert dataset_names() == ["cifar10", "cifar100", "diabetes", "digits", "imagefolder", "prepared", "synthetic",
+                               "tabular"]
     with pytest.raises(ConfigError, match=r"^data\.name='mnist': one of: ") as err:
         load_dataset("mnist")
     assert err.value.field == "data.name" and "cifar10" in str(err.value)
@@ -282,6 +283,7 @@ def test_names_options_and_defaults():
     assert default_augment("imagefolder") == {"crop_pad": 8, "flip": True}
     assert default_augment("digits") == {"crop_pad": 1, "flip": False}
     assert default_augment("synthetic") == {"crop_pad": 0, "flip": False}
+    assert default_augment("prepared") == {"crop_pad": None, "flip": None}      # the set's own, from its index
 
 
 def test_split_validation_is_deterministic_and_disjoint():
@@ -348,3 +350,112 @@ def test_make_view_same_on_cpu_and_gpu():
     gpu = make_view(x.cuda(), 4, 1, 2, 0, 4, True)
     assert gpu.is_cuda
     assert torch.equal(cpu, gpu.cpu())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ImageNet-style views: RandomResizedCrop + flip, and resize + center crop, against torchvision per sample
+
+
+def test_random_resized_crop_view_equals_torchvision_per_sample():
+    from torchvision.transforms.v2 import functional as TF
+
+    from raydistill.data.views import random_resized_crop_view, resized_crop_boxes
+    from raydistill.seeding import generator
+
+    x = torch.randint(0, 256, (48, 3, 40, 40), dtype=torch.uint8)
+    view = random_resized_crop_view(x, 7, 2, 3, 1, 24)
+    assert view.shape == (48, 3, 24, 24) and view.dtype == torch.float32
+    gen = generator(7, "view", 2, 3, 1)                         # make_view's seeding: (seed, epoch, step, view)
+    top, left, h, w = resized_crop_boxes(48, 40, 40, gen)
+    flips = torch.randint(0, 2, (48,), generator=gen)
+    for i in range(48):
+        expected = TF.resized_crop(x[i], int(top[i]), int(left[i]), int(h[i]), int(w[i]), [24, 24], antialias=True)
+        expected = expected.flip(-1) if flips[i] else expected
+        assert torch.equal(view[i], expected.float() / 255.0), i
+    assert 0 < int(flips.sum()) < 48 and len(set(h.tolist())) > 10         # flipped and not, crops of many sizes
+    assert torch.equal(view, random_resized_crop_view(x, 7, 2, 3, 1, 24))
+    assert not torch.equal(view, random_resized_crop_view(x, 7, 2, 3, 2, 24))        # another peer's view
+    assert not torch.equal(view, random_resized_crop_view(x, 7, 2, 3, 1, 24, replay=1))  # a replayed epoch
+
+
+def test_resized_crop_boxes_follow_torchvisions_draws():
+    from raydistill.data.views import RRC_RATIO, resized_crop_boxes
+    from raydistill.seeding import generator
+
+    top, left, h, w = resized_crop_boxes(4000, 60, 80, generator(0, "boxes"))
+    area = (h * w).double() / (60 * 80)
+    # sides are rounded to whole pixels: the bounds hold up to a pixel of rounding
+    assert area.min() >= 0.08 * (1 - 0.1) and area.max() <= 1.0
+    ratio = w.double() / h.double()
+    assert ratio.min() >= RRC_RATIO[0] * 0.85 and ratio.max() <= RRC_RATIO[1] / 0.85
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 60).all() and (left + w <= 80).all()
+    assert top.float().std() > 1 and left.float().std() > 1                   # offsets drawn, not centred
+    # no draw fits: torchvision's fallback, the central crop with the ratio clamped into range
+    top, left, h, w = resized_crop_boxes(3, 20, 100, generator(0, "wide"), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert h.tolist() == [20] * 3 and w.tolist() == [round(20 * 1.0)] * 3 and left.tolist() == [40] * 3
+    top, left, h, w = resized_crop_boxes(2, 30, 30, generator(0, "square"), scale=(2.0, 2.0))
+    assert (h.tolist(), w.tolist(), top.tolist()) == ([30, 30], [30, 30], [0, 0])
+
+
+def test_the_gpu_form_of_the_crop_resize_is_within_a_level_of_the_cpu_form():
+    """The two batched matrix products a GPU runs, checked here on the CPU against the per-sample uint8 kernel."""
+    from raydistill.data import views
+    from raydistill.seeding import generator
+
+    x = torch.randint(0, 256, (32, 3, 36, 36), dtype=torch.uint8)
+    cpu = views.random_resized_crop_view(x, 1, 0, 0, 0, 28)
+    gen = generator(1, "view", 0, 0, 0)
+    top, left, h, w = views.resized_crop_boxes(32, 36, 36, gen)
+    flips = torch.randint(0, 2, (32,), generator=gen).bool()
+    cols = views.resize_weights(left, w, 28, 36)
+    rows, cols = views.resize_weights(top, h, 28, 36), torch.where(flips[:, None, None], cols.flip(1), cols)
+    dense = views._resample_matmul(x, rows, cols).float() / 255.0
+    assert (dense - cpu).abs().max() <= 1.0 / 255.0 + 1e-6
+    assert (dense == cpu).float().mean() > 0.6
+
+
+def test_center_crop_view_equals_torchvision_resize_and_center_crop():
+    from torchvision.transforms.v2 import functional as TF
+
+    from raydistill.data.views import center_crop_view
+
+    x = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8)
+    for size, resized in ((56, 64), (48, 55)):                   # 56 / 0.875 = 64: the stored image uncut by resize
+        view = center_crop_view(x, size)
+        for i in range(6):
+            expected = TF.center_crop(TF.resize(x[i], [resized, resized], antialias=True), [size, size])
+            assert torch.equal(view[i], expected.float() / 255.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_random_resized_crop_view_on_a_gpu_cuts_the_cpus_crops():
+    from raydistill.data.views import center_crop_view, random_resized_crop_view
+
+    x = torch.randint(0, 256, (64, 3, 48, 48), dtype=torch.uint8)
+    cpu, gpu = random_resized_crop_view(x, 4, 1, 2, 0, 40), random_resized_crop_view(x.cuda(), 4, 1, 2, 0, 40)
+    assert gpu.is_cuda and (gpu.cpu() - cpu).abs().max() <= 1.0 / 255.0 + 1e-6
+    assert (center_crop_view(x.cuda(), 40).cpu() - center_crop_view(x, 40)).abs().max() <= 1.0 / 255.0 + 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# image folders: files that are no class or no image
+
+
+def test_an_empty_class_folder_is_refused_not_a_silent_extra_class(tmp_path):
+    _image_tree(tmp_path, False)
+    (tmp_path / "train" / "c").mkdir()
+    with pytest.raises(ConfigError, match=r"^data\.root='.*train/c': a class folder with at least one image"):
+        load_dataset("imagefolder", str(tmp_path), image_size=8)
+
+
+def test_a_truncated_jpeg_is_named_in_the_error(tmp_path):
+    import io
+
+    _image_tree(tmp_path, False)
+    noisy = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(noisy, "JPEG")
+    bad = tmp_path / "train" / "a" / "2.jpg"
+    bad.write_bytes(noisy.getvalue()[: len(noisy.getvalue()) // 2])
+    with pytest.raises(ConfigError, match=r"^data\.root='.*train/a/2\.jpg': an image file PIL can read \(OSError: "
+                                          r"image file is truncated"):
+        load_dataset("imagefolder", str(tmp_path), image_size=8)

@@ -94,3 +94,32 @@ def test_tabular_bad_input_names_the_field(tmp_path):
     pa_csv.write_csv(pa.table({"name": ["x", "y"] * 5, "y": np.arange(10.0)}), tmp_path / "text.csv")
     with pytest.raises(ConfigError, match="numeric feature columns"):
         load_dataset("tabular", str(tmp_path / "text.csv"), target="y")
+
+
+@pytest.mark.parametrize("column, task", [("y", None), ("y", "regression"), ("b", "regression")])
+def test_a_missing_value_is_named_by_file_column_and_row_at_load_time(tmp_path, column, task):
+    table = _table(n=20, kind="int").to_pydict()
+    table[column][6] = None                         # the 7th data row: a missing cell, read by pyarrow as null
+    path = tmp_path / "table.csv"
+    pa_csv.write_csv(pa.table(table), path)
+    options = {"task": task} if task else {}
+    with pytest.raises(ConfigError, match=rf"^data\.root='.*table\.csv': a number in every cell; column '{column}' is "
+                                          r"missing, NaN or infinite at row 7 "):
+        load_dataset("tabular", str(path), target="y", **options)
+    floats = pa.table({"a": np.arange(10.0), "y": np.r_[np.arange(9.0), np.nan]})
+    pq.write_table(floats, tmp_path / "nan.parquet")
+    with pytest.raises(ConfigError, match=r"column 'y' is missing, NaN or infinite at row 10 "):
+        load_dataset("tabular", str(tmp_path / "nan.parquet"), target="y", task="regression")
+
+
+def test_an_empty_csv_is_one_line_and_exit_2(tmp_path, capsys):
+    from raydistill.cli import main
+
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ConfigError, match=r"^data\.root='.*empty\.csv': a table with a header and rows \(Empty CSV"):
+        load_dataset("tabular", str(tmp_path / "empty.csv"), target="y")
+    code = main(["train", "--runtime", "inprocess", "--output", str(tmp_path / "run"), "--set", "data.name=tabular",
+                 "--set", f"data.root={tmp_path / 'empty.csv'}", "--set", "data.options={target: y}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("raydistill: error: data.root="), err
+    assert not (tmp_path / "run").exists()

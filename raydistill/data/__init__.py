@@ -1,10 +1,13 @@
-"""Data sets as numpy arrays, seeded views as batch tensor ops, and a restricted unpickler for data pickles."""
+"""Data sets as numpy arrays, prepared sets read as memory maps, seeded views as batch tensor ops, and a restricted
+unpickler for data pickles."""
+from raydistill.data.prepared import PreparedSet, open_prepared  # registers the source "prepared"
 from raydistill.data.sources import DataSpec, Dataset, check_root, dataset_names, default_augment, load_dataset
 from raydistill.data.views import batch_indices, epoch_indices, make_view, num_steps, to_float
 
 __all__ = [
     "DataSpec",
     "Dataset",
+    "PreparedSet",
     "batch_indices",
     "check_root",
     "dataset_names",
@@ -13,5 +16,6 @@ __all__ = [
     "load_dataset",
     "make_view",
     "num_steps",
+    "open_prepared",
     "to_float",
 ]

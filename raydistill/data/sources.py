@@ -1,8 +1,9 @@
 """Data sets by name: each source returns the whole set as numpy arrays (uint8 NCHW images or float32 features).
 
 Sources: ``digits`` (scikit-learn's embedded 8x8 digits), ``cifar10`` / ``cifar100`` (the python-pickle batches, read
-through a restricted unpickler), ``imagefolder`` (TinyImageNet-style class folders), ``diabetes`` (scikit-learn's
-embedded regression set), ``tabular`` (CSV or Parquet files) and ``synthetic`` (seeded random data for benchmarks).
+through a restricted unpickler), ``imagefolder`` (ImageNet / TinyImageNet-style class folders), ``diabetes``
+(scikit-learn's embedded regression set), ``tabular`` (CSV or Parquet files), ``synthetic`` (seeded random data for
+benchmarks), and ``prepared`` (a set made by ``raydistill data prepare``, registered by data/prepared.py).
 A source's options are its keyword parameters; ``load_dataset`` refuses any other, and a ``root`` for a data set that
 reads no files (digits, diabetes, synthetic).
 """
@@ -53,14 +54,19 @@ class Dataset:
 
         Returns ``(dataset with the remaining train samples, val_x, val_y)``; both parts keep the original order.
         """
-        if not 0.0 <= fraction < 1.0:
-            raise ConfigError("data.val_fraction", fraction, "a fraction in [0, 1)")
-        n = len(self.train_x)
-        n_val = int(round(fraction * n))
-        perm = torch.randperm(n, generator=generator(seed, "validation")).numpy()
-        val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        train_idx, val_idx = validation_indices(len(self.train_x), fraction, seed)
         rest = dataclasses.replace(self, train_x=self.train_x[train_idx], train_y=self.train_y[train_idx])
         return rest, self.train_x[val_idx], self.train_y[val_idx]
+
+
+def validation_indices(n: int, fraction: float, seed: int):
+    """(train indices, validation indices), each sorted: ``fraction`` of range(n) carved out by a seeded permutation,
+    the same for the same seed in every process (a prepared set carves by index, without copying images)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError("data.val_fraction", fraction, "a fraction in [0, 1)")
+    n_val = int(round(fraction * n))
+    perm = torch.randperm(n, generator=generator(seed, "validation")).numpy()
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -76,10 +82,11 @@ _AUGMENT = {
     "synthetic": {"crop_pad": 0, "flip": False},
     "diabetes": {"crop_pad": 0, "flip": False},   # tabular: no augmentation
     "tabular": {"crop_pad": 0, "flip": False},
+    "prepared": {"crop_pad": None, "flip": None},   # the set's own view, recorded in its index
 }
 
 
-def _source(name, reads_files=True):
+def register_source(name, reads_files=True):
     """Register a loader ``fn(root, **options) -> Dataset`` under ``name``; ``reads_files=False``: it takes no root."""
 
     def register(fn):
@@ -109,19 +116,26 @@ def check_root(name: str, root) -> None:
                           f"{'generated' if name == 'synthetic' else 'embedded in scikit-learn'}); remove data.root")
 
 
-def load_dataset(name: str, root=None, **options) -> Dataset:
-    """Load the data set ``name`` from ``root``; ``options`` are the source's keyword options (see each source)."""
+def load_dataset(name: str, root=None, cache_dir=None, **options) -> Dataset:
+    """Load the data set ``name`` from ``root``; ``options`` are the source's keyword options (see each source).
+    ``cache_dir``: a node-local folder that a prepared set at a URI is copied into (``data.cache_dir``)."""
     check_root(name, root)
     loader = _SOURCES[name]
-    accepted = [p for p in inspect.signature(loader).parameters if p != "root"]
+    accepted = [p for p in inspect.signature(loader).parameters if p not in ("root", "cache_dir")]
     for key, value in options.items():
         if key not in accepted:
             raise ConfigError(f"data.{key}", value, f"options of {name}: {', '.join(accepted) or 'none'}")
+    if cache_dir is not None:
+        if name != "prepared":
+            raise ConfigError("data.cache_dir", cache_dir, "only for data.name prepared (a prepared set copied into a "
+                                                           "node-local cache)")
+        options["cache_dir"] = cache_dir
     return loader(root, **options)
 
 
 def default_augment(name) -> dict:
-    """The usual augmentation of a data set: random-crop padding and horizontal flip."""
+    """The usual augmentation of a data set: random-crop padding and horizontal flip (None for a prepared set: its
+    index records its own view)."""
     _check_name(name)
     return dict(_AUGMENT[name])
 
@@ -132,10 +146,21 @@ def default_augment(name) -> dict:
 
 def channel_stats(x: np.ndarray):
     """Per-channel mean and std of uint8 images [N, C, H, W] in [0, 1] scale, exact, from 256-bin histograms."""
+    return histogram_stats(channel_histogram(x))
+
+
+def channel_histogram(x: np.ndarray) -> np.ndarray:
+    """int64 [C, 256]: how often each value occurs in each channel of uint8 images [N, C, H, W]."""
     hist = np.zeros((x.shape[1], 256), dtype=np.int64)
     for start in range(0, len(x), 1024):  # chunks bound the memory on large sets
         for c in range(x.shape[1]):
             hist[c] += np.bincount(x[start : start + 1024, c].ravel(), minlength=256)
+    return hist
+
+
+def histogram_stats(hist: np.ndarray):
+    """(mean, std) per channel in [0, 1] scale from ``channel_histogram`` counts (summed over parts of a set)."""
+    hist = np.asarray(hist, dtype=np.int64)
     values = np.arange(256, dtype=np.float64) / 255.0
     count = np.maximum(hist.sum(axis=1), 1)
     mean = hist @ values / count
@@ -188,7 +213,7 @@ def _sklearn_table(name: str, **kwargs) -> np.ndarray:
         return np.loadtxt(f, **kwargs)
 
 
-@_source("digits", reads_files=False)
+@register_source("digits", reads_files=False)
 def load_digits_dataset(root=None) -> Dataset:
     """scikit-learn's 1,797 8x8 grey digits (values 0..16, scaled to uint8 0..255), 20% held out as a fixed test set."""
     data = _sklearn_table("digits.csv.gz", delimiter=",")
@@ -297,103 +322,168 @@ def _load_cifar(name, root, download) -> Dataset:
     return Dataset(spec, train_x, train_y, test_x, test_y, name)
 
 
-@_source("cifar10")
+@register_source("cifar10")
 def load_cifar10(root=None, download=False) -> Dataset:
     """CIFAR-10 python batches: all ``data_batch_*`` present (a subset may hold only some) and ``test_batch``."""
     return _load_cifar("cifar10", root, download)
 
 
-@_source("cifar100")
+@register_source("cifar100")
 def load_cifar100(root=None, download=False) -> Dataset:
     """CIFAR-100 python batches ``train`` / ``test`` with the 100 fine labels."""
     return _load_cifar("cifar100", root, download)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# image folders (TinyImageNet layout)
+# image folders (ImageNet / TinyImageNet layout)
 
 
-def _image_files(folder: Path) -> list:
-    """Image files of a class folder, or of its ``images/`` sub-folder (TinyImageNet), sorted by name."""
+@dataclass
+class ImageFolderListing:
+    """An image folder's samples by split, read from its layout alone (no image is opened): ``(path, label)`` pairs in
+    sorted order of class, then file name; ``others``: ``(path, reason)`` of files that are not samples."""
+
+    classes: list
+    train: list
+    test: list
+    others: list
+
+
+def _image_files(folder: Path, field: str, others: list) -> list:
+    """Image files of a class folder, or of its ``images/`` sub-folder (TinyImageNet), sorted by name; other files go
+    to ``others``. A class folder without an image is refused: it would be a class no sample has."""
     if (folder / "images").is_dir():
         folder = folder / "images"
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files, kept = sorted(p for p in folder.iterdir() if p.is_file()), []
+    for path in files:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            kept.append(path)
+        else:
+            others.append((path, "not an image file (its suffix)"))
+    if not kept:
+        raise ConfigError(field, str(folder), f"a class folder with at least one image ({', '.join(IMAGE_SUFFIXES)});"
+                                              " remove the empty folder or fill it")
+    return kept
 
 
-def _class_folders(split: Path, root, classes=None):
-    """(paths, labels) of ``split/<class>/[images/]*``; with ``classes`` given, val classes must be among them."""
+def _class_folders(split: Path, field: str, others: list, classes=None):
+    """(samples, classes) of ``split/<class>/[images/]*``; with ``classes`` given, val classes must be among them."""
     names = sorted(d.name for d in split.iterdir() if d.is_dir())
+    if not names:
+        raise ConfigError(field, str(split), "class folders <class>/ holding images; found none")
     if classes is None:
         classes = names
     index = {c: i for i, c in enumerate(classes)}
-    paths, labels = [], []
+    samples = []
     for name in names:
         if name not in index:
-            raise ConfigError("data.root", str(root), f"val class {name!r} has no train/{name}/ folder")
-        files = _image_files(split / name)
-        paths += files
-        labels += [index[name]] * len(files)
-    return paths, labels, classes
+            raise ConfigError(field, str(split / name), f"a class of train/: val class {name!r} has no train/{name}/")
+        samples += [(path, index[name]) for path in _image_files(split / name, field, others)]
+    return samples, classes
 
 
-def _val_annotations(val: Path, root, classes):
-    """TinyImageNet's ``val/images/`` + ``val/val_annotations.txt`` (file, class, box...) -> (paths, labels)."""
-    index = {c: i for i, c in enumerate(classes)}
-    paths, labels = [], []
-    for line in (val / "val_annotations.txt").read_text().splitlines():
-        if not line.strip():
+def _labels_file_rows(labels_file: Path):
+    """(file, class) of each line of a val labels file: TinyImageNet's ``val_annotations.txt`` (tab-separated: file,
+    class, box) or ImageNet's ``LOC_val_solution.csv`` (ImageId,PredictionString whose first word is the class)."""
+    for number, line in enumerate(labels_file.read_text().splitlines()):
+        fields = line.split(",") if "," in line else line.split()
+        if not line.strip() or (number == 0 and fields[0].strip() == "ImageId"):
             continue
-        file_name, class_name = line.split("\t")[:2]
+        if len(fields) < 2 or not fields[1].split():
+            raise ConfigError("val labels", str(labels_file), f"lines 'FILE CLASS ...'; line {number + 1} is {line!r}")
+        yield fields[0].strip(), fields[1].split()[0]
+
+
+def _flat_val(val: Path, labels_file: Path, field: str, classes: list, others: list):
+    """A flat ``val/`` (or TinyImageNet's ``val/images/``) labelled by a labels file -> samples in file-name order."""
+    folder = val / "images" if (val / "images").is_dir() else val
+    files = {p.name: p for p in folder.iterdir() if p.is_file()}
+    stems = {p.stem: p for p in files.values()}
+    index = {c: i for i, c in enumerate(classes)}
+    labelled = {}
+    for name, class_name in _labels_file_rows(labels_file):
+        path = files.get(name) or stems.get(name)
+        if path is None:
+            raise ConfigError(field, str(folder / name), f"an image named by {labels_file.name}; it is not in {folder}")
         if class_name not in index:
-            message = f"val_annotations.txt names class {class_name!r} with no train folder"
-            raise ConfigError("data.root", str(root), message)
-        paths.append(val / "images" / file_name)
-        labels.append(index[class_name])
-    return paths, labels
+            raise ConfigError(field, str(labels_file), f"classes of train/; it names {class_name!r}, which has no "
+                                                       "train folder")
+        labelled[path] = index[class_name]
+    for path in sorted(files.values()):
+        if path not in labelled and path != labels_file:
+            others.append((path, f"not in {labels_file.name}" if path.suffix.lower() in IMAGE_SUFFIXES
+                           else "not an image file (its suffix)"))
+    return sorted(labelled.items())
 
 
-def _read_images(paths, image_size: int) -> np.ndarray:
-    """RGB images resized to image_size x image_size where needed -> uint8 [N, 3, S, S]."""
+def list_image_folder(root, field: str = "data.root", val_labels=None) -> ImageFolderListing:
+    """The samples of ``root/train/<class>/[images/]*`` and of ``root/val/``: class folders, TinyImageNet's
+    ``val/images/`` + ``val/val_annotations.txt``, or ImageNet's flat ``val/`` with a labels file (``val_labels``).
+    Classes are the train folder names in sorted order; ``field`` names the input in errors."""
+    expected = "expected train/<class>/ and val/ image folders (ImageNet or TinyImageNet layout)"
+    if root is None or not (Path(root) / "train").is_dir() or not (Path(root) / "val").is_dir():
+        raise ConfigError(field, root, expected)
+    root, others = Path(root), []
+    train, classes = _class_folders(root / "train", field, others)
+    val = root / "val"
+    labels_file = Path(val_labels) if val_labels else val / "val_annotations.txt"
+    if val_labels and not labels_file.is_file():
+        raise ConfigError("val labels", str(labels_file), "a labels file: lines 'FILE CLASS ...'")
+    if labels_file.is_file():
+        test = _flat_val(val, labels_file, field, classes, others)
+    elif any(d.is_dir() for d in val.iterdir()):
+        test, _ = _class_folders(val, field, others, classes)
+    else:
+        raise ConfigError(field, str(val), "class folders val/<class>/, or a flat val/ with a labels file (TinyImageNet's"
+                                           " val/val_annotations.txt, or ImageNet's LOC_val_solution.csv: --val-labels)")
+    if not test:
+        raise ConfigError(field, str(val), f"at least one val image; {expected}")
+    return ImageFolderListing(classes, train, test, others)
+
+
+def read_image(path, image_size: int) -> np.ndarray:
+    """One image file as RGB uint8 [3, S, S], resized (bilinear) where its size differs; an unreadable file is refused
+    by name (a truncated JPEG, a file that is no image)."""
     from PIL import Image
 
-    out = np.empty((len(paths), 3, image_size, image_size), dtype=np.uint8)
-    for i, path in enumerate(paths):
+    try:
         with Image.open(path) as image:
             image = image.convert("RGB")
             if image.size != (image_size, image_size):
                 image = image.resize((image_size, image_size), Image.BILINEAR)
-            out[i] = np.asarray(image).transpose(2, 0, 1)
+            return np.asarray(image).transpose(2, 0, 1)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ConfigError("data.root", str(path), f"an image file PIL can read ({type(err).__name__}: {err})") from None
+
+
+def _read_images(samples, image_size: int) -> np.ndarray:
+    """RGB images resized to image_size x image_size where needed -> uint8 [N, 3, S, S]."""
+    out = np.empty((len(samples), 3, image_size, image_size), dtype=np.uint8)
+    for i, (path, _) in enumerate(samples):
+        out[i] = read_image(path, image_size)
     return out
 
 
-@_source("imagefolder")
+@register_source("imagefolder")
 def load_imagefolder(root=None, image_size=64) -> Dataset:
     """``root/train/<class>/[images/]*.{jpg,png,...}``; test split ``root/val/`` as class folders or TinyImageNet's
-    ``val/images/`` + ``val/val_annotations.txt``. Classes are the train folder names in sorted order."""
+    ``val/images/`` + ``val/val_annotations.txt``. Classes are the train folder names in sorted order; a class folder
+    without an image is refused."""
     image_size = _positive_int("data.image_size", image_size)
-    expected = "expected train/<class>/ and val/ image folders (TinyImageNet layout)"
-    if root is None or not (Path(root) / "train").is_dir() or not (Path(root) / "val").is_dir():
-        raise ConfigError("data.root", root, expected)
-    train_paths, train_labels, classes = _class_folders(Path(root) / "train", root)
-    val = Path(root) / "val"
-    if (val / "val_annotations.txt").is_file():
-        test_paths, test_labels = _val_annotations(val, root, classes)
-    else:
-        test_paths, test_labels, _ = _class_folders(val, root, classes)
-    if not train_paths or not test_paths:
-        raise ConfigError("data.root", root, f"no images found; {expected}")
-    train_x = _read_images(train_paths, image_size)
-    test_x = _read_images(test_paths, image_size)
-    train_y, test_y = np.asarray(train_labels, np.int64), np.asarray(test_labels, np.int64)
-    return Dataset(_image_spec(train_x, len(classes), class_names=classes), train_x, train_y, test_x, test_y,
-                   "imagefolder")
+    listing = list_image_folder(root)
+    train_x = _read_images(listing.train, image_size)
+    test_x = _read_images(listing.test, image_size)
+    train_y = np.asarray([label for _, label in listing.train], np.int64)
+    test_y = np.asarray([label for _, label in listing.test], np.int64)
+    return Dataset(_image_spec(train_x, len(listing.classes), class_names=listing.classes), train_x, train_y, test_x,
+                   test_y, "imagefolder")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # synthetic
 
 
-@_source("synthetic", reads_files=False)
+@register_source("synthetic", reads_files=False)
 def load_synthetic(
     root=None, num_train=1024, num_test=256, shape=(3, 32, 32), num_classes=10, task="classification", seed=0
 ) -> Dataset:
@@ -460,7 +550,7 @@ def _tabular_dataset(train_x, train_y, test_x, test_y, task, num_classes, name, 
     return Dataset(spec, train_x, train_y, test_x, test_y, name)
 
 
-@_source("diabetes", reads_files=False)
+@register_source("diabetes", reads_files=False)
 def load_diabetes_dataset(root=None, standardize_target=True) -> Dataset:
     """scikit-learn's diabetes regression set (442 patients, 10 features, disease progression after one year), 20% held
     out as a fixed test set. Features are the raw values (the model standardizes its input itself).
@@ -478,14 +568,21 @@ def load_diabetes_dataset(root=None, standardize_target=True) -> Dataset:
 
 
 def _read_table(path: Path):
-    """A pyarrow Table from a CSV or Parquet file."""
-    if path.suffix.lower() == ".csv":
-        from pyarrow import csv
+    """A pyarrow Table from a CSV or Parquet file; a file pyarrow cannot read as a table (an empty CSV) is refused by
+    name."""
+    import pyarrow as pa
 
-        return csv.read_csv(path)
-    from pyarrow import parquet
+    try:
+        if path.suffix.lower() == ".csv":
+            from pyarrow import csv
 
-    return parquet.read_table(path)
+            return csv.read_csv(path)
+        from pyarrow import parquet
+
+        return parquet.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ConfigError("data.root", str(path), f"a table with a header and rows ({str(err).splitlines()[0]})") \
+            from None
 
 
 def _split_files(folder: Path, root):
@@ -514,8 +611,21 @@ def _columns(table, target: str, root):
             raise ConfigError("data.root", root, f"numeric feature columns; column {name!r} is {kind}")
     x = np.stack([table.column(name).to_numpy(zero_copy_only=False).astype(np.float32) for name in features], axis=1)
     if not np.isfinite(x).all():
-        raise ConfigError("data.root", root, "feature values without missing or infinite entries")
-    return x, table.column(target).to_numpy(zero_copy_only=False)
+        row, column = np.argwhere(~np.isfinite(x))[0]
+        _refuse_missing(root, features[column], row)
+    target_column = table.column(target)
+    if target_column.null_count:
+        _refuse_missing(root, target, int(np.flatnonzero(target_column.is_null().to_numpy(zero_copy_only=False))[0]))
+    values = target_column.to_numpy(zero_copy_only=False)
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        _refuse_missing(root, target, int(np.flatnonzero(~np.isfinite(values))[0]))
+    return x, values
+
+
+def _refuse_missing(path, column: str, row: int):
+    """A missing, NaN or infinite cell, named by file, column and row: at load time, not as a non-finite loss later."""
+    raise ConfigError("data.root", str(path), f"a number in every cell; column {column!r} is missing, NaN or infinite "
+                                              f"at row {int(row) + 1} (data rows counted from 1, the header not counted)")
 
 
 def infer_task(target_values: np.ndarray) -> str:
@@ -525,7 +635,7 @@ def infer_task(target_values: np.ndarray) -> str:
     return "classification" if discrete and len(np.unique(target_values)) <= MAX_INFERRED_CLASSES else "regression"
 
 
-@_source("tabular")
+@register_source("tabular")
 def load_tabular(root=None, target=None, task=None, test_fraction=TABULAR_TEST_FRACTION,
                  standardize_target=True) -> Dataset:
     """A CSV or Parquet table (read with pyarrow): ``root`` is one file (a fixed ``test_fraction`` of its rows is held

@@ -142,3 +142,111 @@ def make_view(x_uint8, seed: int, epoch: int, step: int, view_index: int, crop_p
     # [N, H, W, C] after indexing dims 0, 2, 3 with the channel slice in between
     view = source[samples, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     return to_float(view.contiguous())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ImageNet-style views of S x S uint8 batches: RandomResizedCrop + flip for training, resize + center crop to evaluate
+
+RRC_SCALE = (0.08, 1.0)          # torchvision's RandomResizedCrop: the crop's share of the image's area
+RRC_RATIO = (3 / 4, 4 / 3)       # and its aspect ratio (width / height), drawn log-uniform
+RRC_ATTEMPTS = 10                # draws before the fallback to the central crop, as torchvision
+EVAL_CROP_FRACTION = 0.875       # torchvision's Resize(256) + CenterCrop(224)
+
+
+def resized_crop_boxes(n: int, height: int, width: int, gen: torch.Generator, scale=RRC_SCALE, ratio=RRC_RATIO):
+    """(top, left, crop height, crop width) of n crops drawn as torchvision's ``RandomResizedCrop.get_params`` draws
+    one: up to ten (area, log-ratio) draws, the first that fits the image wins, else the central crop with the ratio
+    clamped. All ten draws are made for every sample (always the same count of numbers), then top and left."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio, dtype=torch.float64))
+    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, RRC_ATTEMPTS, generator=gen, dtype=torch.float64))
+    aspect = torch.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) *
+                       torch.rand(n, RRC_ATTEMPTS, generator=gen, dtype=torch.float64))
+    w, h = torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)          # the first draw that fits
+    found = fits.any(dim=1)
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fallback_w, fallback_h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fallback_w, fallback_h = round(height * max(ratio)), height
+    else:
+        fallback_w, fallback_h = width, height
+    w = torch.where(found, w.gather(1, first)[:, 0], float(fallback_w)).long()
+    h = torch.where(found, h.gather(1, first)[:, 0], float(fallback_h)).long()
+    top = torch.floor(torch.rand(n, generator=gen, dtype=torch.float64) * (height - h + 1)).long()
+    left = torch.floor(torch.rand(n, generator=gen, dtype=torch.float64) * (width - w + 1)).long()
+    top = torch.where(found, top, (height - h) // 2)
+    left = torch.where(found, left, (width - w) // 2)
+    return top, left, h, w
+
+
+def resize_weights(start, length, out_size: int, in_size: int, device=None) -> torch.Tensor:
+    """[n, out_size, in_size] float32 matrices that resize the window [start, start + length) of an axis of in_size
+    pixels to out_size pixels, as ``F.interpolate(mode="bilinear", antialias=True)`` does on the cropped window (a
+    triangle filter widened by the downscale factor, its weights renormalised inside the window): one matrix product
+    per axis resizes a whole batch of differently sized crops."""
+    start = torch.as_tensor(start, dtype=torch.float64, device=device).reshape(-1, 1, 1)
+    length = torch.as_tensor(length, dtype=torch.float64, device=device).reshape(-1, 1, 1)
+    scale = length / out_size
+    support = torch.clamp(scale, min=1.0)             # the filter's half-width in input pixels (1 when upscaling)
+    center = scale * (torch.arange(out_size, dtype=torch.float64, device=device).reshape(1, -1, 1) + 0.5)
+    source = torch.arange(in_size, dtype=torch.float64, device=device).reshape(1, 1, -1) - start
+    weights = torch.clamp(1.0 - torch.abs((source + 0.5 - center) / support), min=0.0)
+    weights = weights * ((source >= 0) & (source < length))
+    return (weights / weights.sum(dim=2, keepdim=True)).float()
+
+
+def _resample_matmul(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """rows [n|1, H', H] @ x [n, C, H, W] @ cols [n|1, W', W]^T, rounded to uint8 levels as the CPU's uint8 kernel
+    rounds: one batched op for crops of every size, the GPU's form."""
+    image = torch.matmul(torch.matmul(rows.unsqueeze(1), x.float()), cols.transpose(1, 2).unsqueeze(1))
+    return image.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def random_resized_crop_view(x_uint8, seed: int, epoch: int, step: int, view_index: int, size: int, flip: bool = True,
+                             scale=RRC_SCALE, ratio=RRC_RATIO, replay: int = 0) -> torch.Tensor:
+    """One augmented view of a batch of uint8 images [N, C, H, W]: torchvision's ``RandomResizedCrop(size)``
+    (bilinear, antialiased) then ``RandomHorizontalFlip()``, per sample; float32 [N, C, size, size] in [0, 1] on the
+    batch's device, at uint8 levels (as a PIL or uint8-tensor pipeline gives them).
+
+    The crop boxes and flip bits are drawn on the CPU from generator(seed, "view", epoch, step, view_index) (and the
+    replay number of a replayed epoch), so every device cuts the same crops. On the CPU each crop is resized by
+    torch's vectorised uint8 kernel (the one torchvision's ``resized_crop`` runs on uint8 tensors: the same pixels);
+    on a GPU the batch is resized by two batched matrix products (``resize_weights``) in float: pixels within one level
+    (1/255) of the CPU's.
+    """
+    x = torch.as_tensor(x_uint8)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError("data.options.crop_size", size, "an integer >= 1")
+    n, channels, height, width = x.shape
+    gen = generator(seed, "view", epoch, step, view_index, *replay_parts(replay))
+    top, left, h, w = resized_crop_boxes(n, height, width, gen, scale, ratio)
+    flipped = torch.randint(0, 2, (n,), generator=gen).bool() & flip
+    device = x.device
+    if device.type == "cpu":
+        view = torch.empty((n, channels, size, size), dtype=torch.uint8)
+        for i, (t, l, hh, ww) in enumerate(zip(top.tolist(), left.tolist(), h.tolist(), w.tolist())):
+            crop = x[i:i + 1, :, t:t + hh, l:l + ww]
+            view[i] = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        view = torch.where(flipped[:, None, None, None], view.flip(3), view)
+        return to_float(view)
+    rows = resize_weights(to_device(top, device), to_device(h, device), size, height, device)
+    cols = resize_weights(to_device(left, device), to_device(w, device), size, width, device)
+    cols = torch.where(to_device(flipped, device)[:, None, None], cols.flip(1), cols)   # a flip reads columns backwards
+    return to_float(_resample_matmul(x, rows, cols))
+
+
+def center_crop_view(x_uint8, size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> torch.Tensor:
+    """The evaluation view of square uint8 images [N, C, S, S]: resized (bilinear, antialiased) to round(size /
+    crop_fraction) pixels a side, then the central size x size crop, as torchvision's ``Resize`` + ``CenterCrop``;
+    float32 [N, C, size, size] in [0, 1], at uint8 levels."""
+    x = torch.as_tensor(x_uint8)
+    resized = int(round(size / crop_fraction))
+    first = int(round((resized - size) / 2.0))
+    if x.device.type == "cpu":
+        image = F.interpolate(x, size=(resized, resized), mode="bilinear", antialias=True, align_corners=False)
+        return to_float(image[:, :, first:first + size, first:first + size])
+    rows, cols = (resize_weights(0, side, resized, side, x.device)[:, first:first + size] for side in x.shape[2:])
+    return to_float(_resample_matmul(x, rows, cols))
