@@ -19,6 +19,7 @@ import yaml
 
 from raydistill.errors import ConfigError, read_yaml
 from raydistill.files import write_text
+from raydistill.names import peer_name
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "dml-digits"
@@ -195,7 +196,7 @@ class Config:
     @property
     def peer_names(self) -> list[str]:
         """Each peer's stable name in records, summary and export: peer<id>."""
-        return [f"peer{p.id}" for p in self.peer_list]
+        return [peer_name(p.id) for p in self.peer_list]
 
     @property
     def num_peers(self) -> int:

@@ -8,6 +8,7 @@ from raydistill.data import DataSpec
 from raydistill.engine.manifest import model_file, read_manifest
 from raydistill.errors import ConfigError
 from raydistill.models import build_model
+from raydistill.names import PEER, peer_id, peer_name
 
 
 
@@ -25,10 +26,10 @@ def load_model(run_dir, peer: int | None = None, name: str | None = None, device
     if peer is not None and name is not None:
         raise ConfigError("peer", peer, f"give peer or name, not both (name={name!r})")
     if peer is not None:
-        peers = sorted(int(n[len("peer"):]) for n, entry in models.items() if entry["kind"] == "peer")
-        if f"peer{peer}" not in models:
+        peers = sorted(peer_id(n) for n, entry in models.items() if entry["kind"] == PEER)
+        if peer_name(peer) not in models:
             raise ConfigError("peer", peer, f"one of: {', '.join(map(str, peers))}")
-        name = f"peer{peer}"
+        name = peer_name(peer)
     name = manifest["deploy"]["name"] if name is None else name
     if name not in models:
         raise ConfigError("name", name, f"one of: {', '.join(models)}")

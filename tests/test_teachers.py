@@ -159,11 +159,11 @@ def test_on_cpus_teachers_share_workers_and_on_gpus_each_has_its_own(teacher_run
     from raydistill.runtime.placement import check_capacity, layout
 
     config = two_teacher_config(teacher_runs, "kd", **{"resources.peers_per_worker": 2})
-    cpu = layout(load_config(config), "collective")
+    cpu = layout(load_config(config))
     assert [(m.peers, m.teachers) for m in cpu.members] == [((0, 1), ()), ((), (0, 1))]
     gpu = load_config(config, ["resources.peers_per_worker=null", "resources.gpus_per_peer=0.5",
                                "resources.gpus_per_teacher=0.25"])
-    placed = layout(gpu, "collective")
+    placed = layout(gpu)
     assert [(m.peers, m.teachers) for m in placed.members] == [((0, 1), ()), ((), (0,)), ((), (1,))]
     assert placed.bundles == [{"CPU": 2.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 0.25}, {"CPU": 1.0, "GPU": 0.25}]
     with pytest.raises(ConfigError, match=r"needs 1.5 GPUs \(4 peers and teachers\)"):

@@ -14,6 +14,7 @@ from raydistill.engine.optim import learning_rate, make_optimizer
 from raydistill.engine.peer import _to_cpu, as_tensors
 from raydistill.methods import build_method
 from raydistill.seeding import generator
+from raydistill.names import EMA_LOGITS, FEATURES, LOGITS
 
 
 class EnsembleHead:
@@ -106,7 +107,7 @@ class Coordinator:
         labels = self.batch_labels(epoch, step, replay, device)
         learned = None
         if self.head is not None:
-            learned = self.head.step(epoch, step, [p["features"] for p in peers], labels)
+            learned = self.head.step(epoch, step, [p[FEATURES] for p in peers], labels)
         targets = self.method.targets(self.method.hyper(epoch), peers, teachers, labels, learned)
         targets = self.method.with_peer_losses(targets, self.val_losses)
         return targets
@@ -116,12 +117,12 @@ class Coordinator:
         probabilities), and the consistency (mean pairwise KL between peers).
         outputs: the peers' outputs on the split (dicts: logits, ema_logits), then the teachers' (arrays)."""
         task, labels = self.config.task, self.labels[split]
-        peer_outputs = [out if isinstance(out, dict) else {"logits": out} for out in outputs[:self.num_peers]]
-        peers = [out["logits"] for out in peer_outputs]
-        teachers = [out["logits"] if isinstance(out, dict) else out for out in outputs[self.num_peers:]]
+        peer_outputs = [out if isinstance(out, dict) else {LOGITS: out} for out in outputs[:self.num_peers]]
+        peers = [out[LOGITS] for out in peer_outputs]
+        teachers = [out[LOGITS] if isinstance(out, dict) else out for out in outputs[self.num_peers:]]
         result = {"peers": [score(task, out, labels) for out in peers],
-                  "ema_teachers": [score(task, out["ema_logits"], labels) for out in peer_outputs
-                                   if "ema_logits" in out],
+                  "ema_teachers": [score(task, out[EMA_LOGITS], labels) for out in peer_outputs
+                                   if EMA_LOGITS in out],
                   "teachers": [score(task, out, labels) for out in teachers],
                   "ensemble": score(task, ensemble_outputs(task, list(peers)), labels) if len(peers) > 1 else {}}
         if task == "classification" and len(peers) > 1 and len(labels):

@@ -22,6 +22,7 @@ from raydistill.engine.optim import make_optimizer
 from raydistill.engine.peer import Peer
 from raydistill.engine.self_teacher import EmaTeacher
 from raydistill.errors import ConfigError
+from raydistill.names import peer_id, peer_name
 from raydistill.methods import build_method
 from raydistill.models import build_model
 
@@ -54,13 +55,13 @@ def check_peer_ids(config) -> None:
 
 def names_of(state: dict) -> list[str]:
     """The names of a state's peers (peer_<i>.pt in order); checkpoints from before names: peer<place>."""
-    return list(state["loop"].get("peers") or [f"peer{i}" for i in range(len(state["peers"]))])
+    return list(state["loop"].get("peers") or [peer_name(i) for i in range(len(state["peers"]))])
 
 
 def ever_used(state: dict) -> set[int]:
     """Every peer number the run has given out: its peers now and every peer that joined or left."""
     names = set(names_of(state)) | {c["peer"] for c in state["loop"].get("changes", [])}
-    return {int(name[len("peer"):]) for name in names}
+    return {peer_id(name) for name in names}
 
 
 def renumber(config, state: dict):
@@ -70,7 +71,7 @@ def renumber(config, state: dict):
     used = ever_used(state)
     config = copy.deepcopy(config)
     for peer in config.peers:
-        if f"peer{peer.id}" not in current and peer.id in used:
+        if peer_name(peer.id) not in current and peer.id in used:
             peer.id = max(used) + 1
         used.add(peer.id)
     return config
@@ -152,7 +153,7 @@ def change_peers(old_config, new_config, state: dict, spec, arrays) -> tuple[dic
             continue
         init = settings.init or "scratch"
         if init.startswith("peer:"):
-            source = f"peer{init[len('peer:'):]}"
+            source = peer_name(int(init[len("peer:"):]))
             if source not in placed:
                 raise ConfigError(f"peers.{i}.init", init, f"copies a peer of the run ({', '.join(old_names)})")
             if old_settings[source].arch != settings.arch:

@@ -30,6 +30,7 @@ from raydistill.distill.features import peer_alignment_loss
 from raydistill.distill.losses import kd_loss, mse_to_target, task_loss
 from raydistill.distill.schedules import make_schedule
 from raydistill.errors import ConfigError
+from raydistill.names import ALIGNED_HINTS, EMA_LOGITS, HINT, LOGITS
 
 _REGISTRY: dict[str, type["Method"]] = {}
 
@@ -76,9 +77,9 @@ def without(stacked_values: torch.Tensor, i: int) -> torch.Tensor:
 
 def with_peer_hints(targets: list[dict], peers: list[dict]) -> list[dict]:
     """Peer feature alignment: each peer's targets get the other peers' hints (a list: their shapes may differ)."""
-    if peers and "hint" in peers[0]:
+    if peers and HINT in peers[0]:
         for i, target in enumerate(targets):
-            target["peer_hints"] = [tensor_of(p["hint"]) for j, p in enumerate(peers) if j != i]
+            target["peer_hints"] = [tensor_of(p[HINT]) for j, p in enumerate(peers) if j != i]
     return targets
 
 
@@ -86,7 +87,7 @@ def peer_alignment_term(outputs: dict, targets: dict) -> dict:
     """{"align": mean_j MSE(r_ij(f_i), f_j)} where the peer aligns its hint to the others' (else nothing)."""
     if "peer_hints" not in targets:
         return {}
-    return {"align": peer_alignment_loss(outputs["aligned_hints"], targets["peer_hints"])}
+    return {"align": peer_alignment_loss(outputs[ALIGNED_HINTS], targets["peer_hints"])}
 
 
 class Method:
@@ -143,9 +144,9 @@ class Method:
         """What a ``peer`` or ``teacher`` sends each step: logits, and its hint features or its EMA teacher's logits
         only where a method's targets read them (the hint is the largest thing that could leave an actor)."""
         if role != "peer":
-            return ("logits",)
-        return ("logits",) + (("hint",) if self.feature_target == "peers" else ()) + \
-            (("ema_logits",) if self.ema_targets else ())
+            return (LOGITS,)
+        return (LOGITS,) + ((HINT,) if self.feature_target == "peers" else ()) + \
+            ((EMA_LOGITS,) if self.ema_targets else ())
 
     def feature_taps(self) -> list[tuple[str, str]]:
         """(module path, "input"|"output") of the features each peer sends with its logits; none by default."""
@@ -246,7 +247,7 @@ class Method:
 
     def loss(self, hyper: dict, outputs: dict, labels: torch.Tensor, targets: dict):
         """Total loss and its named terms (the unweighted terms are what gets logged)."""
-        terms = {"task": task_loss(outputs["logits"], labels, self.task)}
+        terms = {"task": task_loss(outputs[LOGITS], labels, self.task)}
         distill = self.distill_terms(hyper, outputs, labels, targets)
         weights = self.term_weights(hyper)
         # a term weighted 0 stays out of the graph: the layers only it feeds get no gradient and no weight decay

@@ -14,6 +14,7 @@ from raydistill.distill.ensembles import others_mean
 from raydistill.distill.schedules import decoupled_beta
 from raydistill.methods.base import register_method, stacked
 from raydistill.methods.pcl import PeerCollaborativeLearning
+from raydistill.names import EMA_LOGITS, LOGITS
 
 
 @register_method("dkel")
@@ -28,7 +29,7 @@ class DecoupledKnowledgeEnsembleLearning(PeerCollaborativeLearning):
 
     def targets(self, hyper, peers, teachers, labels, learned_ensemble=None):
         targets = super().targets(hyper, peers, teachers, labels, learned_ensemble)
-        decoupled = others_mean(stacked([p["ema_logits"] for p in peers]))
+        decoupled = others_mean(stacked([p[EMA_LOGITS] for p in peers]))
         return [{**t, "decoupled_target": decoupled[i]} for i, t in enumerate(targets)]
 
     def term_weights(self, hyper):
@@ -37,5 +38,5 @@ class DecoupledKnowledgeEnsembleLearning(PeerCollaborativeLearning):
 
     def distill_terms(self, hyper, outputs, labels, targets):
         terms = super().distill_terms(hyper, outputs, labels, targets)
-        terms["kd_decoupled"] = self.distill(outputs["logits"], targets["decoupled_target"], hyper["temperature"])
+        terms["kd_decoupled"] = self.distill(outputs[LOGITS], targets["decoupled_target"], hyper["temperature"])
         return terms

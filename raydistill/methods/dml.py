@@ -12,8 +12,8 @@ import torch
 
 from raydistill.data.views import to_device
 from raydistill.distill.peer_weights import check_peer_weighting, performance_peer_weights, recent_loss
-from raydistill.names import PEER_WEIGHTS
 from raydistill.methods.base import Method, peer_alignment_term, register_method, stacked, with_peer_hints, without
+from raydistill.names import LOGITS, PEER_WEIGHTS
 
 
 @register_method("dml")
@@ -46,7 +46,7 @@ class DeepMutualLearning(Method):
         return targets
 
     def targets(self, hyper, peers, teachers, labels, learned_ensemble=None):
-        logits = stacked([p["logits"] for p in peers])                    # [P, B, C]
+        logits = stacked([p[LOGITS] for p in peers])                    # [P, B, C]
         targets = [{"peer_logits": without(logits, i)} for i in range(len(peers))]
         return with_peer_hints(targets, peers)
 
@@ -55,7 +55,7 @@ class DeepMutualLearning(Method):
 
     def distill_terms(self, hyper, outputs, labels, targets):
         others = targets["peer_logits"]                                    # [P-1, B, C]
-        terms = [self.distill(outputs["logits"], other, hyper["temperature"]) for other in others]
+        terms = [self.distill(outputs[LOGITS], other, hyper["temperature"]) for other in others]
         if PEER_WEIGHTS in targets:                                      # W_ij, j != i (performance weighting)
             kd = sum(w * term for w, term in zip(targets[PEER_WEIGHTS], terms))
         else:

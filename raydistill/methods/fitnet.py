@@ -31,6 +31,7 @@ from raydistill.distill.features import AT_FORMS, attention_transfer_loss, hint_
 from raydistill.errors import ConfigError
 from raydistill.methods.base import register_method
 from raydistill.methods.teachers import FromTeachers
+from raydistill.names import ADAPTED_HINT, HINT, LOGITS
 
 PAIR_FORM = "a module path for both networks, or {student: PATH, teacher: PATH or a list of one per teacher}"
 
@@ -124,8 +125,8 @@ class FitNet(FromTeachers):
 
     def outputs_needed(self, role: str) -> tuple[str, ...]:
         if role != "teacher":
-            return ("logits",)
-        return ("logits", "hint", *(attention_output(k) for k in range(len(self.attention_pairs))))
+            return (LOGITS,)
+        return (LOGITS, HINT, *(attention_output(k) for k in range(len(self.attention_pairs))))
 
     def hyper(self, epoch):
         hyper = super().hyper(epoch)
@@ -146,7 +147,7 @@ class FitNet(FromTeachers):
         pairs = range(len(self.attention_pairs))
         targets = []
         for i in range(len(peers)):
-            hints = [self.for_peer(t["hint"], i) for t in teachers]      # shapes may differ between teachers
+            hints = [self.for_peer(t[HINT], i) for t in teachers]      # shapes may differ between teachers
             target = {"teacher_logits": self.for_peer(teacher_logits, i),
                       "teacher_hint": hints[0] if len(hints) == 1 else hints}
             if pairs:                                                    # per teacher, the maps in pair order
@@ -156,11 +157,11 @@ class FitNet(FromTeachers):
         return targets
 
     def distill_terms(self, hyper, outputs, labels, targets):
-        adapted, hints = per_teacher(outputs["adapted_hint"]), per_teacher(targets["teacher_hint"])
+        adapted, hints = per_teacher(outputs[ADAPTED_HINT]), per_teacher(targets["teacher_hint"])
         if len(adapted) != len(hints):
             raise ValueError(f"{len(adapted)} adapted hints for {len(hints)} teachers' hints")
         terms = {"hint": mean_over_teachers([hint_loss(a, h) for a, h in zip(adapted, hints)]),
-                 "kd": self.distill(outputs["logits"], targets["teacher_logits"], hyper["temperature"])}
+                 "kd": self.distill(outputs[LOGITS], targets["teacher_logits"], hyper["temperature"])}
         if self.config.at_weight:
             terms["at"] = mean_over_teachers([sum_over_pairs([attention_transfer_loss(s, t, form=self.config.at_form)
                                                               for s, t in pairs])
@@ -171,7 +172,7 @@ class FitNet(FromTeachers):
     def attention_pairs_of(outputs: dict, targets: dict, hints: list) -> list[list[tuple]]:
         """Per teacher, the (student map, teacher map) of every attention pair: the named pairs, or the hint pair."""
         if "teacher_attention" not in targets:
-            return [[(outputs["hint"], h)] for h in hints]
+            return [[(outputs[HINT], h)] for h in hints]
         per_teacher_maps = targets["teacher_attention"]
         for maps in per_teacher_maps:
             if len(maps) != len(outputs["attention"]):

@@ -6,6 +6,7 @@ or, with several teachers, their ensemble on that view (``method.teacher_ensembl
 """
 from raydistill.methods.base import register_method
 from raydistill.methods.teachers import FromTeachers
+from raydistill.names import LOGITS
 
 
 @register_method("kd")
@@ -17,4 +18,4 @@ class KnowledgeDistillation(FromTeachers):
         return [{"teacher_logits": self.for_peer(teacher_logits, i)} for i in range(len(peers))]
 
     def distill_terms(self, hyper, outputs, labels, targets):
-        return {"kd": self.distill(outputs["logits"], targets["teacher_logits"], hyper["temperature"])}
+        return {"kd": self.distill(outputs[LOGITS], targets["teacher_logits"], hyper["temperature"])}

@@ -7,6 +7,7 @@ e_c = min_k (z_k,c - z_k,y)), best (per sample, the peer with the lowest CE). T 
 """
 from raydistill.methods.base import Method, peer_alignment_term, register_method, with_peer_hints
 from raydistill.methods.online import ENSEMBLES, check_online_config, peer_ensemble
+from raydistill.names import LOGITS
 
 
 @register_method("kdcl")
@@ -32,5 +33,5 @@ class KnowledgeDistillationCollaborativeLearning(Method):
         return with_peer_hints([{"ensemble": target} for _ in peers], peers)
 
     def distill_terms(self, hyper, outputs, labels, targets):
-        return {"kd_ensemble": self.distill(outputs["logits"], targets["ensemble"], hyper["temperature"]),
+        return {"kd_ensemble": self.distill(outputs[LOGITS], targets["ensemble"], hyper["temperature"]),
                 **peer_alignment_term(outputs, targets)}

@@ -6,6 +6,7 @@ import torch
 from raydistill.distill.ensembles import ENSEMBLES, ensemble
 from raydistill.methods.base import stacked, tensor_of
 from raydistill.errors import ConfigError
+from raydistill.names import LOGITS
 
 LEARNED_HEAD = "learned_head"
 
@@ -18,7 +19,7 @@ def peer_ensemble(name: str, peers: list[dict], labels, temperature: float,
         if learned_ensemble is None:
             raise RuntimeError("ensemble learned_head: the coordinator sent no learned ensemble logits")
         return tensor_of(learned_ensemble).float()
-    logits = stacked([p["logits"] for p in peers])                              # [P, B, C]
+    logits = stacked([p[LOGITS] for p in peers])                              # [P, B, C]
     return ensemble(name, logits, tensor_of(labels), temperature)
 
 

@@ -17,6 +17,7 @@ from raydistill.distill.ema import ema_momentum, reference_quirk_ema_momentum
 from raydistill.distill.schedules import reference_quirk_rampup, sigmoid_rampup
 from raydistill.methods.base import Method, register_method, stacked, without
 from raydistill.methods.online import ENSEMBLES, LEARNED_HEAD, check_online_config, peer_ensemble
+from raydistill.names import EMA_LOGITS, LOGITS
 
 
 @register_method("pcl")
@@ -51,14 +52,14 @@ class PeerCollaborativeLearning(Method):
 
     def targets(self, hyper, peers, teachers, labels, learned_ensemble=None):
         target = peer_ensemble(self.config.ensemble, peers, labels, hyper["temperature"], learned_ensemble)
-        ema = stacked([p["ema_logits"] for p in peers])                          # [P, B, C]
+        ema = stacked([p[EMA_LOGITS] for p in peers])                          # [P, B, C]
         return [{"ensemble": target, "teacher_logits": without(ema, i)} for i in range(len(peers))]
 
     def term_weights(self, hyper):
         return {"kd_ensemble": hyper["ramp"], "kd_teachers": hyper["ramp"]}
 
     def distill_terms(self, hyper, outputs, labels, targets):
-        logits, temperature = outputs["logits"], hyper["temperature"]
+        logits, temperature = outputs[LOGITS], hyper["temperature"]
         to_teachers = [self.distill(logits, t, temperature) for t in targets["teacher_logits"]]
         return {"kd_ensemble": self.distill(logits, targets["ensemble"], temperature),
                 "kd_teachers": sum(to_teachers) / len(to_teachers)}

@@ -15,6 +15,7 @@ The teacher lives inside the peer that it teaches: nothing is exchanged, the coo
 from raydistill.distill.features import hint_loss
 from raydistill.errors import ConfigError
 from raydistill.methods.base import Method, register_method
+from raydistill.names import HINT, LOGITS
 
 
 @register_method("self")
@@ -83,12 +84,12 @@ class SelfDistillation(Method):
 
     def distill_terms(self, hyper, outputs, labels, targets):
         if "teacher_logits" not in targets:                 # generation 1 of born-again: no teacher
-            zero = outputs["logits"].sum() * 0.0
+            zero = outputs[LOGITS].sum() * 0.0
             terms = {"kd": zero}
             if self.uses_hint:
                 terms["hidden"] = zero
             return terms
-        terms = {"kd": self.distill(outputs["logits"], targets["teacher_logits"], hyper["temperature"])}
+        terms = {"kd": self.distill(outputs[LOGITS], targets["teacher_logits"], hyper["temperature"])}
         if self.uses_hint:
-            terms["hidden"] = hint_loss(outputs["hint"], targets["teacher_hint"])
+            terms["hidden"] = hint_loss(outputs[HINT], targets["teacher_hint"])
         return terms

@@ -18,6 +18,7 @@ import torch
 from raydistill.distill.ensembles import mean_logits, mean_probs, weighted_mean, weighted_probs
 from raydistill.errors import ConfigError
 from raydistill.methods.base import Method, stacked, tensor_of
+from raydistill.names import LOGITS
 
 TEACHER_ENSEMBLES = ("mean_logits", "mean_probs", "weighted")
 
@@ -43,8 +44,8 @@ class FromTeachers(Method):
     def teacher_logits(self, hyper: dict, teachers: list[dict]) -> torch.Tensor:
         """The target logits for every teacher view, [V, B, C]: the one teacher's own, or the teachers' ensemble."""
         if len(teachers) == 1:
-            return tensor_of(teachers[0]["logits"])
-        logits = stacked([t["logits"] for t in teachers])                          # [M, V, B, C]
+            return tensor_of(teachers[0][LOGITS])
+        logits = stacked([t[LOGITS] for t in teachers])                          # [M, V, B, C]
         views = [self.ensemble_of_teachers(logits[:, v], hyper["temperature"]) for v in range(logits.shape[1])]
         return torch.stack(views)
 

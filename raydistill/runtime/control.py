@@ -18,6 +18,7 @@ from raydistill.config import load_config
 from raydistill.engine.elastic import check_elastic
 from raydistill.errors import ConfigError
 from raydistill.files import write_text
+from raydistill.names import peer_id, peer_name
 
 CONTROL_DIR = "control"
 RUNNING = "running.json"
@@ -130,7 +131,7 @@ def requested_config(config, request: dict, loop: dict):
             raise ConfigError(key, request[key], what)
     if action == "add":
         arch = request.get("arch") or config.model.arch
-        used = {int(n[len("peer"):]) for n in [*names, *(c["peer"] for c in loop.get("changes", []))]}
+        used = {peer_id(n) for n in [*names, *(c["peer"] for c in loop.get("changes", []))]}
         entry = {"arch": arch, "id": max(used) + 1, "init": request.get("init") or "scratch"}
         if arch != config.model.arch:
             entry["options"] = dict(request.get("options") or {})
@@ -138,7 +139,7 @@ def requested_config(config, request: dict, loop: dict):
     elif action == "remove":
         if isinstance(request.get("peer"), bool) or not isinstance(request.get("peer"), int):
             raise ConfigError("--peer", request.get("peer"), "a peer's number K (peerK)")
-        name = f"peer{request.get('peer')}"
+        name = peer_name(request.get("peer"))
         if name not in names:
             raise ConfigError("--peer", request.get("peer"), f"not a peer of the run (its peers: {', '.join(names)})")
         if len(names) == 1:

@@ -18,6 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raydistill.engine.worker import CallReport, labels_of
 from raydistill.errors import ConfigError, user_error
+from raydistill.names import teacher_name
 from raydistill.runtime import placement, session
 from raydistill.runtime.actors import CoordinatorActor, WorkerActor
 from raydistill.runtime.collective import CollectiveError
@@ -104,7 +105,7 @@ class RayWorkers:
 
     def describe(self) -> str:
         names = self.config.peer_names
-        hosted = ", ".join("+".join([names[i] for i in m.peers] + [f"teacher{i}" for i in m.teachers])
+        hosted = ", ".join("+".join([names[i] for i in m.peers] + [teacher_name(i) for i in m.teachers])
                            for m in self.members)
         return f"transport {self.transport.name}; workers: {hosted}"
 

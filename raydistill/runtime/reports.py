@@ -22,6 +22,7 @@ from pathlib import Path
 
 from raydistill.engine.evaluation import primary_metric
 from raydistill.engine.manifest import write_export
+from raydistill.names import ENSEMBLE, ema_name, model_name, peer_id, peer_name, teacher_name
 
 
 
@@ -69,25 +70,18 @@ class Model:
         return model_name(self.kind, self.index if self.ident is None else self.ident)
 
 
-def model_name(kind: str, index: int) -> str:
-    """The name of a model in records, summary and export: peer0, peer0_ema, teacher0, ensemble."""
-    if kind == "ensemble":
-        return "ensemble"
-    return f"peer{index}_ema" if kind == "ema_teacher" else f"{kind}{index}"
-
-
 def figures(evaluation: dict | None, kind: str, index: int | None) -> dict:
     """One model's figures in an evaluation (Coordinator.evaluate's result); {} for a peer not in it (None)."""
     if not evaluation or index is None:
         return {}
-    if kind == "ensemble":
-        return evaluation.get("ensemble", {})
+    if kind == ENSEMBLE:
+        return evaluation.get(ENSEMBLE, {})
     return evaluation[f"{kind}s"][index]
 
 
 def record_peers(record: dict) -> list[str]:
     """The names of the peers that trained in an epoch record, in place order (records before names: peer<place>)."""
-    return record.get("peers") or [f"peer{i}" for i in range(len(record["train"]))]
+    return record.get("peers") or [peer_name(i) for i in range(len(record["train"]))]
 
 
 class Reports:
@@ -105,7 +99,7 @@ class Reports:
             models += [Model("ema_teacher", i, p.arch, p.id) for i, p in enumerate(self.config.peers)]
         models += [Model("teacher", j, t.arch) for j, t in enumerate(self.config.teacher_list)]
         if self.config.num_peers > 1:
-            models.append(Model("ensemble", 0, "ensemble"))
+            models.append(Model(ENSEMBLE, 0, ENSEMBLE))
         return models
 
     def deploy_candidates(self) -> list[tuple[str, int]]:
@@ -249,12 +243,12 @@ class Reports:
         peers = [{"index": i, "name": name, "arch": arch, "node": node,
                   **({"removed_at_epoch": gone} if gone is not None else {}),
                   **self.model_summary(state, name)} for i, name, arch, node, gone in current + removed]
-        ema_teachers = [{"index": i, "name": f"{name}_ema", "arch": arch, "node": node,
+        ema_teachers = [{"index": i, "name": ema_name(peer_id(name)), "arch": arch, "node": node,
                          **({"removed_at_epoch": gone} if gone is not None else {}),
-                         **self.model_summary(state, f"{name}_ema")}
+                         **self.model_summary(state, ema_name(peer_id(name)))}
                         for i, name, arch, node, gone in current + removed] if self.method.uses_ema_teacher else []
-        teachers = [{"index": j, "name": model_name("teacher", j), "arch": t.arch, "node": nodes["teachers"][j],
-                     **self.model_summary(state, model_name("teacher", j))} for j, t in enumerate(self.config.teacher_list)]
+        teachers = [{"index": j, "name": teacher_name(j), "arch": t.arch, "node": nodes["teachers"][j],
+                     **self.model_summary(state, teacher_name(j))} for j, t in enumerate(self.config.teacher_list)]
         summary = {"name": self.config.name, "method": self.config.method.name, "dataset": self.config.data.name,
                    "task": self.config.task, "runtime": runtime, "transport": transport,
                    "epochs_completed": state.epochs_completed, "epochs": self.config.train.epochs,
@@ -262,7 +256,7 @@ class Reports:
                    "peers": peers, "ema_teachers": ema_teachers, "teachers": teachers,
                    "worker_nodes": nodes.get("workers", [])}
         if self.config.num_peers > 1:
-            summary.update({f"ensemble_{k}": v for k, v in self.model_summary(state, "ensemble").items()})
+            summary.update({f"ensemble_{k}": v for k, v in self.model_summary(state, ENSEMBLE).items()})
             last = (state.last["val"] or state.last["test"]) if state.last is not None else {}
             summary["consistency"] = last.get("consistency")
         train_s = max(state.train_s, 1e-9)
@@ -307,9 +301,9 @@ class Reports:
         metric = self.metric
         rows = [("model", "arch", f"val {metric}", f"best val {metric}", "best epoch", f"test {metric}",
                  f"test {metric} @best")]
-        entries = [(p.get("name", f"peer{p['index']}"), p) for p in summary["peers"]]
+        entries = [(p.get("name", peer_name(p["index"])), p) for p in summary["peers"]]
         entries += [(t["name"], t) for t in summary.get("ema_teachers", [])]
-        entries += [(f"teacher{t['index']}", t) for t in summary["teachers"]]
+        entries += [(teacher_name(t["index"]), t) for t in summary["teachers"]]
         if f"ensemble_val_{metric}" in summary:
             entries.append(("ensemble", {k[len("ensemble_"):]: v for k, v in summary.items()
                                          if k.startswith("ensemble_")} | {"arch": "-"}))
