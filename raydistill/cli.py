@@ -201,12 +201,6 @@ def cmd_presets(args) -> int:
     return 0
 
 
-def cmd_data(args) -> int:
-    from raydistill.data.prepare import run_command
-
-    return run_command(args)
-
-
 def cmd_bench(args) -> int:
     from raydistill.bench import run
 
@@ -238,7 +232,7 @@ def main(argv=None) -> int:
     if threading.current_thread() is threading.main_thread():   # SIGTERM stops a command as Ctrl-C does
         signal.signal(signal.SIGTERM, _on_sigterm)
     handler = {"bench": cmd_bench, "train": cmd_train, "tune": cmd_tune, "eval": cmd_eval, "presets": cmd_presets,
-               "cluster": cmd_cluster, "results": cmd_results, "peers": cmd_peers, "data": cmd_data,
+               "cluster": cmd_cluster, "results": cmd_results, "peers": cmd_peers,
                **run_commands.HANDLERS}[args.command]
     try:
         return handler(args)
@@ -268,7 +262,7 @@ def report_error(err: Exception) -> int:
     if bad_input is not None:
         print(f"raydistill: error: {bad_input}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from raydistill.runtime.recovery import TrainingError
+    from raydistill.policies.failures import TrainingError
 
     if os.environ.get("RAYDISTILL_TRACEBACK"):
         raise err

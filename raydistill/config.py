@@ -104,7 +104,7 @@ class MethodConfig:
 
 @dataclass
 class HealthConfig:
-    """train.health: the health watch (runtime/health.py). Absent or null: off, and a non-finite loss stops the run."""
+    """train.health: the health watch (policies/health.py). Absent or null: off, and a non-finite loss stops the run."""
     max_consistency: Union[float, None] = None   # bound on the peers' validation consistency (null: not watched)
     patience: int = 1                   # epochs in a row above max_consistency before the rule fires
     action: str = "rollback"            # rollback (to the last good checkpoint, data re-seeded) | stop
@@ -595,7 +595,7 @@ def _check_train(config: Config) -> None:
     if t.optimizer not in OPTIMIZERS:
         raise ConfigError("train.optimizer", t.optimizer, f"one of: {', '.join(OPTIMIZERS)}")
     if t.health is not None:
-        from raydistill.runtime.health import check_config as check_health
+        from raydistill.policies.health import check_config as check_health
 
         check_health(config)
 

@@ -1,5 +1,5 @@
-"""The shells of the commands that read finished runs: ``plot``, ``report``, ``export``. Arguments in, the work
-imported only when a command runs (matplotlib, pandas and torch cost seconds; ``raydistill presets`` needs none)."""
+"""The shells of the commands that read finished runs (``plot``, ``report``, ``export``) and prepare data sets
+(``data``). Arguments in, the work imported only when a command runs (matplotlib, pandas and torch cost seconds; ``raydistill presets`` needs none)."""
 from __future__ import annotations
 
 import datetime
@@ -65,4 +65,38 @@ def cmd_export(args) -> int:
     return 0
 
 
-HANDLERS = {"plot": cmd_plot, "report": cmd_report, "export": cmd_export}
+
+
+def cmd_data(args) -> int:
+    """``raydistill data prepare|verify`` (arguments in cli.py); ``--address``: the decoding on Ray tasks of that
+    cluster's nodes."""
+    import sys
+
+    from raydistill.data.prepare import Progress, prepare, run_task, verify
+    from raydistill.errors import ConfigError
+
+    if args.data_command == "verify":
+        index = verify(args.dest)
+        print(f"{args.dest}: every file matches its index (train {index['splits']['train']['count']:,}, test "
+              f"{index['splits']['test']['count']:,} images; digest {index['digest']})")
+        return 0
+    if not args.shard_mb > 0:
+        raise ConfigError("--shard-mb", args.shard_mb, "a number of MiB > 0")
+    try:
+        tasks = None
+        if args.address:
+            from raydistill.runtime.tasks import RayTasks
+
+            tasks = RayTasks(args.address, run_task, args.workers)
+        prepare(args.source, args.dest, size=args.size, workers=args.workers, tasks=tasks, root=args.root,
+                download=args.download, val_labels=args.val_labels, view=args.view,
+                shard_bytes=int(args.shard_mb * 2**20),
+                progress=Progress(lambda line: print(line, flush=True)))
+    except KeyboardInterrupt:
+        print("raydistill: prepare stopped; the shards written are kept: run the same command to resume",
+              file=sys.stderr)
+        raise
+    return 0
+
+
+HANDLERS = {"plot": cmd_plot, "report": cmd_report, "export": cmd_export, "data": cmd_data}

@@ -41,7 +41,7 @@ from raydistill.runtime.driver import actor_name
 from raydistill.runtime.inprocess import InProcessWorkers
 from raydistill.runtime.console import Console
 from raydistill.runtime.loop import Run
-from raydistill.runtime.recovery import TrainingError, WorkerLost
+from raydistill.policies.failures import TrainingError, WorkerLost
 from raydistill.runtime.reaper import descendants
 from tests.conftest import one_line, tiny_dml, write_config
 from tests.test_runtime import assert_same_parameters, final_parameters

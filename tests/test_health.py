@@ -43,7 +43,7 @@ from raydistill.models import build_model
 from raydistill.runtime.inprocess import InProcessWorkers
 from raydistill.runtime.console import Console
 from raydistill.runtime.loop import Run
-from raydistill.runtime.recovery import WorkerLost
+from raydistill.policies.failures import WorkerLost
 from raydistill.seeding import generator
 from tests.conftest import one_line, tiny_dml, write_config
 from tests.test_runtime import assert_same_parameters, final_parameters, tensorboard_scalars

@@ -164,7 +164,10 @@ def test_an_interrupted_prepare_resumed_writes_the_files_of_an_uninterrupted_one
 def test_prepare_on_ray_tasks_writes_the_same_files(ray_session, imagenet, tmp_path):
     source, reference, _ = imagenet
     progress = Lines()
-    prepare(str(source), tmp_path / "ray", size=SIZE, workers=2, address="auto",
+    from raydistill.data.prepare import run_task
+    from raydistill.runtime.tasks import RayTasks
+
+    prepare(str(source), tmp_path / "ray", size=SIZE, workers=2, tasks=RayTasks("auto", run_task, 2),
             val_labels=source / "LOC_val_solution.csv", shard_bytes=SHARD, progress=progress)
     assert "on Ray tasks (" in progress.lines[0]
     assert files_of(tmp_path / "ray") == files_of(reference)

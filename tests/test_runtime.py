@@ -17,7 +17,7 @@ from raydistill.engine.data import load_run_data
 from raydistill.runtime.inprocess import InProcessWorkers
 from raydistill.runtime.console import Console
 from raydistill.runtime.loop import Run
-from raydistill.runtime.recovery import WorkerLost
+from raydistill.policies.failures import WorkerLost
 from tests.conftest import tiny_dml
 
 

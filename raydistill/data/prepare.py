@@ -24,7 +24,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,15 +264,14 @@ class InProcess:
         pass
 
 
-def executor(source, workers: int | None, address):
-    """Where the decoding runs: here (a source in memory), Ray tasks (``address``), or local worker processes (one per
-    core unless ``workers`` says)."""
+def executor(source, workers: int | None, tasks=None):
+    """Where the decoding runs: here (a source in memory), the given ``tasks`` (runtime/tasks.py's Ray tasks on a
+    cluster: anything with ``imap(tasks)``, ``describe()`` and ``close(finished)``), or local worker processes (one
+    per core unless ``workers`` says)."""
     if source.in_memory:
         return InProcess()
-    if address:
-        from raydistill.data.ray_tasks import RayTasks
-
-        return RayTasks(address, run_task, workers)
+    if tasks is not None:
+        return tasks
     return ProcessPool(workers or os.cpu_count())
 
 
@@ -371,13 +369,13 @@ class Progress:
                   f"{' (each named in index.json)' if skipped else ''}; digest {index['digest']}")
 
 
-def prepare(source: str, dest, size: int | None = None, workers: int | None = None, address: str | None = None,
+def prepare(source: str, dest, size: int | None = None, workers: int | None = None, tasks=None,
             root=None, download: bool = False, val_labels=None, view: str | None = None,
             shard_bytes: int = SHARD_BYTES, progress: Progress | None = None) -> dict:
     """Prepares SOURCE into DEST (see the module's docstring); returns the index. Run again after an interruption,
     it resumes; run again on a finished DEST, it checks it and returns its index. ``workers``: decoding processes
-    (default: one per core), or with ``address`` Ray tasks at once (default: twice the cluster's CPUs); ``view``: the
-    views the set is trained with (``parse_view``)."""
+    (default: one per core); ``tasks``: where else to decode (runtime/tasks.py's ``RayTasks``, a cluster's nodes);
+    ``view``: the views the set is trained with (``parse_view``)."""
     if size is not None:
         _positive("--size", size, MIN_SIZE)
     if workers is not None:
@@ -396,7 +394,7 @@ def prepare(source: str, dest, size: int | None = None, workers: int | None = No
         return index
     shards = {split: _shards(plan, split) for split in SPLITS}
     todo = [(split, k, a, b) for split in SPLITS for k, a, b in shards[split] if shard_name(split, k) not in done]
-    pool = executor(src, workers, address)
+    pool = executor(src, workers, tasks)
     progress.begin(src, dest, plan, pool, len(done), sum(len(s) for s in shards.values()))
     for name, reason in src.others:
         progress.skipped(name, reason)
@@ -496,29 +494,3 @@ def _finish(src, dest: Path, plan: dict, shards: dict, done: dict) -> dict:
     _write_json(dest / INDEX, index)
     shutil.rmtree(dest / PARTIAL)
     return index
-
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the command
-
-
-def run_command(args) -> int:
-    """``raydistill data prepare|verify`` (arguments in cli.py)."""
-    if args.data_command == "verify":
-        index = verify(args.dest)
-        print(f"{args.dest}: every file matches its index (train {index['splits']['train']['count']:,}, test "
-              f"{index['splits']['test']['count']:,} images; digest {index['digest']})")
-        return 0
-    if not args.shard_mb > 0:
-        raise ConfigError("--shard-mb", args.shard_mb, "a number of MiB > 0")
-    try:
-        prepare(args.source, args.dest, size=args.size, workers=args.workers, address=args.address, root=args.root,
-                download=args.download, val_labels=args.val_labels, view=args.view,
-                shard_bytes=int(args.shard_mb * 2**20),
-                progress=Progress(lambda line: print(line, flush=True)))
-    except KeyboardInterrupt:
-        print("raydistill: prepare stopped; the shards written are kept: run the same command to resume",
-              file=sys.stderr)
-        raise
-    return 0

@@ -15,6 +15,14 @@ import torch
 from raydistill.files import DiskFull, disk_write
 
 PATTERN = re.compile(r"^epoch_(\d{4,})$")
+# A run's state, as the workers hand it over and a checkpoint holds it: every peer's (in peer order, peer_<i>.pt),
+# the coordinator's (coordinator.pt) and, in a checkpoint, the loop's (loop.json).
+PEERS, COORDINATOR, LOOP = "peers", "coordinator", "loop"
+
+
+def members(state: dict) -> dict:
+    """The part of a run's state the workers hold: the peers' and the coordinator's (not the loop's)."""
+    return {PEERS: state[PEERS], COORDINATOR: state[COORDINATOR]}
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -48,10 +56,10 @@ def save_checkpoint(run_dir: Path, epoch: int, state: dict, keep: int, keep_from
     try:
         with disk_write(final):
             tmp.mkdir()
-            for i, peer_state in enumerate(state["peers"]):
+            for i, peer_state in enumerate(state[PEERS]):
                 torch.save(peer_state, tmp / f"peer_{i}.pt")
-            torch.save(state["coordinator"], tmp / "coordinator.pt")
-            (tmp / "loop.json").write_text(json.dumps(state["loop"]))
+            torch.save(state[COORDINATOR], tmp / "coordinator.pt")
+            (tmp / "loop.json").write_text(json.dumps(state[LOOP]))
             _fsync_dir(tmp)
     except DiskFull:
         shutil.rmtree(tmp, ignore_errors=True)          # give back what the half-written checkpoint took
@@ -116,8 +124,7 @@ def _load(path: Path, num_peers: int) -> dict:
 
     loop = read("loop.json")
     count = len(loop["peers"]) if loop.get("peers") else num_peers    # the peers it was written with (elastic)
-    return {"peers": [read(f"peer_{i}.pt") for i in range(count)], "coordinator": read("coordinator.pt"),
-            "loop": loop}
+    return {PEERS: [read(f"peer_{i}.pt") for i in range(count)], COORDINATOR: read("coordinator.pt"), LOOP: loop}
 
 
 def load_checkpoint(path: Path, num_peers: int) -> dict:
@@ -162,9 +169,9 @@ def check_compatible(config, spec, state: dict, source: str) -> None:
     from raydistill.errors import ConfigError
     from raydistill.models import build_model
 
-    if len(state["peers"]) != config.num_peers:
-        raise ConfigError("peers", config.num_peers, f"the checkpoint {source} holds {len(state['peers'])} peers")
-    for i, (peer, saved) in enumerate(zip(config.peers, state["peers"])):
+    if len(state[PEERS]) != config.num_peers:
+        raise ConfigError("peers", config.num_peers, f"the checkpoint {source} holds {len(state[PEERS])} peers")
+    for i, (peer, saved) in enumerate(zip(config.peers, state[PEERS])):
         expected = {k: tuple(v.shape) for k, v in build_model(peer.arch, spec, **peer.options).state_dict().items()}
         found = {k: tuple(v.shape) for k, v in saved["model"].items()}
         if expected != found:
@@ -184,7 +191,7 @@ def _check_teacher_adapters(config, spec, state: dict, source: str) -> None:
     if build_method(config).feature_target != "teacher" or not config.num_teachers:
         return
     names = teacher_adapter_names(config.num_teachers)
-    for i, (peer, saved) in enumerate(zip(config.peers, state["peers"])):
+    for i, (peer, saved) in enumerate(zip(config.peers, state[PEERS])):
         found = {}
         for key, value in (saved.get("adapters") or {}).items():
             name, _, rest = key.partition(".")

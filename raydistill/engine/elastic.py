@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from raydistill.engine.optim import make_optimizer
+from raydistill.engine.checkpoint import COORDINATOR, LOOP, PEERS
 from raydistill.engine.peer import Peer
 from raydistill.engine.self_teacher import EmaTeacher
 from raydistill.errors import ConfigError
@@ -55,12 +56,12 @@ def check_peer_ids(config) -> None:
 
 def names_of(state: dict) -> list[str]:
     """The names of a state's peers (peer_<i>.pt in order); checkpoints from before names: peer<place>."""
-    return list(state["loop"].get("peers") or [peer_name(i) for i in range(len(state["peers"]))])
+    return list(state[LOOP].get("peers") or [peer_name(i) for i in range(len(state[PEERS]))])
 
 
 def ever_used(state: dict) -> set[int]:
     """Every peer number the run has given out: its peers now and every peer that joined or left."""
-    names = set(names_of(state)) | {c["peer"] for c in state["loop"].get("changes", [])}
+    names = set(names_of(state)) | {c["peer"] for c in state[LOOP].get("changes", [])}
     return {peer_id(name) for name in names}
 
 
@@ -135,10 +136,10 @@ def change_peers(old_config, new_config, state: dict, spec, arrays) -> tuple[dic
     deployable models {name: export entry with its settings}, the change events). Raises ConfigError for a change
     that cannot be made."""
     check_elastic(new_config)
-    loop = copy.deepcopy(state["loop"])
+    loop = copy.deepcopy(state[LOOP])
     old_names = names_of(state)
     old_settings = dict(zip(old_names, old_config.peers))
-    placed = dict(zip(old_names, state["peers"]))
+    placed = dict(zip(old_names, state[PEERS]))
     epoch = loop["epochs_completed"]
     peers, events = [], []
     for i, (name, settings) in enumerate(zip(new_config.peer_names, new_config.peers)):
@@ -163,19 +164,19 @@ def change_peers(old_config, new_config, state: dict, spec, arrays) -> tuple[dic
         else:
             peer = Peer(i, new_config, arrays, spec, device="cpu")
             if init == "ensemble":
-                distill_from_ensemble(peer, old_config, state["peers"], spec, epoch)
+                distill_from_ensemble(peer, old_config, state[PEERS], spec, epoch)
             peers.append(peer.state_dict())
         events.append({"epoch": epoch, "action": "add", "peer": name, "arch": settings.arch, "init": init})
     retired = {}
     for i, name in enumerate(old_names):
         if name not in new_config.peer_names:
-            retired.update(_exports(old_config, i, state["peers"][i], spec, arrays))
+            retired.update(_exports(old_config, i, state[PEERS][i], spec, arrays))
             events.append({"epoch": epoch, "action": "remove", "peer": name, "arch": old_settings[name].arch})
-    if new_config.num_peers != old_config.num_peers and state["coordinator"]:
+    if new_config.num_peers != old_config.num_peers and state[COORDINATOR]:
         raise ConfigError("peers", new_config.num_peers, "the coordinator keeps per-peer state for this method")
     loop["peers"] = new_config.peer_names
     loop["changes"] = [*loop.get("changes", []), *events]
-    return {"peers": peers, "coordinator": state["coordinator"], "loop": loop}, retired, events
+    return {PEERS: peers, COORDINATOR: state[COORDINATOR], LOOP: loop}, retired, events
 
 
 def _exports(config, index: int, peer_state: dict, spec, arrays) -> dict:

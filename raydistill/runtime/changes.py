@@ -1,8 +1,8 @@
 """Elastic peers on a running run: the requests of ``raydistill peers add|remove`` (RUN/control/) carried out on an
 epoch boundary. A decision, then its execution: each request is checked and refused in one line, or joins the new
 peer set (``decide``); the new set then replaces the workers (``change``) and is on trial until it has trained an
-epoch: kept (``confirm``) or undone (``undo``, the trial's policy, ``decide_on_trial``). Only a kept change reaches
-the disk, so no checkpoint ever holds a peer set that has not trained. No Ray.
+epoch: kept (``confirm``) or undone (``undo``). Only a kept change reaches
+the disk, so no checkpoint ever holds a peer set that has not trained (policies/peer_change.py decides). No Ray.
 """
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ from dataclasses import dataclass, field
 
 from raydistill.config import dump_config
 from raydistill.engine import elastic
+from raydistill.engine.checkpoint import LOOP, members
 from raydistill.engine.peer import check_trainable
 from raydistill.errors import ConfigError, one_line
 from raydistill.runtime import control
-from raydistill.runtime.decisions import Action, Decision
-from raydistill.runtime.recovery import RollbackPoint, WorkerLost
+from raydistill.policies.decisions import Decision
+from raydistill.policies.failures import WorkerLost
+from raydistill.policies.peer_change import PeerChangeTrialPolicy
+from raydistill.runtime.recovery import RollbackPoint
 from raydistill.runtime.reports import LoopState
 
 
@@ -38,6 +41,7 @@ class PeerChanges:
 
     def __init__(self, run):
         self.run = run
+        self.policy = PeerChangeTrialPolicy()
         self.trial: PeerChange | None = None
 
     # ---- the decision -----------------------------------------------------------------------------------------------
@@ -88,14 +92,12 @@ class PeerChanges:
         same state): the workers (and their placement group) are torn down and started again for the new set, and
         the new state loaded. The change is then on trial."""
         run = self.run
-        state = {**(worker_state or run.workers.get_state()), "loop": run.state.to_dict()}
+        state = {**(worker_state or run.workers.get_state()), LOOP: run.state.to_dict()}
         new_state, change.retired, events = elastic.change_peers(run.config, change.config, state, run.spec,
                                                                  run.arrays)
         run.workers.check_room(change.config)          # a set the cluster cannot hold: refused, nothing stopped
         change.epoch, change.before_config = epochs_completed, run.config
-        change.before = RollbackPoint(epochs_completed, 0, {"peers": state["peers"],
-                                                            "coordinator": state["coordinator"]},
-                                      loop=copy.deepcopy(run.state))
+        change.before = RollbackPoint(epochs_completed, 0, members(state), loop=copy.deepcopy(run.state))
         run.workers.shutdown()
         try:
             run.workers = run.rebuild(change.config)
@@ -104,9 +106,8 @@ class PeerChanges:
             run.workers.set_state(change.before.workers)
             raise
         run.set_peer_config(elastic.consumed(change.config))
-        change.after = RollbackPoint(epochs_completed, 0, {"peers": new_state["peers"],
-                                                           "coordinator": new_state["coordinator"]},
-                                     loop=LoopState.from_dict(new_state["loop"], run.observe))
+        change.after = RollbackPoint(epochs_completed, 0, members(new_state),
+                                     loop=LoopState.from_dict(new_state[LOOP], run.observe))
         run.recovery.restore(change.after)             # a worker lost from here: this point
         done = "; ".join(f"added {e['peer']} ({e['arch']}, init {e['init']})" if e["action"] == "add"
                          else f"removed {e['peer']}" for e in events)
@@ -123,12 +124,6 @@ class PeerChanges:
         dump_config(run.config, run.run_dir / "config.yaml")
         run.save_state(change.epoch, change.after.workers, change.after.loop.to_dict())
         self.answer(change.requests, "done", change.message, echo=False)
-
-    def decide_on_trial(self, failure: BaseException | str) -> Decision:
-        """The trial's policy: a new peer set that fails in its first epoch (an error raised in a worker, a
-        non-finite loss, an unhealthy epoch) is undone."""
-        reason = failure if isinstance(failure, str) else one_line(failure)
-        return Decision(Action.UNDO, "peer_change", reason)
 
     def undo(self, decision: Decision) -> int:
         """The workers of the set before the change started again from its state at the boundary, the failed

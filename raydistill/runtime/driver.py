@@ -17,6 +17,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raydistill.engine.worker import CallReport, labels_of
+from raydistill.engine.checkpoint import COORDINATOR, PEERS
 from raydistill.errors import ConfigError, user_error
 from raydistill.names import teacher_name
 from raydistill.runtime import placement, session
@@ -25,7 +26,7 @@ from raydistill.runtime.collective import CollectiveError
 from raydistill.transports import transport_of
 from raydistill.runtime.console import Console
 from raydistill.runtime.objectstore import drive_steps
-from raydistill.runtime.recovery import WorkerGivenUp, WorkerLost
+from raydistill.policies.failures import WorkerGivenUp, WorkerLost
 
 PLACEMENT_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 600.0          # workers import torch and build their models: minutes on a loaded small machine
@@ -265,18 +266,18 @@ class RayWorkers:
 
     def get_state(self) -> dict:
         states = self.results([w.state_dict.remote() for w in self.workers])
-        peers = {i: s for state in states for i, s in state["peers"].items()}
-        coordinator = (states[0]["coordinator"] if self.coordinator is None
+        peers = {i: s for state in states for i, s in state[PEERS].items()}
+        coordinator = (states[0][COORDINATOR] if self.coordinator is None
                        else self.results([self.coordinator.state_dict.remote()])[0])
         self.check_restarted()                  # the states are those of the actors that were set up
-        return {"peers": [peers[i] for i in range(self.config.num_peers)], "coordinator": coordinator}
+        return {PEERS: [peers[i] for i in range(self.config.num_peers)], COORDINATOR: coordinator}
 
     def set_state(self, state: dict) -> None:
-        replica = state["coordinator"] if self.coordinator is None else None
-        calls = [w.load_state_dict.remote({"peers": {i: state["peers"][i] for i in m.peers}, "coordinator": replica})
+        replica = state[COORDINATOR] if self.coordinator is None else None
+        calls = [w.load_state_dict.remote({PEERS: {i: state[PEERS][i] for i in m.peers}, COORDINATOR: replica})
                  for w, m in zip(self.workers, self.members)]
         if self.coordinator is not None:
-            calls.append(self.coordinator.load_state_dict.remote(state["coordinator"]))
+            calls.append(self.coordinator.load_state_dict.remote(state[COORDINATOR]))
         self.results(calls)
 
     def export(self) -> dict:

@@ -9,6 +9,7 @@ import copy
 
 import torch
 
+from raydistill.engine.checkpoint import COORDINATOR, PEERS
 from raydistill.engine.worker import CallReport, Members, Worker
 
 
@@ -36,14 +37,13 @@ class InProcessWorkers:
 
     def get_state(self) -> dict:
         state = self.worker.state_dict()
-        return {"peers": [state["peers"][i] for i in range(self.config.num_peers)],
-                "coordinator": state["coordinator"]}
+        return {PEERS: [state[PEERS][i] for i in range(self.config.num_peers)], COORDINATOR: state[COORDINATOR]}
 
     def set_state(self, state: dict) -> None:
         # a copy, as Ray's object store hands its workers: a loaded optimizer keeps the tensors it is given, and
         # training would change a rollback point kept in memory (its second use would then differ from Ray's)
         state = copy.deepcopy(state)
-        self.worker.load_state_dict({"peers": dict(enumerate(state["peers"])), "coordinator": state["coordinator"]})
+        self.worker.load_state_dict({PEERS: dict(enumerate(state[PEERS])), COORDINATOR: state[COORDINATOR]})
 
     def export(self) -> dict:
         return self.worker.export()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raydistill.config import Config, check_data_fits, check_written, dump_config, load_config
-from raydistill.engine.checkpoint import check_compatible, latest_checkpoint, load_latest_checkpoint
+from raydistill.engine.checkpoint import LOOP, check_compatible, latest_checkpoint, load_latest_checkpoint
 from raydistill.engine.data import load_run_data
 from raydistill.engine.peer import check_trainable
 from raydistill.engine.elastic import change_peers, check_inits, consumed, names_of, renumber, save_retired
@@ -142,7 +142,7 @@ def _plan(config, output, overrides, resume, from_checkpoint, stop_after_epoch, 
         check_written(run_dir / "config.yaml")
         config = load_config(run_dir, overrides)
         resume_state = _resume_state(run_dir, config, console)
-        done = resume_state["loop"]["epochs_completed"] if resume_state is not None else 0
+        done = resume_state[LOOP]["epochs_completed"] if resume_state is not None else 0
         restart = resume_state is None
         if done >= config.train.epochs:
             raise ConfigError("train.epochs", config.train.epochs,

@@ -5,9 +5,9 @@ only: ``run_steps(epoch, first, count, replay)`` runs a call of steps and return
 ``evaluate``, ``get_state``/``set_state`` and ``export`` happen between calls.
 
 ``Run`` keeps the epoch loop (``train``), one epoch's calls (``train_epoch``), checkpoints and the export. It decides
-nothing about failures: the policies do, and ``carry_out`` acts on their decisions (runtime/decisions.py):
-- a lost worker: the lost-worker policy and the way back to a rollback point (runtime/recovery.py);
-- a non-finite loss, an unhealthy epoch: the health watch (runtime/health.py);
+nothing about failures: the policies do (raydistill/policies/), and ``carry_out`` acts on their decisions:
+- a lost worker: the lost-worker policy, and the way back to a rollback point (runtime/recovery.py);
+- a non-finite loss, an unhealthy epoch: the health watch;
 - a peer-set change asked for by ``raydistill peers``, and its trial epoch (runtime/changes.py).
 What a run reports is runtime/reports.py's; what it prints, runtime/console.py's.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from raydistill.data.views import num_steps
 from raydistill.engine import elastic
-from raydistill.engine.checkpoint import checkpoint_epoch, latest_checkpoint, list_checkpoints, save_checkpoint
+from raydistill.engine.checkpoint import LOOP, checkpoint_epoch, latest_checkpoint, list_checkpoints, save_checkpoint
 from raydistill.engine.recorder import Recorder
 from raydistill.engine.storage import mirror
 from raydistill.engine.worker import CallReport
@@ -28,21 +28,14 @@ from raydistill.methods import build_method
 from raydistill.runtime import control
 from raydistill.runtime.changes import PeerChanges
 from raydistill.runtime.console import Console
-from raydistill.runtime.decisions import Action, Decision
-from raydistill.runtime.health import HealthWatch, replay_of
+from raydistill.policies.decisions import Action, Decision
+from raydistill.policies.failures import TrainingError, Unhealthy, WorkerGivenUp, WorkerLost
+from raydistill.policies.health import HealthWatch, replay_of
 from raydistill.runtime.interrupts import check_interrupted
-from raydistill.runtime.recovery import Recovery, TrainingError, WorkerGivenUp, WorkerLost
+from raydistill.runtime.recovery import Recovery
 from raydistill.runtime.reports import LoopState, Reports
 
 __all__ = ["Console", "Run", "RunResult", "TrainingError", "WorkerGivenUp", "WorkerLost"]
-
-
-class Unhealthy(Exception):
-    """A call of steps ended unhealthy (a non-finite loss): the epoch stops, and the loop carries out the decision."""
-
-    def __init__(self, decision: Decision):
-        super().__init__(decision.reason)
-        self.decision = decision
 
 
 @dataclass
@@ -97,8 +90,7 @@ class Run:
                 record = self.record(epoch, figures, evaluation, seconds)
                 decision = self.health.after_epoch(self.state, self.checkpoint_epochs())
                 if decision.action is not Action.CONTINUE:     # the epoch's checkpoint is not written
-                    epoch = self.carry_out(self.changes.decide_on_trial(decision.reason) if self.changes.trial
-                                           else decision)
+                    epoch = self.carry_out(self.changes.policy.decide(decision) if self.changes.trial else decision)
                     continue
                 if self.changes.trial is not None:
                     self.changes.confirm()
@@ -133,7 +125,7 @@ class Run:
         fetched) as the first rollback point. Returns the first epoch to train."""
         self.started = time.perf_counter()
         if resume_state is not None:
-            self.state = LoopState.from_dict(resume_state["loop"], self.observe)
+            self.state = LoopState.from_dict(resume_state[LOOP], self.observe)
         first = self.state.epochs_completed
         self.recorder = Recorder(self.run_dir, resume_epoch=first if resume_state is not None else None)
         self.wall_before = self.state.wall_s
@@ -194,8 +186,7 @@ class Run:
         if isinstance(failure, WorkerLost):
             return self.recovery.policy.decide(failure)
         if self.changes.trial is not None:
-            return self.changes.decide_on_trial(failure.decision.reason if isinstance(failure, Unhealthy)
-                                                else failure)
+            return self.changes.policy.decide(failure)
         if isinstance(failure, Unhealthy):
             return failure.decision
         raise failure
@@ -305,7 +296,7 @@ class Run:
         keep_from = None
         if self.health.rolls_back:
             keep_from = self.health.keep_from(self.state, [*self.checkpoint_epochs(), epochs_completed])
-        return save_checkpoint(self.run_dir, epochs_completed, {**worker_state, "loop": loop},
+        return save_checkpoint(self.run_dir, epochs_completed, {**worker_state, LOOP: loop},
                                self.config.train.keep_checkpoints, keep_from)
 
     def save_start(self) -> None:

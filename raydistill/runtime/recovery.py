@@ -10,22 +10,13 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from raydistill.engine.checkpoint import checkpoint_path, discard_after, load_checkpoint
+from raydistill.engine.checkpoint import LOOP, checkpoint_path, discard_after, load_checkpoint, members
+from raydistill.engine.elastic import names_of
 from raydistill.engine.worker import CallReport
-from raydistill.runtime.decisions import Action, Decision
+from raydistill.policies.decisions import Action, Decision
+from raydistill.policies.failures import TrainingError, WorkerGivenUp, WorkerLost
+from raydistill.policies.lost_worker import LostWorkerPolicy
 from raydistill.runtime.reports import LoopState
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (a non-finite loss, a lost actor past its restarts); the message says what to do."""
-
-
-class WorkerLost(RuntimeError):
-    """A worker or the coordinator died (its process or its node), or the group broke; the runtime recovers."""
-
-
-class WorkerGivenUp(RuntimeError):
-    """Ray will not restart a lost worker: it has been restarted resources.max_restarts times already."""
 
 
 @dataclass
@@ -35,19 +26,6 @@ class RollbackPoint:
     workers: dict                                        # the workers' state (get_state)
     figures: CallReport = field(default_factory=CallReport)   # the epoch's figures up to `step`
     loop: LoopState = field(default_factory=LoopState)
-
-
-class LostWorkerPolicy:
-    """What a lost worker means for the run. Ray restarts a worker (on a replacement node if its node is gone) at
-    most ``resources.max_restarts`` times: while it does, restart (wait for it, form the group again, go back to the
-    last rollback point); once Ray has given it up, or no node takes it within ``resources.node_wait_s``, stop."""
-
-    def decide(self, failure: BaseException) -> Decision:
-        if isinstance(failure, WorkerGivenUp):
-            return Decision(Action.STOP, "lost_worker", f"lost a worker: {failure}; the run stopped")
-        if isinstance(failure, TimeoutError):
-            return Decision(Action.STOP, "node_wait", f"{failure}; add capacity, then")
-        return Decision(Action.RESTART, "lost_worker", str(failure))
 
 
 class Recovery:
@@ -139,8 +117,7 @@ class Recovery:
         if (self.point.epoch, self.point.step) == (epoch, 0):
             return self.point
         state = load_checkpoint(checkpoint_path(run.run_dir, epoch), run.config.num_peers)
-        if state["loop"].get("peers", run.config.peer_names) != run.config.peer_names:
+        if names_of(state) != run.config.peer_names:
             raise TrainingError(f"train.health: the rollback target epoch_{epoch:04d} holds another peer set "
-                                f"({', '.join(state['loop']['peers'])}); the run stopped: {run.kept()}")
-        return RollbackPoint(epoch, 0, {"peers": state["peers"], "coordinator": state["coordinator"]},
-                             loop=LoopState.from_dict(state["loop"], run.observe))
+                                f"({', '.join(names_of(state))}); the run stopped: {run.kept()}")
+        return RollbackPoint(epoch, 0, members(state), loop=LoopState.from_dict(state[LOOP], run.observe))

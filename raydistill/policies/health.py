@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 from raydistill.errors import ConfigError
-from raydistill.runtime.decisions import CONTINUE, Action, Decision
+from raydistill.policies.decisions import CONTINUE, Action, Decision
 
 ACTIONS = ("rollback", "stop")
 

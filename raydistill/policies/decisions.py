@@ -1,6 +1,5 @@
 """What a policy returns and the loop carries out: Ray Train's failure-policy shape (the policy decides, the
-controller acts). Three policies return these: the health watch (runtime/health.py), the lost-worker policy
-(runtime/recovery.py) and the peer-change trial (runtime/changes.py); ``loop.Run.carry_out`` acts on each."""
+controller acts). The policies of this package return these; runtime/loop.py's ``Run.carry_out`` acts on each."""
 from __future__ import annotations
 
 import enum

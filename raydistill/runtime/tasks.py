@@ -1,5 +1,5 @@
-"""A prepare's decode tasks as Ray tasks on a cluster's nodes (``raydistill data prepare --address``): the same
-functions as the local worker processes, results taken back in task order, a window of tasks in flight. The source
+"""Ray tasks for work that is not a run: a prepare's decode tasks on a cluster's nodes (``raydistill data prepare
+--address``, data/prepare.py takes them as its executor): the same functions as the local worker processes, results taken back in task order, a window of tasks in flight. The source
 files must be readable at the same path on every node (a shared filesystem); the results come back to the writer
 through the object store."""
 from __future__ import annotations
