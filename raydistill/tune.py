@@ -38,7 +38,7 @@ from ray.tune import Callback
 from ray.tune.stopper import Stopper, TimeoutStopper
 
 from raydistill.config import Config, PeerConfig, apply_overrides, load_config, raw_config
-from raydistill.errors import ConfigError, Terminated, read_yaml, user_error
+from raydistill.errors import ConfigError, Terminated, one_line, read_yaml, user_error
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "randint")
 SCHEDULERS = ("asha", "pbt")
@@ -679,6 +679,7 @@ def tune(config=None, space=None, *, samples: int | None = None, output=None, ov
     tune_log = logging.getLogger("ray.tune.execution.tune_controller")
     quiet = _BadInputFilter()
     stop = SearchStop(experiment, own_cluster=started and not run_config.resources.address)
+    restore_printer = session.raylet_errors_to_log()     # a worker lost in a trial: a block in ray.log, not here
     try:
         with stop.catching():
             concurrent = max_concurrent or max_concurrent_trials(run_config, ray.cluster_resources())
@@ -702,6 +703,7 @@ def tune(config=None, space=None, *, samples: int | None = None, output=None, ov
         raise Terminated from None
     finally:
         tune_log.removeFilter(quiet)
+        restore_printer()
         if started and not stop.received:
             # after SIGTERM this process ends at once, asking Ray nothing more: a local Ray, which may have had the
             # signal too, ends with its watcher (runtime/reaper.py)
@@ -719,19 +721,11 @@ def trial_errors(results) -> dict[str, BaseException]:
     return {Path(result.path).name: result.error for result in results if result.error is not None}
 
 
-def error_line(err: BaseException) -> str:
-    """The first line of the error a trial raised (the cause inside Ray's RayTaskError, whose text is a traceback)."""
-    cause = getattr(err, "cause", None)
-    err = cause if isinstance(cause, BaseException) else err
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
-
-
 def write_results(experiment: Experiment, trials, params_of: dict, errors: dict) -> dict:
     """Writes trials.parquet and best.json; returns best.json's content."""
     output = experiment.output
     trials.to_parquet(output / "trials.parquet", index=False)
-    best = best_trial(trials, params_of, experiment, {trial_id: error_line(err) for trial_id, err in errors.items()})
+    best = best_trial(trials, params_of, experiment, {trial_id: one_line(err) for trial_id, err in errors.items()})
     (output / "best.json").write_text(json.dumps(best, indent=2, default=float))
     return best
 
