@@ -167,10 +167,12 @@ def cmd_tune(args) -> int:
     if not best["complete"]:
         statuses = best["statuses"]
         counts = ", ".join(f"{count} {status}" for status, count in statuses.items())
-        if "error" in statuses:
-            print(f"raydistill: the search did not finish ({counts}); each failed trial's error is in "
-                  f"{experiment}/<trial>/error.txt; after the fix: raydistill tune --resume {experiment}",
-                  file=sys.stderr)
+        if best["errors"]:
+            (trial, error), *others = best["errors"].items()
+            more = f", and {len(others)} other trial(s) ({experiment}/<trial>/error.txt)" if others else ""
+            print(f"raydistill: trial {trial} failed: {error} ({experiment}/{trial}/error.txt){more}; the search "
+                  f"did not finish ({counts}); continue with raydistill tune --resume {experiment} (a failed trial "
+                  "runs again from its last checkpoint)", file=sys.stderr)
             return 1
         if "out of time" in statuses:
             print(f"raydistill: the search's time_budget_s ran out ({counts})", file=sys.stderr)

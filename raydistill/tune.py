@@ -24,17 +24,21 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
+import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union, get_args, get_origin, get_type_hints
 
 import yaml
+from ray.tune import Callback
 from ray.tune.stopper import Stopper, TimeoutStopper
 
 from raydistill.config import Config, PeerConfig, apply_overrides, load_config, raw_config
-from raydistill.errors import ConfigError, read_yaml, user_error
+from raydistill.errors import ConfigError, Terminated, one_line, read_yaml, user_error
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "randint")
 SCHEDULERS = ("asha", "pbt")
@@ -474,17 +478,13 @@ def absolute_paths(base: dict) -> dict:
     return base
 
 
-def _connect(config: Config) -> bool:
-    """Joins resources.address, or starts a local Ray with room for at least one whole trial."""
-    import ray
+def _connect(config: Config, progress: bool) -> bool:
+    """Joins resources.address, or starts a local Ray with room for at least one whole trial and a watcher that ends
+    it if this process is killed outright (runtime/reaper.py). Ray's and Tune's log lines go to DIR/ray.log."""
+    from raydistill.runtime import session
+    from raydistill.runtime.loop import Console
 
-    from raydistill.runtime.driver import connect
-
-    if ray.is_initialized() or config.resources.address:
-        return connect(config)
-    cpus = max(os.cpu_count() or 1, math.ceil(trial_resources(config)["CPU"]))
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
-    return True
+    return session.connect(config, Console(progress), cpus=math.ceil(trial_resources(config)["CPU"]))
 
 
 DEFAULT_SAMPLES = 4
@@ -554,7 +554,7 @@ def build_tuner(experiment: Experiment, config: Config, concurrent: int, resume:
         run_config=ray_tune.RunConfig(
             name=experiment.output.name, storage_path=str(experiment.output.parent),
             stop=SearchStopper(space.time_budget_s, experiment.output),
-            verbose=1 if progress else 0, callbacks=callbacks,
+            verbose=1 if progress else 0, callbacks=[*(callbacks or []), ListedCheckpoints()],
             checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=checkpoints_to_keep(space))))
 
 
@@ -565,11 +565,98 @@ class _BadInputFilter(logging.Filter):
         return not (record.exc_info and user_error(record.exc_info[1]) is not None)
 
 
+class ListedCheckpoints(Callback):
+    """Puts back, empty, a checkpoint folder that Tune's saved state still lists but Tune itself deleted.
+
+    Tune keeps each trial's last checkpoints (CheckpointConfig.num_to_keep) and deletes the older ones as new ones
+    come, while its saved state lists them until its next snapshot. A search stopped outright in between (kill -9,
+    a lost machine) resumes with a list naming a deleted folder, and Tune's next deletion of it fails with a
+    FileNotFoundError traceback on the console. Never the latest checkpoint (the one a trial continues from, or PBT
+    clones): Tune never deletes that one. Saved with the experiment, so every --resume has it."""
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        for kept in trial.run_metadata.checkpoint_manager.best_checkpoint_results:
+            folder = Path(kept.checkpoint.path)
+            if folder.parent.is_dir() and not folder.exists():
+                folder.mkdir()
+
+
+STOP_S = 2.0        # after SIGTERM the search ends within this; `ray job stop` sends SIGKILL 3 s after its SIGTERM
+
+
+class SearchStop:
+    """SIGTERM (`ray job stop`, Kubernetes, a spot preemption) ends a search as Ctrl-C does: the experiment kept, the
+    command that continues it printed, exit 143 (Terminated).
+
+    Ray Tune 2.60 catches SIGINT and SIGUSR1 itself while its loop runs (ray/tune/tune.py, _setup_signal_catching):
+    its handler ends the loop after the current step, saves the experiment state, stops the trials, and fit()
+    returns; then both files are written. On a cluster this process joined, the first SIGTERM goes to that handler,
+    with a deadline: stopping the trials waits on Ray, and if Ray itself is going down, STOP_S after the signal the
+    search ends here with what Tune saved. On the local Ray this process started, SIGTERM raises Terminated at once
+    (as train does): `ray job stop` and a terminal signal the whole process tree, and once Ray's own processes are
+    gone, Ray ends this one at its next call (a lost object store); Tune's state is then its last snapshot (as after
+    kill -9). A second SIGTERM, or one before Tune's loop, raises at once too (as a second Ctrl-C skips Tune's last
+    save); one while the files are written waits for them."""
+
+    TUNE_STOP = getattr(signal, "SIGUSR1", signal.SIGINT)       # always Tune's stop while its loop runs
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, TUNE_STOP)
+
+    def __init__(self, experiment: Experiment, own_cluster: bool):
+        self.experiment = experiment
+        self.own_cluster = own_cluster
+        self.received: list[int] = []
+        self.finishing = False                  # fit() returned: the files are being written
+        self.stdout = sys.stdout                # Tune's console output may be redirected when the deadline comes
+        self._before: dict = {}
+
+    @contextlib.contextmanager
+    def catching(self):
+        """Installed after ray.init, whose own SIGTERM handlers (Python's, or C++'s that aborts) end the process
+        without a word; Tune's handlers, which it leaves installed after fit(), go too."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        self._before = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            yield self
+        finally:
+            for sig, handler in self._before.items():
+                if handler is not None:             # None: not installed from Python
+                    signal.signal(sig, handler)
+
+    def _on_sigterm(self, signum, frame):
+        self.received.append(signum)
+        if self.finishing:
+            return
+        tune_stop = signal.getsignal(self.TUNE_STOP)
+        if self.own_cluster or len(self.received) > 1 or not callable(tune_stop) or \
+                tune_stop is self._before.get(self.TUNE_STOP):
+            raise Terminated
+        threading.Thread(target=self._deadline, name="raydistill-stop", daemon=True).start()
+        tune_stop(signum, frame)                # Tune's own stop: its state saved, its trials stopped
+
+    def _deadline(self) -> None:
+        time.sleep(STOP_S)
+        if not self.finishing:
+            self.say_stopped()
+            print("raydistill: stopped by SIGTERM", file=sys.stderr, flush=True)
+            os._exit(143)
+
+    def say_stopped(self) -> None:
+        from ray import tune as ray_tune
+
+        output = self.experiment.output
+        print(f"stopped by SIGTERM: continue with raydistill tune --resume {output}"
+              if ray_tune.Tuner.can_restore(str(output)) else "stopped by SIGTERM before the search started",
+              file=self.stdout, flush=True)
+
+
 def tune(config=None, space=None, *, samples: int | None = None, output=None, overrides=None,
          scheduler: str | None = None, resume=None, max_concurrent: int | None = None, progress: bool = True,
          callbacks=None) -> dict:
     """Searches hyper-parameters and returns the best trial: {metric, mode, value, trial, run_dir, params, complete,
-    statuses, experiment, config}.
+    statuses, errors, experiment, config}.
 
     config: a preset name, a YAML/JSON path or a dict (with overrides `a.b=v`); space: a tune_spaces/*.yaml path or a
     mapping; samples: Tune's num_samples (a grid is repeated that many times; default 4); output: the experiment
@@ -577,48 +664,83 @@ def tune(config=None, space=None, *, samples: int | None = None, output=None, ov
     directory to continue (Tuner.restore); max_concurrent: trials at once (default: as many whole runs as the cluster
     holds). Writes OUTPUT/best.json and OUTPUT/trials.parquet. `complete` is false while any trial of the search has
     not finished (interrupted, not started, failed, or cut by the time budget); --resume continues all but the last.
-    Raises ConfigError when a trial refused its sampled config (after writing both files), and TrainingError when no
-    trial reported the metric.
+    Raises ConfigError when a trial refused its sampled config (after writing both files), TrainingError when no
+    trial reported the metric, and Terminated (a KeyboardInterrupt) after SIGTERM stopped the search, once the command
+    that continues it is printed (SearchStop: on a cluster it joined, Tune's state saved and both files written first).
     """
     import ray
+
+    from raydistill.runtime import session
 
     experiment = saved_experiment(resume) if resume is not None else \
         new_experiment(config, space, samples, output, overrides, scheduler)
     run_config = load_config(experiment.base)
-    started = _connect(run_config)
+    started = _connect(run_config, progress)
     tune_log = logging.getLogger("ray.tune.execution.tune_controller")
     quiet = _BadInputFilter()
+    stop = SearchStop(experiment, own_cluster=started and not run_config.resources.address)
+    restore_printer = session.raylet_errors_to_log()     # a worker lost in a trial: a block in ray.log, not here
     try:
-        concurrent = max_concurrent or max_concurrent_trials(run_config, ray.cluster_resources())
-        tuner = build_tuner(experiment, run_config, concurrent, resume is not None, progress, callbacks)
-        (experiment.output / TRIALS_DIR).mkdir(exist_ok=True)
-        tune_log.addFilter(quiet)
-        # Tune prints its configuration box whatever the verbosity: without progress, nothing of Tune's on stdout
-        with contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO()):
-            tuner.fit()
-        trials, params_of, refused = collect_trials(experiment.output, experiment.space, experiment.base)
+        with stop.catching():
+            concurrent = max_concurrent or max_concurrent_trials(run_config, ray.cluster_resources())
+            tuner = build_tuner(experiment, run_config, concurrent, resume is not None, progress, callbacks)
+            (experiment.output / TRIALS_DIR).mkdir(exist_ok=True)
+            if started:
+                session.log_to(experiment.output)
+            tune_log.addFilter(quiet)
+            # Tune prints its configuration box whatever the verbosity: without progress, nothing of Tune's on stdout
+            with contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO()):
+                results = tuner.fit()
+            stop.finishing = True
+            trials, params_of, errors = collect_trials(experiment.output, experiment.space, experiment.base,
+                                                       trial_errors(results))
+            best = write_results(experiment, trials, params_of, errors)
+    except KeyboardInterrupt:
+        if not stop.received:
+            raise
+        stop.say_stopped()
+        # Ray turns an exception raised by a signal handler during its calls into a plain KeyboardInterrupt
+        raise Terminated from None
     finally:
         tune_log.removeFilter(quiet)
-        if started:
-            ray.shutdown()
-    return finish(experiment, trials, params_of, refused)
+        restore_printer()
+        if started and not stop.received:
+            # after SIGTERM this process ends at once, asking Ray nothing more: a local Ray, which may have had the
+            # signal too, ends with its watcher (runtime/reaper.py)
+            session.shutdown()
+    if stop.received:
+        stop.say_stopped()
+        raise Terminated
+    return check_results(experiment, best, errors)
 
 
-def finish(experiment: Experiment, trials, params_of: dict, refused: dict) -> dict:
-    """Writes trials.parquet and best.json, then raises what the user must act on: a trial's refused config, or no
-    figure at all."""
-    from raydistill.runtime.loop import TrainingError
+def trial_errors(results) -> dict[str, BaseException]:
+    """Each failed trial's error, from the ResultGrid fit() returned. Tune's saved state can still call such a trial
+    RUNNING: when a trial's process dies, Tune handles the lost actor before the failed call, and no longer snapshots
+    the trial it has already let go (so the saved state alone makes a killed trial read as interrupted)."""
+    return {Path(result.path).name: result.error for result in results if result.error is not None}
 
+
+def write_results(experiment: Experiment, trials, params_of: dict, errors: dict) -> dict:
+    """Writes trials.parquet and best.json; returns best.json's content."""
     output = experiment.output
     trials.to_parquet(output / "trials.parquet", index=False)
-    best = best_trial(trials, params_of, experiment)
+    best = best_trial(trials, params_of, experiment, {trial_id: one_line(err) for trial_id, err in errors.items()})
     (output / "best.json").write_text(json.dumps(best, indent=2, default=float))
+    return best
+
+
+def check_results(experiment: Experiment, best: dict, errors: dict) -> dict:
+    """Raises what the user must act on: a trial's refused config, or no figure at all; else returns best."""
+    from raydistill.runtime.loop import TrainingError
+
+    refused = {trial_id: found for trial_id, err in errors.items() if (found := user_error(err)) is not None}
     if refused:
         trial_id, err = next(iter(refused.items()))
         others = f", and {len(refused) - 1} other trial(s)" if len(refused) > 1 else ""
         raise ConfigError(err.field, err.value, f"{err.allowed} (in trial {trial_id}{others})")
     if best["value"] is None:
-        statuses = best["statuses"]
+        statuses, output = best["statuses"], experiment.output
         hint = (f"see the trial errors under {output}" if "error" in statuses or best["complete"] else
                 "the search's time_budget_s ran out" if "out of time" in statuses else
                 f"continue with: raydistill tune --resume {output}")
@@ -626,10 +748,11 @@ def finish(experiment: Experiment, trials, params_of: dict, refused: dict) -> di
     return best
 
 
-def trial_status(trial, epochs_done: int, epochs: int, budget_spent: bool) -> str:
-    """completed; stopped early (its scheduler's decision: a last result marked done); error; out of time (the
-    search's time budget ended it or kept it from starting: final); unfinished (interrupted: --resume continues it)."""
-    if trial.status == "ERROR":
+def trial_status(trial, epochs_done: int, epochs: int, budget_spent: bool, failed: bool = False) -> str:
+    """completed; stopped early (its scheduler's decision: a last result marked done); error (failed: fit() saw it
+    fail); out of time (the search's time budget ended it or kept it from starting: final); unfinished (interrupted:
+    --resume continues it)."""
+    if failed or trial.status == "ERROR":
         return "error"
     if trial.status == "TERMINATED" and epochs_done >= epochs:
         return "completed"
@@ -638,22 +761,16 @@ def trial_status(trial, epochs_done: int, epochs: int, budget_spent: bool) -> st
     return "out of time" if budget_spent else "unfinished"
 
 
-def refused_config(trial) -> ConfigError | None:
-    """The bad input that ended an errored trial (a sampled combination the run refuses), or None."""
-    if trial.status != "ERROR":
-        return None
-    return user_error(trial.get_pickled_error() or trial.get_error())
-
-
-def collect_trials(output: Path, space: Space, base: dict):
+def collect_trials(output: Path, space: Space, base: dict, errors: dict):
     """One row per trial in creation order (its hyper-parameters, status, epochs, final and best metric, its last run
-    directory), each trial's hyper-parameters as Python values, and the trials that refused their config."""
+    directory), each trial's hyper-parameters as Python values, and the errors of the trials that failed (errors:
+    trial_errors(), the failed trials of this fit())."""
     import pandas as pd
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(str(output))
     budget_spent = (output / BUDGET_SPENT).exists()
-    metric, rows, params_of, refused = space.metric, [], {}, {}
+    metric, rows, params_of = space.metric, [], {}
     pick = max if space.mode == "max" else min
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
         params = params_of[trial.trial_id] = {key: trial.config.get(key) for key in space.params}
@@ -661,18 +778,18 @@ def collect_trials(output: Path, space: Space, base: dict):
         scores = history[metric].tolist() if history is not None and metric in history.columns else []
         best_at = pick(range(len(scores)), key=scores.__getitem__) if scores else None
         epochs_done = int(history["epoch"].iloc[-1]) if scores else 0
-        if (err := refused_config(trial)) is not None:
-            refused[trial.trial_id] = err
         dirs = trial_run_dirs(output / TRIALS_DIR, trial.trial_id)
         rows.append({"trial": trial.trial_id,
-                     "status": trial_status(trial, epochs_done, _epochs(base, params), budget_spent),
+                     "status": trial_status(trial, epochs_done, _epochs(base, params), budget_spent,
+                                            trial.trial_id in errors),
                      **{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in params.items()},
                      "epochs": epochs_done, f"final_{metric}": scores[-1] if scores else None,
                      f"best_{metric}": scores[best_at] if scores else None,
                      "best_epoch": int(history["epoch"].iloc[best_at]) if scores else None,
                      "run_dir": str(dirs[-1]) if dirs else None})
     columns = ["trial", "status", *space.params, "epochs", f"final_{metric}", f"best_{metric}", "best_epoch", "run_dir"]
-    return pd.DataFrame(rows, columns=columns), params_of, refused
+    errors = {trial_id: err for trial_id, err in errors.items() if trial_id in params_of}
+    return pd.DataFrame(rows, columns=columns), params_of, errors
 
 
 def _epochs(base: dict, params: dict) -> int:
@@ -683,9 +800,10 @@ def _epochs(base: dict, params: dict) -> int:
         return load_config(base).train.epochs
 
 
-def best_trial(trials, params_of: dict, experiment: Experiment) -> dict:
-    """The best final figure among the trials that completed their epochs (any trial with a figure if none did; value
-    None when none has one). complete: every trial the search creates has finished (completed or stopped early)."""
+def best_trial(trials, params_of: dict, experiment: Experiment, errors: dict) -> dict:
+    """The best final figure (a trial's last epoch's, not its best epoch's) among the trials that completed their
+    epochs (any trial with a figure if none did; value None when none has one). complete: every trial the search
+    creates has finished (completed or stopped early). errors: each failed trial's error line."""
     space, output = experiment.space, experiment.output
     statuses = {str(k): int(v) for k, v in trials["status"].value_counts().items()}
     missing = expected_trials(space, experiment.samples) - len(trials) if experiment.samples is not None else 0
@@ -693,8 +811,8 @@ def best_trial(trials, params_of: dict, experiment: Experiment) -> dict:
         left = "out of time" if (output / BUDGET_SPENT).exists() else "not started"
         statuses[left] = statuses.get(left, 0) + missing
     best = {"metric": space.metric, "mode": space.mode, "value": None, "trial": None, "run_dir": None, "params": None,
-            "complete": set(statuses) <= set(FINISHED), "statuses": statuses, "experiment": str(output),
-            "config": None}
+            "complete": set(statuses) <= set(FINISHED), "statuses": statuses, "errors": errors,
+            "experiment": str(output), "config": None}
     final = f"final_{space.metric}"
     scored = trials[trials[final].notna()]
     if scored.empty:

@@ -1,13 +1,17 @@
 """Ray Tune searches: spaces are checked before any trial, ASHA stops a bad trial, PBT perturbs, a search interrupted
-at any stage resumes to the same trials as one run straight through, a trial's bad input is one line; each trial is a
-real raydistill run on digits, and every search is bounded by its time_budget_s and each test by a deadline."""
+at any stage resumes to the same trials as one run straight through, a trial's bad input is one line, a trial whose
+process is killed is an error, the best trial is the best final figure; each trial is a real raydistill run on digits,
+and every search is bounded by its time_budget_s and each test by a deadline. Stops from outside the search's driver
+(SIGTERM, kill -9) are in test_tune_stops.py."""
 import contextlib
+import dataclasses
 import io
 import json
 import logging
 import math
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from raydistill.errors import ConfigError
 from raydistill.runtime.loop import TrainingError
 from raydistill.tune import (SETTINGS, clamp_to_space, load_space, max_concurrent_trials, segment_dir, start_over,
                              trial_history, trial_run_dirs, tune)
+from tests.conftest import one_line
 
 BUDGET_S = 480          # every search's time_budget_s: a leaked reservation ends the search instead of hanging it
 pytestmark = pytest.mark.timeout(600)     # a search that waits on a reservation that never comes fails, not hangs
@@ -54,8 +59,7 @@ def assert_trial_curves(row, peers: int = 2) -> None:
     epochs = list(range(1, row["epochs"] + 1))
     assert all([step for step, _ in curves[tag]] == epochs for tag in tags), row["trial"]
     assert all(value == pytest.approx(row["method.temperature"]) for _, value in curves["hyper/temperature"])
-    last = max(curves[f"peer{i}/val/acc"][-1][1] for i in range(peers))
-    assert last == pytest.approx(row["final_val_acc"])
+    assert last_val_acc(row["run_dir"], peers) == pytest.approx(row["final_val_acc"])
 
 
 # ---- spaces: one clear line before any trial -----------------------------------------------------------------------
@@ -422,3 +426,148 @@ def test_search_interrupted_at_every_stage_resumes_to_the_same_trials(straight_s
     pd.testing.assert_frame_equal(trials[SAME], straight[SAME])
     assert not math.isnan(best["value"]) and best["value"] == straight["final_val_acc"].max()
 
+
+
+# ---- a trial's process killed; a checkpoint folder gone that Tune still lists; which trial is best ----------------
+class KillTrialAfterASnapshot(Callback):
+    """kill -9 of the first trial's process (`ray::ImplicitFunc`; its pid from its own report) while it trains: at
+    the end of the step of Tune's loop in which Tune saved its state after the trial's first checkpoint (Tune saves
+    it at a trial's second checkpoint at the latest)."""
+    pid = None
+    saved = killed = False
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        if self.pid is None:
+            self.pid = trial.last_result["pid"]
+
+    def get_state(self):                # asked whenever Tune saves its state
+        self.saved = self.pid is not None
+        return None
+
+    def on_step_end(self, iteration, trials, **info):
+        if self.saved and not self.killed:
+            self.killed = True
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def search_of(folder: Path, space: dict, epochs: int) -> list[str]:
+    """The command of a search of `space` (one sample, one trial at a time) over tiny(epochs), in `folder`."""
+    config, path = folder / "config.yaml", folder / "space.yaml"
+    config.write_text(yaml.safe_dump(tiny(epochs=epochs)))
+    path.write_text(yaml.safe_dump({**space, "time_budget_s": BUDGET_S,
+                                    "scheduler": {"name": "asha", "grace_period": epochs}}))    # no early stop
+    return ["tune", str(config), "--space", str(path), "--samples", "1", "--max-concurrent", "1",
+            "--output", str(folder / "exp")]
+
+
+@dataclasses.dataclass
+class Ended:
+    """What a `raydistill tune` command said and left: its exit code, its stderr, best.json, trials.parquet."""
+    code: int
+    err: str
+    best: dict
+    trials: pd.DataFrame
+
+
+def run_search(output: Path, *command: str) -> Ended:
+    code, _, err = cli(*command)
+    return Ended(code, err, json.loads((output / "best.json").read_text()), pd.read_parquet(output / "trials.parquet"))
+
+
+@pytest.fixture(scope="module")
+def killed_search(ray_session, tmp_path_factory) -> tuple[Path, Ended, Ended]:
+    """Two trials of 3 epochs, one after another: lr 1.2, whose best epoch is its first (val_acc 0.2431, 0.2083,
+    0.2083), then lr 0.02, which ends better (0.1806, 0.2083, 0.2292). The first one's process is killed while it
+    trains; then the search is resumed with the command it printed."""
+    folder = tmp_path_factory.mktemp("killed")
+    command, output = search_of(folder, {"train.lr": {"grid": [1.2, 0.02]}}, epochs=3), folder / "exp"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TUNE_CALLBACKS", f"{__name__}.KillTrialAfterASnapshot")
+        killed = run_search(output, *command)
+    return output, killed, run_search(output, "tune", "--resume", str(output))
+
+
+@pytest.mark.slow
+def test_a_killed_trial_is_an_error_named_with_the_command_that_resumes_it(killed_search):
+    """Tune lets a trial whose process died go before it fails the trial's call, and does not save that trial's
+    state again (its saved state keeps it RUNNING): the search must still say error (exit 1, not the 130 of an
+    interrupted search), name the trial, its error and the command that continues it, which then runs the trial
+    again from its last checkpoint."""
+    output, stopped, resumed = killed_search
+    killed = stopped.trials["trial"][0]
+    assert stopped.trials["status"].tolist() == ["error", "completed"]
+    assert stopped.best["complete"] is False and stopped.best["statuses"] == {"error": 1, "completed": 1}
+    assert stopped.code == 1, stopped.err
+    died = "ActorDiedError: The actor died unexpectedly before finishing this task."
+    assert stopped.best["errors"] == {killed: died}
+    assert one_line(stopped.err) == (
+        f"raydistill: trial {killed} failed: {died} ({output}/{killed}/error.txt); the search did not finish "
+        f"({', '.join(f'{n} {status}' for status, n in stopped.best['statuses'].items())}); continue with "
+        f"raydistill tune --resume {output} (a failed trial runs again from its last checkpoint)")
+    assert "died" in (output / killed / "error.txt").read_text()
+    # the printed command: the killed trial continues from its last checkpoint, in a new segment of its run
+    assert resumed.code == 0, resumed.err
+    assert resumed.trials["status"].tolist() == ["completed"] * 2
+    segments = [d.name for d in trial_run_dirs(output / "trials", killed)]
+    assert len(segments) == 2 and segments[1].startswith(f"{killed}.2_from_epoch_"), segments
+
+
+def last_val_acc(run_dir, peers: int = 2) -> float:
+    """The best peer's validation accuracy at the last epoch of a run, from its TensorBoard curves."""
+    curves = scalars(run_dir)
+    return max(curves[f"peer{i}/val/acc"][-1][1] for i in range(peers))
+
+
+@pytest.mark.slow
+def test_the_best_trial_is_the_best_final_figure_not_the_best_epoch(killed_search):
+    """best.json holds the trial with the best final figure among the completed ones (docs/tune.md, README): here
+    the trial whose best epoch beats every epoch of the other is the worse one at its end. The final figures are
+    read from each trial's own run (its last segment's TensorBoard curves: the best peer's last val/acc)."""
+    _, _, resumed = killed_search
+    best, trials = resumed.best, resumed.trials.set_index("trial")
+    assert (trials["status"] == "completed").all() and (trials["epochs"] == 3).all()
+    first = trials.index[0]
+    assert trials["best_val_acc"].idxmax() == first and trials["best_epoch"][first] == 1, trials     # the premise
+    final = {trial: last_val_acc(run_dir) for trial, run_dir in trials["run_dir"].items()}
+    assert max(final, key=final.get) != first, final
+    assert best["complete"] is True
+    assert best["trial"] == max(final, key=final.get) and best["value"] == pytest.approx(max(final.values()))
+    assert best["params"]["train.lr"] == 0.02 and best["config"]["train"]["lr"] == 0.02
+
+
+class CtrlCAtSecondCheckpoint(CtrlC):
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        if checkpoint.path.endswith("checkpoint_000001"):
+            self.press()
+
+
+class Recorder(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.slow
+def test_a_resumed_search_deletes_a_checkpoint_tune_still_lists_without_an_error(ray_session, tmp_path, monkeypatch):
+    """One trial of 3 epochs, Ctrl+C once its second checkpoint is in, whose first one is then removed: what Tune's
+    state holds after a search stopped outright (kill -9, a lost machine) just after Tune deleted that folder. The
+    resume deletes it again at the trial's next checkpoint: no FileNotFoundError traceback in Tune's log."""
+    command, output = search_of(tmp_path, {"train.lr": {"grid": [0.2]}}, epochs=3), tmp_path / "exp"
+    monkeypatch.setenv("RAY_TUNE_CALLBACKS", f"{__name__}.CtrlCAtSecondCheckpoint")
+    assert cli(*command)[0] == 130
+    monkeypatch.delenv("RAY_TUNE_CALLBACKS")
+    trial = pd.read_parquet(output / "trials.parquet")["trial"][0]
+    shutil.rmtree(output / trial / "checkpoint_000000")        # Tune's state lists it beside checkpoint_000001
+    tune_log, recorder = logging.getLogger("ray.tune"), Recorder()     # Ray's loggers do not reach the root logger
+    tune_log.addHandler(recorder)
+    try:
+        code, _, err = cli("tune", "--resume", str(output))
+    finally:
+        tune_log.removeHandler(recorder)
+    assert code == 0, err
+    failures = [r.getMessage() for r in recorder.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not failures, failures       # was: "Error handling checkpoint" with a FileNotFoundError traceback
+    assert sorted(p.name for p in (output / trial).glob("checkpoint_*")) == ["checkpoint_000001", "checkpoint_000002"]

@@ -27,20 +27,21 @@ def _ray_logger() -> logging.Logger:
     return logging.getLogger("ray")
 
 
-def connect(config, console, verbose: bool = False) -> bool:
-    """Connects to resources.address, or starts a local Ray for the run. Returns True when this call started Ray."""
+def connect(config, console, verbose: bool = False, cpus: int = 0) -> bool:
+    """Connects to resources.address, or starts a local Ray for the run (with at least ``cpus`` logical CPUs: a Tune
+    trial reserves one beside its run's). Returns True when this call started Ray."""
     if ray.is_initialized():
         return False
     _hold_ray_logs(verbose)
     try:
-        _init(config, console, verbose)
+        _init(config, console, verbose, cpus)
     except BaseException:
         shutdown()             # Ray's logger as it was, nothing of a half-started local cluster left behind
         raise
     return True
 
 
-def _init(config, console, verbose: bool) -> None:
+def _init(config, console, verbose: bool, cpus: int = 0) -> None:
     from raydistill.runtime import placement
 
     # INFO either way: the records reach ray.log; only the console handlers differ (muted unless verbose)
@@ -55,7 +56,7 @@ def _init(config, console, verbose: bool) -> None:
             raise ConfigError("resources.address", address, f"cannot connect to a Ray cluster there ({err})") from None
         return
     # A local cluster for this run: enough logical CPUs for every bundle even on a small laptop.
-    cpus = max(os.cpu_count() or 1, placement.local_cpus_needed(config))
+    cpus = max(os.cpu_count() or 1, placement.local_cpus_needed(config), cpus)
     # Unset, Ray turns token authentication on itself (and says so in a log record, which goes to ray.log). Setting
     # the variable here instead is too late: this process's Ray config was read at import, so the driver would not
     # send the token its own cluster asks for.
