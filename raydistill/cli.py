@@ -239,9 +239,9 @@ def main(argv=None) -> int:
     try:
         return handler(args)
     except KeyboardInterrupt as interrupt:
-        from raydistill.errors import Terminated
+        from raydistill.runtime.interrupts import terminated
 
-        if isinstance(interrupt, Terminated):
+        if terminated(interrupt):
             print("raydistill: stopped by SIGTERM", file=sys.stderr)
             sys.stdout.flush()
             sys.stderr.flush()

@@ -9,6 +9,7 @@ import threading
 from raydistill.errors import Terminated
 
 _INTERRUPTED: list[int] = []                 # the signals received during the run, in order
+_FIRST: list[int] = []                       # the first signal of the last run (kept after it ends)
 
 
 def _interruption(signum: int) -> KeyboardInterrupt:
@@ -17,7 +18,15 @@ def _interruption(signum: int) -> KeyboardInterrupt:
 
 def _on_interrupt(signum, frame):
     _INTERRUPTED.append(signum)
+    if not _FIRST:
+        _FIRST.append(signum)
     raise _interruption(signum)
+
+
+def terminated(interrupt: BaseException) -> bool:
+    """Whether a KeyboardInterrupt stands for SIGTERM: a Terminated, or a plain one that came out of a Ray call (Ray
+    turns what a signal handler raised during its call into a plain KeyboardInterrupt) after SIGTERM was received."""
+    return isinstance(interrupt, Terminated) or _FIRST[:1] == [signal.SIGTERM]
 
 
 @contextlib.contextmanager
@@ -29,6 +38,7 @@ def interrupts_kept():
         yield
         return
     _INTERRUPTED.clear()
+    _FIRST.clear()
     previous = {sig: signal.signal(sig, _on_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield

@@ -21,10 +21,10 @@ from raydistill.engine.peer import check_trainable
 from raydistill.engine.elastic import change_peers, check_inits, consumed, names_of, renumber, save_retired
 from raydistill.engine.storage import resolve_storage
 from raydistill.engine.teacher import check_teachers
-from raydistill.errors import ConfigError, Terminated
+from raydistill.errors import ConfigError
 from raydistill.runtime.inprocess import InProcessWorkers
 from raydistill.runtime.console import Console
-from raydistill.runtime.interrupts import interrupts_kept, interrupts_kept_again
+from raydistill.runtime.interrupts import interrupts_kept, interrupts_kept_again, terminated
 from raydistill.runtime.loop import Run, RunResult
 
 RUNTIMES = ("ray", "inprocess")
@@ -116,7 +116,7 @@ def _train(console, config, output, overrides, resume, from_checkpoint, stop_aft
         return run.train(plan.resume_state, stop_after_epoch)
     except KeyboardInterrupt as interrupt:
         _stopped(interrupt, plan.run_dir, claim, console)
-        if isinstance(interrupt, Terminated):
+        if terminated(interrupt):
             # the process ends now, within the seconds its sender waits before SIGKILL. Nothing more is asked of
             # Ray, whose processes may have had the signal too: the workers end with their owner (this process)
             # and a local cluster with its watcher (runtime/reaper.py).
@@ -195,8 +195,12 @@ def _start_workers(plan: Plan, runtime: str, placement_group, console: Console, 
     try:
         workers = RayWorkers(config, spec, arrays, group=placement_group,
                              driver_cpus=1.0 if placement_group is not None else 0.0, console=console)
-    except Terminated:
-        raise                                  # the process ends now: nothing more is asked of Ray
+    except KeyboardInterrupt as interrupt:
+        if terminated(interrupt):
+            raise                              # the process ends now: nothing more is asked of Ray
+        if started:
+            session.shutdown()
+        raise
     except BaseException:
         if started:
             session.shutdown()
@@ -213,7 +217,7 @@ def _raylet_errors_to_log():
 def _stopped(interrupt: KeyboardInterrupt, run_dir: Path, claim: "RunDirectory", console: Console) -> None:
     """Ctrl-C or SIGTERM: the line that says what is kept and how to go on (under --quiet too); a new run directory
     with no checkpoint yet goes."""
-    what = "stopped by SIGTERM" if isinstance(interrupt, Terminated) else "interrupted"
+    what = "stopped by SIGTERM" if terminated(interrupt) else "interrupted"
     latest = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if latest is None:
         claim.release(discard=True)                         # nothing worth keeping yet
