@@ -482,9 +482,12 @@ def _connect(config: Config, progress: bool) -> bool:
     """Joins resources.address, or starts a local Ray with room for at least one whole trial and a watcher that ends
     it if this process is killed outright (runtime/reaper.py). Ray's and Tune's log lines go to DIR/ray.log."""
     from raydistill.runtime import session
-    from raydistill.runtime.loop import Console
+    from raydistill.runtime.console import Console
+    from raydistill.runtime.driver import release_warm_workers
 
-    return session.connect(config, Console(progress), cpus=math.ceil(trial_resources(config)["CPU"]))
+    started = session.connect(config, Console(progress), cpus=math.ceil(trial_resources(config)["CPU"]))
+    release_warm_workers()                  # the trials want every bundle of this process's Ray
+    return started
 
 
 DEFAULT_SAMPLES = 4

@@ -5,6 +5,9 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# the suite runs hundreds of short runs in this process: a run's workers are kept warm for the next run of the same
+# shape (runtime/driver.py WorkerPool), which saves starting a process and importing torch each time
+os.environ.setdefault("RAYDISTILL_KEEP_WORKERS", "1")
 
 
 def start_session_ray():

@@ -21,18 +21,24 @@ class _Shell:
 
 
 class WorkerShell(_Shell):
-    def __init__(self, config, spec, members, coordinator: bool):
-        """Light: the data arrive with ``setup``. Ray restarts a lost actor by running this again, and a restartable
-        actor whose constructor took an object-store argument would make Ray warn at every start."""
-        self.args = (config, spec, members, coordinator)
+    """Empty until ``setup``: Ray restarts a lost actor by running its constructor again with its first arguments,
+    and a worker kept warm for the next run of this process (driver.py's pool) has other ones; so everything a
+    worker is made of comes with ``setup``, every time."""
+
+    def __init__(self):
         self.worker = None
 
-    def setup(self, arrays) -> str:
+    def setup(self, arrays, config, spec, members, coordinator: bool) -> str:
         """Builds the engine worker over the run's arrays (once; after a restart, again). Returns the node id."""
         if self.worker is None:
-            config, spec, members, coordinator = self.args
             self.worker = Worker(config, arrays, spec, members, coordinator=coordinator)
         return self.node()
+
+    def reset(self) -> None:
+        """Back to empty, its group left: kept warm for another run of the driver's process."""
+        if self.worker is not None:
+            self.worker.set_exchange(None)
+        self.worker = None
 
     def address(self) -> tuple[str, int]:
         """Where this worker, as rank 0, hosts the group: its node's address and a free port."""
@@ -83,11 +89,20 @@ class WorkerShell(_Shell):
 
 
 class CoordinatorShell(_Shell):
-    """The object-store transport's coordinator: targets per worker, as one return value per worker."""
+    """The object-store transport's coordinator: targets per worker, as one return value per worker. Empty until
+    ``setup`` (as a worker: see WorkerShell)."""
 
-    def __init__(self, config, labels, spec, members):
-        self.coordinator = Coordinator(config, labels, spec)
-        self.members = members
+    def __init__(self):
+        self.coordinator = self.members = None
+
+    def setup(self, config, labels, spec, members) -> str:
+        if self.coordinator is None:
+            self.coordinator = Coordinator(config, labels, spec)
+            self.members = members
+        return self.node()
+
+    def reset(self) -> None:
+        self.coordinator = self.members = None
 
     def targets(self, epoch, step, *worker_outputs, replay=0):
         outputs = [member for outputs in worker_outputs for member in outputs]

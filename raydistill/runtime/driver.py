@@ -77,16 +77,21 @@ class RayWorkers:
         self.members = self.layout.members
         self.num_teachers = config.num_teachers
         self.owns_group = group is None
+        self.spec = spec
         tic = time.perf_counter()
-        if group is None:
+        self.workers, self.coordinator = [], None
+        warm = _POOL.take(self._pool_key()) if group is None else None
+        if warm is not None:                       # the last run's workers of this process, kept warm (tests)
+            group, self.workers, self.coordinator = warm
+        elif group is None:
+            _POOL.clear()                          # their bundles would keep this run's from being placed
             placement.check_capacity(config, ray.cluster_resources(), [n for n in ray.nodes() if n["Alive"]])
             name = f"raydistill-{config.name}-{os.getpid()}" + (f"-g{generation}" if generation else "")
             group = placement_group(self.layout.bundles, strategy=config.resources.strategy, name=name)
         self.group = group
-        self.workers, self.coordinator = [], None
         try:
             self._wait_placed()
-            self._start(spec, arrays)
+            self._start(arrays)
             self.setup()
             try:
                 self.form_group()
@@ -95,7 +100,7 @@ class RayWorkers:
                                   f"the workers could not form a collective group ({err.__cause__ or err}); "
                                   "set resources.transport=object_store") from None
         except BaseException:
-            self.shutdown()
+            self.shutdown(keep=False)
             raise
         self.console.line(f"{len(self.workers)} workers ready in {time.perf_counter() - tic:.1f}s "
                           f"({self.describe()})")
@@ -118,32 +123,40 @@ class RayWorkers:
                               f"strategy {self.config.resources.strategy} within {PLACEMENT_TIMEOUT_S:.0f}s; "
                               f"available: {ray.available_resources()}")
 
-    def _start(self, spec, arrays) -> None:
+    def _start(self, arrays) -> None:
+        """The actors (unless kept warm from the last run), empty until ``setup``."""
         r = self.config.resources
         # once: every actor on a node maps the same arrays. Held for the whole run: a restarted actor is built
-        # again from its constructor arguments, so they must stay in the object store.
+        # again from them, so they must stay in the object store.
         self.data_ref = ray.put(arrays)
+        self.labels_ref = ray.put(labels_of(arrays))
+        if self.workers:
+            return
         restartable = {"max_restarts": r.max_restarts, "max_task_retries": 0}
-        replicas = not self.transport.coordinator_actor
         for rank, (members, bundle) in enumerate(zip(self.members, self.layout.workers)):
             need = placement.worker_bundle(self.config, members)
             self.workers.append(WorkerActor.options(
                 num_cpus=need["CPU"], num_gpus=need.get("GPU", 0), scheduling_strategy=self._bundle(bundle),
                 name=actor_name(self.config, f"worker{rank}", self.generation), runtime_env=self._hide_gpus(need),
-                **restartable)
-                .remote(self.config, spec, members, replicas))
-        if not replicas:
+                **restartable).remote())
+        if self.transport.coordinator_actor:
             # the coordinator needs no GPU; Ray no longer hides GPUs from 0-GPU actors, so hide them here
             self.coordinator = CoordinatorActor.options(
                 num_cpus=r.cpus_per_coordinator, num_gpus=0, scheduling_strategy=self._bundle(self.layout.head),
                 name=actor_name(self.config, "coordinator", self.generation), runtime_env=self._hide_gpus({}),
-                **restartable,
-            ).remote(self.config, labels_of(arrays), spec, [m for m in self.members if m.peers])
+                **restartable).remote()
 
     def setup(self) -> None:
-        """Every worker builds its peers and teachers over the run's arrays (a restarted one builds them again)."""
+        """Every worker builds its peers and teachers over the run's arrays, and the coordinator actor itself (a
+        restarted one builds them again: Ray restarts an actor empty)."""
         self._identities = None                 # being renewed: an error in a restarted worker's setup is its own
-        self._nodes = self.results([w.setup.remote(self.data_ref) for w in self.workers], READY_TIMEOUT_S)
+        replicas = not self.transport.coordinator_actor
+        calls = [w.setup.remote(self.data_ref, self.config, self.spec, members, replicas)
+                 for w, members in zip(self.workers, self.members)]
+        if self.coordinator is not None:
+            calls.append(self.coordinator.setup.remote(self.config, self.labels_ref, self.spec,
+                                                       [m for m in self.members if m.peers]))
+        self._nodes = self.results(calls, READY_TIMEOUT_S)[:len(self.workers)]
         self._identities = self._identify()
 
     def _hide_gpus(self, need: dict) -> dict | None:
@@ -330,14 +343,86 @@ class RayWorkers:
                 "teachers": [by_teacher[i] for i in range(self.num_teachers)],
                 "workers": list(self._nodes)}
 
-    def shutdown(self) -> None:
+    def _pool_key(self) -> tuple:
+        """What a warm worker must share with the run that takes it: its name (the run's, this process's, the peer
+        set's generation), its bundle, its restarts, the transport's actors."""
+        return (ray.get_runtime_context().get_job_id(), actor_name(self.config, "", self.generation),
+                repr(self.layout.bundles), self.config.resources.strategy, self.config.resources.max_restarts,
+                self.transport.coordinator_actor, self.config.resources.gpus_per_peer > 0)
+
+    def shutdown(self, keep: bool = True) -> None:
+        """The workers and their placement group go (once); with the pool on (RAYDISTILL_KEEP_WORKERS=1), workers
+        that all answer are kept warm, empty, for the next run of this process that has their shape."""
+        if getattr(self, "group", None) is None and not self.workers:
+            return
         if self.workers:
             self.leave_group(timeout=5.0)       # the group's shared-memory folder goes with it
-        for actor in self._actors():
+        if keep and self.owns_group and _POOL.enabled and self._all_answer():
+            _POOL.park(self._pool_key(), self.group, self.workers, self.coordinator)
+        else:
+            for actor in self._actors():
+                ray.kill(actor, no_restart=True)
+            if self.owns_group and getattr(self, "group", None) is not None:
+                remove_placement_group(self.group)
+        self.group, self.workers, self.coordinator = None, [], None
+
+    def _all_answer(self) -> bool:
+        """Every actor alive, never restarted since setup, and emptied (reset) within a few seconds."""
+        if getattr(self, "_identities", None) is None:
+            return False
+        try:
+            if [tuple(i) for i in self._identify()] != [tuple(i) for i in self._identities]:
+                return False
+            ray.get([a.reset.remote() for a in self._actors()], timeout=10)
+            return True
+        except Exception:  # noqa: BLE001 — anything amiss: not kept
+            return False
+
+
+class WorkerPool:
+    """The last run's workers of this process, kept warm for the next run with their shape (its actors' names, its
+    bundles): starting a worker process and importing torch is most of a run's start on a small machine. Off unless
+    RAYDISTILL_KEEP_WORKERS=1 (the test suite, which runs hundreds of short runs in one process). At most one set
+    is kept; a run of another shape removes it before placing its own."""
+
+    def __init__(self):
+        self.kept = None
+
+    @property
+    def enabled(self) -> bool:
+        return os.environ.get(KEEP_WORKERS) == "1"
+
+    def park(self, key, group, workers, coordinator) -> None:
+        self.clear()
+        self.kept = (key, group, workers, coordinator)
+
+    def take(self, key):
+        if self.kept is None or self.kept[0] != key:
+            return None
+        _, group, workers, coordinator = self.kept
+        self.kept = None
+        return group, workers, coordinator
+
+    def clear(self) -> None:
+        """The kept workers go (if they belong to this process's Ray session still: another one took them along)."""
+        if self.kept is None:
+            return
+        key, group, workers, coordinator = self.kept
+        self.kept = None
+        if not ray.is_initialized() or key[0] != ray.get_runtime_context().get_job_id():
+            return
+        for actor in [*workers, *([coordinator] if coordinator is not None else [])]:
             ray.kill(actor, no_restart=True)
-        if self.owns_group and getattr(self, "group", None) is not None:
-            remove_placement_group(self.group)
-            self.group = None                   # shut down once (a peer-set change, then the run's end)
+        remove_placement_group(group)
+
+
+def release_warm_workers() -> None:
+    """The workers kept warm go now (before anything else wants their bundles: a Tune search's trials)."""
+    _POOL.clear()
+
+
+KEEP_WORKERS = "RAYDISTILL_KEEP_WORKERS"
+_POOL = WorkerPool()
 
 
 def _given_up(actor) -> bool:
