@@ -7,8 +7,7 @@ import signal
 import sys
 import threading
 
-
-EXIT_BAD_INPUT = 2
+from raydistill.errors import report_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,9 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     verify = data_commands.add_parser("verify", help="read every file of a prepared set and check it against its index")
     verify.add_argument("dest", metavar="DEST")
 
-    from raydistill import bench, run_commands, results
+    from raydistill import results, run_commands
+    from raydistill.bench import runtimes
 
-    bench.add_arguments(commands.add_parser("bench", help="per-step time of every runtime and transport, side by side"))
+    runtimes.add_arguments(commands.add_parser("bench", help="per-step time of every runtime and transport, side by "
+                                                              "side"))
     results.add_parser(commands)
     run_commands.add_parsers(commands)
 
@@ -204,7 +205,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from raydistill.bench import run
+    from raydistill.bench.runtimes import run
 
     return run(args)
 
@@ -252,28 +253,9 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except Exception as err:  # noqa: BLE001 — one line; the run directory keeps what was done
-        return report_error(err)
+        from raydistill.policies.failures import TrainingError   # a training failure's line says what to do
 
-
-def report_error(err: Exception) -> int:
-    """Bad input (also when raised inside a Ray actor or a Tune trial): one line, exit 2. A training failure: one
-    line, exit 1 (the traceback with RAYDISTILL_TRACEBACK=1)."""
-    from raydistill.errors import user_error
-
-    bad_input = user_error(err)
-    if bad_input is not None:
-        print(f"raydistill: error: {bad_input}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    from raydistill.policies.failures import TrainingError
-
-    if os.environ.get("RAYDISTILL_TRACEBACK"):
-        raise err
-    from raydistill.errors import one_line
-
-    print(f"raydistill: {one_line(err)}", file=sys.stderr)
-    if not isinstance(err, TrainingError):
-        print("raydistill: set RAYDISTILL_TRACEBACK=1 for the traceback", file=sys.stderr)
-    return 1
+        return report_error(err, explained=(TrainingError,))
 
 
 if __name__ == "__main__":

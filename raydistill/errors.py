@@ -1,9 +1,13 @@
 """The one error type that reaches users: one line naming the field, the value and what is allowed."""
 from __future__ import annotations
 
+import os
 import re
+import sys
 
 import yaml
+
+EXIT_BAD_INPUT = 2
 
 
 class ConfigError(ValueError):
@@ -63,6 +67,22 @@ def one_line(err: BaseException) -> str:
     lines = str(cause).strip().splitlines()
     text = f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
     return f"{text} (raised in {where})" if where else text
+
+
+def report_error(err: BaseException, explained: tuple[type, ...] = ()) -> int:
+    """A command's failure on stderr; returns its exit status. Bad input (also when raised inside a Ray actor or a Tune
+    trial): one line, exit 2. Anything else: one line, exit 1, and how to see the traceback (RAYDISTILL_TRACEBACK=1
+    raises it instead), unless the error is one of ``explained``: errors whose line already says what to do."""
+    bad_input = user_error(err)
+    if bad_input is not None:
+        print(f"raydistill: error: {bad_input}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if os.environ.get("RAYDISTILL_TRACEBACK"):
+        raise err
+    print(f"raydistill: {one_line(err)}", file=sys.stderr)
+    if not isinstance(err, explained):
+        print("raydistill: set RAYDISTILL_TRACEBACK=1 for the traceback", file=sys.stderr)
+    return 1
 
 
 class _Loader(yaml.SafeLoader):

@@ -1,7 +1,8 @@
 """What only a GPU can show of the device path, in one process (no Ray needed), printed one line per check:
 
-1. host syncs: a call of steps (forward, targets, learn, figures) under ``torch.cuda.set_sync_debug_mode("error")``,
-   for peers one after another (loop) and stacked: any host sync in a step raises there;
+1. host syncs: a call of the engine's training step (forward, gather, targets, learn, figures; engine/step.py) under
+   ``torch.cuda.set_sync_debug_mode("error")``, for peers one after another (loop) and stacked: any host sync in a
+   step raises there;
 2. stacked against loop: the largest parameter difference after the same steps (bf16 autocast: not bitwise);
 3. ``train.compile: graphs``, loop and stacked: ms per step against eager, and the parameter difference after the
    same steps.
@@ -17,48 +18,47 @@ import traceback
 
 import torch
 
-from raydistill.bench import DEFAULT_GPU
+from raydistill.bench.runtimes import DEFAULT_GPU
 from raydistill.config import load_config
 from raydistill.engine.data import load_run_data
-from raydistill.engine.worker import CallReport
-from raydistill.runtime.inprocess import InProcessWorkers
+from raydistill.engine.step import CallReport
+from raydistill.engine.worker import Members, Worker
 
 
-def build(args, *overrides):
+def build(args, *overrides) -> Worker:
+    """One engine worker hosting every peer of the GPU setup, in this process."""
     raw = copy.deepcopy(DEFAULT_GPU)
     raw["data"]["options"]["num_train"] = 128 * (2 * args.steps + 10)
     config = load_config(raw, [f"peers={args.peers}", f"model.arch={args.arch}", *overrides])
     spec, arrays = load_run_data(config)
-    return InProcessWorkers(config, spec, arrays)
+    return Worker(config, arrays, spec, Members.every(config))
 
 
-def steps_without_syncs(workers, first: int, count: int) -> CallReport:
-    """``Worker.run_steps`` spelled out, with the CUDA sync check on for the steps and off for the call's end."""
-    worker, report = workers.worker, CallReport()
+def steps_without_syncs(worker: Worker, first: int, count: int) -> CallReport:
+    """The worker's call of steps (what ``run_steps`` runs) with the CUDA sync check on for the steps, off for the
+    call's end (which reads the figures)."""
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for step in range(first, first + count):
-            outputs = worker.exchange.gather("step", worker.step_forward(0, step))
-            targets = worker.coordinator.targets(0, step, *outputs)
-            report.add_device_step(0, step, worker.step_learn(0, step, [targets[p.index] for p in worker.peers]))
+        report = worker.training_step.call(0, first, count)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     return report.finish()
 
 
-def timed(workers, first: int, count: int) -> float:
+def timed(worker: Worker, first: int, count: int) -> float:
     torch.cuda.synchronize()
     tic = time.perf_counter()
-    workers.run_steps(0, first, count)
+    worker.run_steps(0, first, count)
     torch.cuda.synchronize()
     return (time.perf_counter() - tic) / count * 1000
 
 
-def difference(a, b) -> float:
+def difference(a: Worker, b: Worker) -> float:
     worst = 0.0
-    for pa, pb in zip(a.get_state()["peers"], b.get_state()["peers"]):
+    peers_a, peers_b = a.state_dict()["peers"], b.state_dict()["peers"]
+    for index, pa in peers_a.items():
         for key, value in pa["model"].items():
-            worst = max(worst, (value.double() - pb["model"][key].double()).abs().max().item())
+            worst = max(worst, (value.double() - peers_b[index]["model"][key].double()).abs().max().item())
     return worst
 
 
@@ -83,10 +83,10 @@ def main(argv=None) -> int:
 
     def syncs(execution):
         def run():
-            runs[execution] = workers = build(args, f"resources.peer_execution={execution}")
-            workers.run_steps(0, 0, 2)                          # warm-up: cuDNN choices, optimizer state
-            report = steps_without_syncs(workers, 2, args.steps)
-            ms = timed(workers, 2 + args.steps, args.steps)
+            runs[execution] = worker = build(args, f"resources.peer_execution={execution}")
+            worker.run_steps(0, 0, 2)                           # warm-up: cuDNN choices, optimizer state
+            report = steps_without_syncs(worker, 2, args.steps)
+            ms = timed(worker, 2 + args.steps, args.steps)
             return f"no host sync in {args.steps} steps; then {ms:.2f} ms/step; figures {report.peers[0].means()}"
         return run
 

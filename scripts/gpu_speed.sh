@@ -3,7 +3,7 @@
 #   1. `python -m raydistill.bench --gpu`: 3 ResNet-32 peers (DML, batch 128, bf16, 100 classes) sharing the GPU on
 #      synthetic CIFAR-shaped data; rows: the plain PyTorch reference loop, in-process, object store, collective,
 #      and in-process and collective with the peers stacked;
-#   2. the reference loop with one model alone (`python -m raydistill.reference_loop --standalone`);
+#   2. the reference loop with one model alone (`python -m raydistill.bench.reference_loop --standalone`);
 #   3. scripts/gpu_checks.py: no host sync in a call of steps (loop and stacked peers), stacked against loop, and
 #      train.compile=graphs against eager.
 # Output on the console and, when OUT is set, in $OUT/bench-gpu.txt. Each part is bounded by `timeout`; the whole
@@ -42,7 +42,7 @@ print("torch", torch.__version__, "CUDA", torch.version.cuda, "ray", ray.__versi
     say_exit bench "$bench" "$BENCH_TIMEOUT_S"
 
     echo "== reference loop, one model alone"
-    timeout --kill-after=20 "$STANDALONE_TIMEOUT_S" "$PYTHON" -m raydistill.reference_loop --standalone \
+    timeout --kill-after=20 "$STANDALONE_TIMEOUT_S" "$PYTHON" -m raydistill.bench.reference_loop --standalone \
         --steps "$STEPS" --repeats "$REPEATS"
     standalone=$?
     say_exit standalone "$standalone" "$STANDALONE_TIMEOUT_S"

@@ -15,14 +15,15 @@ import time
 import torch
 
 from raydistill.config import load_config
+from raydistill.data.views import num_steps
 from raydistill.engine.data import load_run_data
 from raydistill.runtime.inprocess import InProcessWorkers
 
 
 def difference(a: InProcessWorkers, b: InProcessWorkers) -> float:
     worst = 0.0
-    for pa, pb in zip(a.worker.peers, b.worker.peers):
-        for (name, x), y in zip(pa.model.state_dict().items(), pb.model.state_dict().values()):
+    for pa, pb in zip(a.get_state()["peers"], b.get_state()["peers"]):
+        for x, y in zip(pa["model"].values(), pb["model"].values()):
             worst = max(worst, (x.double() - y.double()).abs().max().item())
     return worst
 
@@ -38,8 +39,8 @@ def main(argv=None) -> int:
         config = load_config(args.config, [*args.overrides, f"resources.peer_execution={execution}"])
         spec, arrays = load_run_data(config)
         runs[execution], times[execution] = InProcessWorkers(config, spec, arrays), []
-    steps = min(args.steps, runs["loop"].worker.peers[0].data.steps_per_epoch)
     config = runs["loop"].config
+    steps = min(args.steps, num_steps(len(arrays["train_y"]), config.train.batch_size))
     print(f"{config.num_peers} peers, {config.peers[0].arch}, batch {config.train.batch_size}, "
           f"{torch.get_num_threads()} thread(s), {steps} steps")
     print("step  loop ms  stacked ms  largest parameter difference")

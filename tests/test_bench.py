@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raydistill import bench, reference_loop
+from raydistill.bench import reference_loop, runtimes
 from raydistill.cli import main
 from raydistill.config import load_config
 from tests.conftest import one_line, tiny_dml, write_config
@@ -82,7 +82,7 @@ def test_bench_with_the_reference_prints_it_first_and_speed_ups_over_it(capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refuses only where there is no CUDA device")
 def test_bench_gpu_without_cuda_refuses_in_one_line(capsys):
-    assert bench.main(["--gpu", "--steps", "3"]) == 2                  # python -m raydistill.bench, as the script runs
+    assert runtimes.main(["--gpu", "--steps", "3"]) == 2               # python -m raydistill.bench, as the script runs
     line = one_line(capsys.readouterr().err)
     assert line.startswith("raydistill: error: --gpu=True: needs a CUDA device"), line
 
@@ -97,14 +97,14 @@ def test_bench_bad_input_is_one_line_naming_the_flag_or_field(args, field, capsy
 
 
 def test_gpu_setup_is_a_valid_config_and_a_cpu_config_gets_its_peers_onto_one_gpu(tmp_path):
-    config = load_config(bench.DEFAULT_GPU)
+    config = load_config(runtimes.DEFAULT_GPU)
     assert (config.model.arch, config.num_peers, config.train.batch_size, config.train.bf16) == ("resnet32", 3, 128,
                                                                                                  True)
     assert config.num_peers * config.resources.gpus_per_peer == pytest.approx(1.0)
     assert (config.data.crop_pad, config.data.flip, config.data.options["num_classes"]) == (4, True, 100)
     path = write_config(tmp_path / "tiny.yaml", tiny_dml())
     args = argparse.Namespace(config=path, gpu=True, overrides=["train.batch_size=32"])
-    config = bench.bench_config(args)
+    config = runtimes.bench_config(args)
     assert config.resources.gpus_per_peer == pytest.approx(1 / 3) and config.train.batch_size == 32
 
 
@@ -112,7 +112,7 @@ def test_a_row_that_fails_is_printed_as_failed_and_the_others_still_run(monkeypa
     def broken(*args):
         raise RuntimeError("out of memory\nmore lines")
 
-    monkeypatch.setattr(bench, "measure", broken)
+    monkeypatch.setattr(runtimes, "measure", broken)
     assert main(["bench", "--reference", "--only", "reference,inprocess", "--steps", "2", "--repeats", "1"]) == 1
     out = capsys.readouterr().out
     assert [row[:2] for row in REFERENCE_ROW.findall(out)] == [("reference", "eager")], out

@@ -168,10 +168,11 @@ def test_bench_prints_the_runtimes_and_transports_side_by_side_with_a_ratio(ray_
     assert main(["bench", "--steps", "5", "--repeats", "1", "--only", "inprocess,object_store,collective"]) == 0
     stdout = capsys.readouterr().out
     row = (r"^(inprocess|ray) +(inprocess|object_store|collective) +(\d+\.\d\d) +(\d+) +"
-           r"(\d+\.\d\d) +(\d+\.\d\d\d) +.+$")
+           r"(\d+\.\d\d) +(\d+\.\d\d\d|-) +.+$")
     rows = {m[1]: m for m in re.findall(row, stdout, re.M)}
     assert sorted(rows) == ["collective", "inprocess", "object_store"], stdout
     assert rows["inprocess"][0] == "inprocess" and rows["collective"][0] == rows["object_store"][0] == "ray"
     assert float(rows["inprocess"][4]) == 1.0                  # the ratio is to the in-process runtime
+    assert rows["object_store"][5] == "-" and float(rows["collective"][5]) > 0   # the exchange alone: where it is
     for _, _, ms, _, ratio, _ in rows.values():
         assert float(ratio) == pytest.approx(float(ms) / float(rows["inprocess"][2]), rel=0.05, abs=0.01)

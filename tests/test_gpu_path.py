@@ -67,20 +67,17 @@ def test_a_call_of_steps_reads_nothing_back_per_step(method, execution):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("execution", ["loop", "stacked"])
 def test_on_a_gpu_a_call_of_steps_never_syncs_the_host(execution):
-    """On CUDA the same, asked of the device itself: a sync in a step raises under the sync debug mode."""
-    from raydistill.engine.worker import CallReport
-
+    """On CUDA the same, asked of the device itself: a sync in a step raises under the sync debug mode. The steps are
+    the worker's own (``TrainingStep.call``, what ``run_steps`` runs); the call's end, which reads the figures, is
+    outside the mode."""
     runner = workers(tiny_dml(**{"method.name": "pcl", "train.batch_size": 64, "resources.gpus_per_peer": 0.3}),
                      f"resources.peer_execution={execution}")
-    worker, report = runner.worker, CallReport()
+    worker = runner.worker
     assert worker.device.startswith("cuda")
     runner.run_steps(0, 0, 1)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for step in range(1, 4):
-            outputs = worker.exchange.gather("step", worker.step_forward(0, step))
-            targets = worker.coordinator.targets(0, step, *outputs)
-            report.add_device_step(0, step, worker.step_learn(0, step, [targets[p.index] for p in worker.peers]))
+        report = worker.training_step.call(0, 1, 3)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert report.finish().nonfinite == []

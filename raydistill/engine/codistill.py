@@ -2,17 +2,20 @@
 
 Each worker keeps a stale copy of every peer (its model, and its EMA teacher where the method's targets read one),
 refreshed from the peers' weights at every step of an epoch that is a multiple of ``method.codistill_every`` (and
-after any state was loaded: a rollback or resume starts from an exchange). Between two exchanges a peer's targets are
-computed from its own live outputs and the other peers' outputs as their stale copies give them on the step's batch,
-each on that peer's own view, so the result does not depend on which worker hosts which peer: co-located peers see
-each other stale too, and ``codistill_every: 1`` is the per-step exchange, bit for bit.
+after any state was loaded: a rollback or resume starts from an exchange). It is the training step's way of having
+the other peers' outputs (engine/step.py, ``TrainingStep``'s ``others``): a peer's targets are computed from its own
+live outputs and the other peers' outputs as their stale copies give them on the step's batch, each on that peer's
+own view, so the result does not depend on which worker hosts which peer: co-located peers see each other stale too,
+and ``codistill_every: 1`` is the per-step exchange, bit for bit (a forward changes no weight a copy computes with).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from raydistill.engine.step import Gathered
 from raydistill.models import build_model
+from raydistill.names import EMA_LOGITS, LOGITS, PEER
 from raydistill.seeding import seed_device
 
 INDEX = "index"
@@ -23,7 +26,7 @@ def weights_of(peer) -> dict[str, np.ndarray]:
     read EMA logits) as float32 arrays, with its index."""
     arrays = {INDEX: np.array([peer.index], np.float32)}
     models = {"model": peer.model}
-    if "ema_logits" in peer.method.outputs_needed("peer"):
+    if EMA_LOGITS in peer.method.outputs_needed(PEER):
         models["ema"] = peer.self_teacher.model
     for prefix, model in models.items():
         for name, tensor in model.state_dict().items():
@@ -43,9 +46,9 @@ class StaleCopy:
         settings = config.peers[index]
         self.id = settings.id                   # the peer's stable number: its view and dropout seed follow it
         self.view_index = method.view_index(self.id)
-        self.needed = method.outputs_needed("peer")
+        self.needed = method.outputs_needed(PEER)
         self.models = {"model": build_model(settings.arch, spec, **settings.options).to(data.device)}
-        if "ema_logits" in self.needed:
+        if EMA_LOGITS in self.needed:
             self.models["ema"] = build_model(settings.arch, spec, **settings.options).to(data.device)
         for model in self.models.values():
             model.requires_grad_(False)
@@ -63,7 +66,7 @@ class StaleCopy:
         x = self.data.view(idx, epoch, step, self.view_index, replay)
         seed_device(self.data.device, self.config.seed, "forward", self.id, epoch, step)
         out = {}
-        for prefix, key in (("model", "logits"), ("ema", "ema_logits")):
+        for prefix, key in (("model", LOGITS), ("ema", EMA_LOGITS)):
             if prefix in self.models:
                 model = self.models[prefix]
                 model.train()
@@ -73,13 +76,13 @@ class StaleCopy:
 
 
 class Codistillation:
-    """A worker's side of codistillation: the stale copies, the exchanges of weights, each local peer's targets."""
+    """A worker's side of codistillation: the stale copies, the exchanges of weights, what each local peer's targets
+    are computed from."""
 
-    def __init__(self, config, spec, peers: list, coordinator):
+    def __init__(self, config, spec, peers: list):
         self.config = config
         self.every = config.method.codistill_every
         self.peers = peers
-        self.coordinator = coordinator
         data, method = peers[0].data, peers[0].method
         # a copy of every peer some local peer learns from (a worker's only peer needs none of itself)
         self.copies = {j: StaleCopy(j, config, spec, data, method) for j in range(config.num_peers)
@@ -97,15 +100,14 @@ class Codistillation:
                 self.copies[index].load(arrays)
         self.fresh = True
 
-    def targets(self, epoch: int, step: int, replay: int, gather) -> list[dict]:
-        """One target dict per local peer (in order), each from its own live outputs and the others' stale ones."""
+    def gather(self, exchange, epoch: int, step: int, replay: int, outputs: list[dict],
+               peers: tuple) -> list[Gathered]:
+        """Per local peer: its own live outputs (``outputs``, in the order of ``peers``) and the other peers' as their
+        stale copies give them on this step, the copies refreshed through the exchange first where the step is due."""
         if step % self.every == 0 or not self.fresh:
-            self.exchange(gather)
-        live = {p.index: p.forward(epoch, step, replay) for p in self.peers}
+            self.exchange(exchange.gather)
+        live = dict(zip(peers, outputs))
         autocast = self.peers[0].autocast
         stale = {j: c.outputs(epoch, step, replay, autocast) for j, c in self.copies.items()}
-        result = []
-        for peer in self.peers:
-            outputs = [live[j] if j == peer.index else stale[j] for j in range(self.config.num_peers)]
-            result.append(self.coordinator.targets(epoch, step, *outputs, replay=replay)[peer.index])
-        return result
+        return [Gathered([live[j] if j == i else stale[j] for j in range(self.config.num_peers)], (i,))
+                for i in peers]

@@ -76,12 +76,13 @@ class EnsembleHead:
 
 
 class Coordinator:
-    def __init__(self, config, labels: dict[str, np.ndarray], spec):
-        """labels: the train/val/test label arrays (the coordinator never needs images)."""
+    def __init__(self, config, labels: dict[str, np.ndarray], spec, method=None):
+        """labels: the train/val/test label arrays (the coordinator never needs images); method: the worker's method
+        object (None: its own)."""
         torch.set_num_threads(config.resources.threads_per_peer)
         self.config = config
         self.labels = labels
-        self.method = build_method(config)
+        self.method = method or build_method(config)
         self.num_peers = config.num_peers
         self.head = None
         self.val_losses = [[] for _ in range(self.num_peers)]   # each peer's validation loss per epoch

@@ -1,9 +1,8 @@
 """One peer: model, optimizer, schedule, optional EMA teacher, its own view of the data. forward(step) and
-learn(targets), no Ray."""
+learn(targets) (engine/step.py's learn sequence), no Ray."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,10 +12,12 @@ from raydistill.errors import ConfigError
 from raydistill.engine.hints import student_adapters, student_hint, teacher_adapter_names
 from raydistill.engine.optim import learning_rate, make_optimizer
 from raydistill.engine.self_teacher import cpu_state, make_self_teacher
+from raydistill.engine.step import StepFigures, learn
 from raydistill.methods import build_method
 from raydistill.methods.base import tensor_of
 from raydistill.models import build_model
 from raydistill.models.taps import FeatureTaps
+from raydistill.names import ADAPTED_HINT, ALIGNED_HINTS, EMA_LOGITS, FEATURES, HINT, LOGITS, PEER, peer_name
 from raydistill.seeding import derive_seed, seed_device
 
 EVAL_BATCH = 512
@@ -54,13 +55,6 @@ def as_tensors(value, device):
     return tensor if tensor.device == torch.device(device) else to_device(tensor, device)
 
 
-def to_host(value):
-    """A tensor (or a list of them) as host arrays: what crosses a process (an exchange, the object store)."""
-    if isinstance(value, (list, tuple)):
-        return [to_host(v) for v in value]
-    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
-
-
 def check_trainable(config, spec, arrays: dict, names=None) -> None:
     """Each peer architecture of a run (or of the peers ``names`` only) built and run forward and backward on two
     training samples on this process's CPU: an architecture that cannot take the data's inputs (a pooling that
@@ -87,25 +81,6 @@ def check_trainable(config, spec, arrays: dict, names=None) -> None:
                 raise ConfigError(f"{field}.arch", settings.arch,
                                   f"cannot train on this data set's inputs {list(spec.input_shape)} with options "
                                   f"{dict(settings.options)} ({one_line(err)})") from None
-
-
-@dataclass
-class StepFigures:
-    """One peer's figures of one step as they come out of ``Peer.learn``: the named values and, last, whether the loss
-    was finite (1 or 0), in one device tensor (read at the end of a call of steps, never per step); the learning rate
-    and the sample count (host numbers)."""
-    keys: tuple
-    values: torch.Tensor                # [len(keys) + 1]
-    lr: float
-    samples: float
-
-    def host(self, values: list | None = None) -> dict[str, float]:
-        """The figures as numbers; values: what was read of ``values`` already (else a host sync here: for a
-        transport that hands them over step by step)."""
-        values = self.values.cpu().tolist() if values is None else values
-        metrics = dict(zip(self.keys, values))
-        metrics.update(lr=self.lr, finite=float(values[-1]), samples=self.samples)
-        return metrics
 
 
 class DataView:
@@ -144,16 +119,18 @@ class Peer:
     owns, and the teacher it keeps of itself (engine/self_teacher.py, chosen by the method). ``forward`` runs the
     model on the step's view and returns detached outputs; ``learn`` takes the coordinator's targets and steps."""
 
-    def __init__(self, index: int, config, arrays: dict, spec, device: str | None = None):
+    def __init__(self, index: int, config, arrays: dict, spec, device: str | None = None, method=None):
+        """method: the run's method object, shared by a worker's members (it holds no per-peer state); None builds
+        one."""
         torch.set_num_threads(config.resources.threads_per_peer)   # the same in both runtimes: bitwise equal runs
         self.index = index
         self.config = config
         self.settings = config.peers[index]
         self.id = self.settings.id              # its stable number (peer<id>): seeds and names follow it, not its place
-        self.name = f"peer{self.id}"
+        self.name = peer_name(self.id)
         self.device = torch.device(device) if device else pick_device(config.resources.gpus_per_peer)
         self.data = DataView(config, arrays, self.device)
-        self.method = build_method(config)
+        self.method = method or build_method(config)
         self.view_index = self.method.view_index(self.id)
         self.spec = spec
         torch.manual_seed(derive_seed(config.seed, "init", "peer", self.id))
@@ -219,39 +196,35 @@ class Peer:
         """Keeps the forward's graph for learn() and returns what the peer sends (see ``forward``)."""
         tapped = (self.hint.value, self.hint.attention) if self.hint is not None else None
         self._pending = (epoch, step, logits, self.data.y["train"][idx], tapped)
-        outputs = {"logits": logits.detach().float()}
-        needed = self.method.outputs_needed("peer")
-        if "hint" in needed:
-            outputs["hint"] = tapped[0].detach().float()
+        outputs = {LOGITS: logits.detach().float()}
+        needed = self.method.outputs_needed(PEER)
+        if HINT in needed:
+            outputs[HINT] = tapped[0].detach().float()
         if self.taps is not None:
-            outputs["features"] = self.taps.pooled().detach().float()
+            outputs[FEATURES] = self.taps.pooled().detach().float()
         teacher_logits = self.self_teacher.outputs(x)
-        if "ema_logits" in needed:             # a self teacher's logits stay in the actor
-            outputs["ema_logits"] = teacher_logits
+        if EMA_LOGITS in needed:               # a self teacher's logits stay in the actor
+            outputs[EMA_LOGITS] = teacher_logits
         if self.method.self_teacher:
             self.local_targets = self.self_teacher.local_targets(teacher_logits)
         return outputs
 
-    def discard_step(self) -> None:
-        """Drops the graph of a forward that will not learn (benchmarks)."""
-        self._pending = None
-
     def student_outputs(self, logits: torch.Tensor, tapped: tuple | None) -> dict:
         """What the method's loss reads of the student: logits, and from ``tapped`` = (hint, attention maps) its hint
         (with the adapters applied) and its attention-transfer maps."""
-        outputs = {"logits": logits.float()}
+        outputs = {LOGITS: logits.float()}
         if tapped is None:
             return outputs
         hint, attention = tapped
-        outputs["hint"] = hint.float()
+        outputs[HINT] = hint.float()
         if attention:
             outputs["attention"] = [features.float() for features in attention]
         if self.teacher_adapters:          # one tensor for one teacher, a list in teacher order for several
-            adapted = [self.adapters[name](outputs["hint"]) for name in self.teacher_adapters]
-            outputs["adapted_hint"] = adapted[0] if len(adapted) == 1 else adapted
-        others = [name for name in self.adapters if name.startswith("peer")]
-        if others:
-            outputs["aligned_hints"] = [self.adapters[name](outputs["hint"]) for name in others]
+            adapted = [self.adapters[name](outputs[HINT]) for name in self.teacher_adapters]
+            outputs[ADAPTED_HINT] = adapted[0] if len(adapted) == 1 else adapted
+        toward_peers = [name for name in self.adapters if name not in self.teacher_adapters]
+        if toward_peers:
+            outputs[ALIGNED_HINTS] = [self.adapters[name](outputs[HINT]) for name in toward_peers]
         return outputs
 
     def optimizer_step_due(self, step: int) -> bool:
@@ -259,22 +232,16 @@ class Peer:
         every = self.config.train.accumulate_steps
         return (step + 1) % every == 0 or step + 1 == self.data.steps_per_epoch
 
-    def learn(self, epoch: int, step: int, targets: dict) -> "StepFigures":
-        """Loss against the coordinator's targets, backward, optimizer step. Returns the step's figures, on the device
-        (no host sync: a non-finite loss is found at the end of the call, ``CallReport.finish``, and the run stops or
-        rolls back from there whatever this step did)."""
-        loss, figures = self.loss(epoch, step, targets)
-        accumulate = self.config.train.accumulate_steps
-        (loss / accumulate if accumulate > 1 else loss).backward()    # the mean gradient of the batches
-        if self.optimizer_step_due(step):
-            if self.config.train.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.parameters(), self.config.train.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.self_teacher.after_step()
-        return figures
+    def learn(self, epoch: int, step: int, targets: dict) -> StepFigures:
+        """Loss against the coordinator's targets, backward, optimizer step when due (engine/step.py's ``learn``).
+        Returns the step's figures, on the device."""
+        return learn(self, epoch, step, targets)
 
-    def loss(self, epoch: int, step: int, targets: dict) -> tuple[torch.Tensor, "StepFigures"]:
+    def after_step(self) -> None:
+        """After an optimizer step: its self teacher's update."""
+        self.self_teacher.after_step()
+
+    def loss(self, epoch: int, step: int, targets: dict) -> tuple[torch.Tensor, StepFigures]:
         """The step's loss against the coordinator's targets (arrays or tensors), with the step's learning rate set
         in the optimizer; and the step's figures."""
         pending_epoch, pending_step, logits, labels, tapped = self._pending
@@ -298,8 +265,8 @@ class Peer:
 
     # ---- evaluation, state ---------------------------------------------------------------------------------------
     def evaluate(self, split: str) -> dict[str, np.ndarray]:
-        """The student's outputs on a split ("logits"), and its EMA teacher's ("ema_logits") where it has one."""
-        return {"logits": self.data.predict(self.model, split), **self.self_teacher.evaluate(split)}
+        """The student's outputs on a split (LOGITS), and its EMA teacher's (EMA_LOGITS) where it has one."""
+        return {LOGITS: self.data.predict(self.model, split), **self.self_teacher.evaluate(split)}
 
     def state_dict(self) -> dict:
         state = {"model": cpu_state(self.model), "optimizer": _to_cpu(self.optimizer.state_dict()),
@@ -326,13 +293,8 @@ class Peer:
 
     def export(self) -> dict:
         """The deployable models of this peer: name -> {kind, index, state (CPU state dict)}."""
-        models = {self.name: {"kind": "peer", "index": self.index, "state": cpu_state(self.model)}}
+        models = {self.name: {"kind": PEER, "index": self.index, "state": cpu_state(self.model)}}
         return {**models, **self.self_teacher.export()}
-
-
-def host_outputs(outputs: dict) -> dict:
-    """A member's outputs (or a peer's targets) with every tensor copied to a host array."""
-    return {name: to_host(value) for name, value in outputs.items()}
 
 
 def _to_cpu(value):

@@ -19,6 +19,7 @@ from raydistill.distill.losses import task_loss
 from raydistill.engine.hints import Hint
 from raydistill.engine.optim import make_optimizer
 from raydistill.models import build_model
+from raydistill.names import EMA_LOGITS, EMA_TEACHER, ema_name
 from raydistill.seeding import derive_seed, seed_device
 
 
@@ -140,11 +141,10 @@ class EmaTeacher(SelfTeacher):
         self.updates = int(state["ema_updates"])
 
     def evaluate(self, split: str) -> dict:
-        return {"ema_logits": self.peer.data.predict(self.ema, split)}
+        return {EMA_LOGITS: self.peer.data.predict(self.ema, split)}
 
     def export(self) -> dict:
-        index = self.peer.index
-        return {f"{self.peer.name}_ema": {"kind": "ema_teacher", "index": index, "state": cpu_state(self.ema)}}
+        return {ema_name(self.peer.id): {"kind": EMA_TEACHER, "index": self.peer.index, "state": cpu_state(self.ema)}}
 
 
 class PreviousGeneration(SelfTeacher):

@@ -21,6 +21,7 @@ from torch.func import functional_call, vmap
 
 from raydistill.errors import ConfigError
 from raydistill.engine.optim import make_optimizer
+from raydistill.engine.step import learn
 
 RANDOM_LAYERS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout)
 
@@ -87,23 +88,30 @@ class PeerStack:
                 for i, (peer, (idx, view)) in enumerate(zip(self.peers, inputs))]
 
     def learn(self, epoch: int, step: int, targets: list[dict]) -> dict:
-        """Each peer's loss against its targets, one backward of their sum, one optimizer step of the stacks (when
-        due). Returns each peer's StepFigures by peer index."""
+        """One backward of the peers' summed losses, one optimizer step of the stacks when due (engine/step.py's
+        ``learn``, as a Peer learns). targets: one dict per peer. Returns each peer's StepFigures by peer index."""
+        return learn(self, epoch, step, targets)
+
+    def loss(self, epoch: int, step: int, targets: list[dict]) -> tuple[torch.Tensor, dict]:
+        """The sum of the peers' losses against their targets (each reaches only its own row of the stacks), with the
+        step's learning rate set in the stacks' optimizer; and each peer's StepFigures by peer index."""
         total, figures = None, {}
         for peer, target in zip(self.peers, targets):
             loss, figures[peer.index] = peer.loss(epoch, step, target)
             total = loss if total is None else total + loss
-        accumulate = self.config.train.accumulate_steps
-        (total / accumulate if accumulate > 1 else total).backward()
-        first = self.peers[0]
-        if first.optimizer_step_due(step):
-            for group in self.optimizer.param_groups:
-                group["lr"] = first.optimizer.param_groups[0]["lr"]      # the step's rate, set by Peer.loss
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            for peer in self.peers:
-                peer.self_teacher.after_step()
-        return figures
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.peers[0].optimizer.param_groups[0]["lr"]      # the step's rate, set by Peer.loss
+        return total, figures
+
+    def parameters(self) -> list:
+        return list(self.params.values())
+
+    def optimizer_step_due(self, step: int) -> bool:
+        return self.peers[0].optimizer_step_due(step)
+
+    def after_step(self) -> None:
+        for peer in self.peers:
+            peer.after_step()
 
     # ---- state: each peer's part, in the format a peer of a loop worker saves ------------------------------------
     def peer_state(self, i: int, state: dict) -> dict:

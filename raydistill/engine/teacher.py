@@ -18,6 +18,7 @@ from raydistill.errors import ConfigError
 from raydistill.methods import build_method
 from raydistill.methods.fitnet import attention_output
 from raydistill.models import build_model
+from raydistill.names import HINT, LOGITS, TEACHER, teacher_name
 
 
 def load_teacher_weights(model: torch.nn.Module, checkpoint: str, arch: str, field: str = "teacher") -> None:
@@ -70,13 +71,13 @@ def check_teachers(config, spec) -> None:
     for j, settings in enumerate(config.teacher_list):
         model = build_model(settings.arch, spec, **settings.options)
         load_teacher_weights(model, settings.checkpoint, settings.arch, config.teacher_field(j))
-        if "hint" in method.outputs_needed("teacher"):
+        if HINT in method.outputs_needed(TEACHER):
             teacher_hint(model, config, j, spec)
 
 
 def cache_folder(config, index: int = 0) -> str | None:
     """Where teacher ``index``'s ``cache`` keeps its outputs: the folder it names, or None (no cache). ``true`` is
-    replaced by ``<run directory>/teacher_cache`` when the run starts; each teacher writes ``FOLDER/teacher{j}``."""
+    replaced by ``<run directory>/teacher_cache`` when the run starts; each teacher writes ``FOLDER/teacher<j>``."""
     cache = config.teacher_list[index].cache
     if cache is True:
         raise ConfigError(f"{config.teacher_field(index)}.cache", cache, "a folder: `raydistill train` sets it to the "
@@ -85,25 +86,26 @@ def cache_folder(config, index: int = 0) -> str | None:
 
 
 class Teacher:
-    def __init__(self, index: int, config, arrays: dict, spec, device: str | None = None):
+    def __init__(self, index: int, config, arrays: dict, spec, device: str | None = None, method=None):
+        """method: the run's method object, shared by a worker's members; None builds one."""
         torch.set_num_threads(config.resources.threads_per_peer)
         self.index = index
         self.config = config
         gpus = config.resources.gpus_per_teacher or 0.0
         self.device = torch.device(device) if device else pick_device(gpus)
         self.data = DataView(config, arrays, self.device)
-        method = build_method(config)
+        method = method or build_method(config)
         self.views = method.teacher_views()
-        self.output_names = list(method.outputs_needed("teacher"))
+        self.output_names = list(method.outputs_needed(TEACHER))
         self.settings = config.teacher_list[index]
         self.model = build_model(self.settings.arch, spec, **self.settings.options)
         load_teacher_weights(self.model, self.settings.checkpoint, self.settings.arch, config.teacher_field(index))
         self.model.to(self.device).eval()
         self.hint = None
-        if "hint" in self.output_names:
+        if HINT in self.output_names:
             self.hint = teacher_hint(self.model, config, index, spec)
         folder = cache_folder(config, index)
-        self.cache = CachedTeacher(self, Path(folder) / f"teacher{index}") if folder else None
+        self.cache = CachedTeacher(self, Path(folder) / teacher_name(index)) if folder else None
 
     def forward(self, epoch: int, step: int, replay: int = 0) -> dict[str, np.ndarray]:
         """The teacher's outputs for each view the peers train on at this step: logits [V, B, C] (and its hint
@@ -118,9 +120,9 @@ class Teacher:
         outputs = {name: [] for name in self.output_names}
         for v in self.views:
             with autocast(self.device, self.config.train.bf16):
-                outputs["logits"].append(self.model(self.data.view(idx, epoch, step, v, replay)).float())
+                outputs[LOGITS].append(self.model(self.data.view(idx, epoch, step, v, replay)).float())
             if self.hint is not None:
-                outputs["hint"].append(self.hint.value.float())
+                outputs[HINT].append(self.hint.value.float())
                 for k, features in enumerate(self.hint.attention):
                     outputs[attention_output(k)].append(features.float())
         # contiguous, as every exchange and the cache deliver them: a conv's channels_last map would otherwise

@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from raydistill.engine.step import host_outputs
+
 KEY_FIELD = b"raydistill.teacher_cache.key"
 SHAPES_FIELD = b"raydistill.teacher_cache.shapes"
 
@@ -111,8 +113,6 @@ class CachedTeacher:
 
     def _compute(self, epoch: int) -> None:
         live = getattr(self.teacher, "live_forward", self.teacher.forward)   # a Teacher that owns its cache
-        from raydistill.engine.peer import host_outputs
-
         steps = [host_outputs(live(epoch, step)) for step in range(self.teacher.data.steps_per_epoch)]
         write_epoch(self.path(epoch), self.key, steps)
         self.computed_epochs.append(epoch)

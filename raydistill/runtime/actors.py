@@ -6,7 +6,7 @@ import os
 import ray
 
 from raydistill.engine.coordinator import Coordinator
-from raydistill.engine.peer import host_outputs
+from raydistill.engine.step import host_outputs
 from raydistill.engine.worker import Worker
 from raydistill.runtime.collective import GroupExchange, free_port
 
@@ -58,16 +58,6 @@ class WorkerShell(_Shell):
 
     def learn(self, epoch, step, targets):
         return self.worker.learn(epoch, step, targets)
-
-    def exchange_only(self, epoch, count):
-        return self.worker.exchange_only(epoch, count)
-
-    def cached_outputs(self, epoch):
-        return self.worker.cached_outputs(epoch)
-
-    def accept(self, targets):
-        """Receives targets and does nothing with them (the object-store exchange benchmark)."""
-        return len(targets)
 
     def prepare_epoch(self, epoch):
         self.worker.prepare_epoch(epoch)

@@ -12,13 +12,15 @@ IN_FLIGHT_PER_CPU = 2          # tasks in flight per CPU of the cluster: every c
 class RayTasks:
     """``workers``: tasks at once (default: twice the cluster's CPUs, so that every core stays busy)."""
 
-    def __init__(self, address: str, run_task, workers: int | None = None):
+    def __init__(self, address: str | None, run_task, workers: int | None = None, local_cpus: int | None = None):
+        """address None: a local Ray of ``local_cpus`` CPUs, started here (the data bench)."""
         import ray
 
         self._ray = ray
         self.started = not ray.is_initialized()
         if self.started:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            local = {"num_cpus": local_cpus, "include_dashboard": False} if address is None else {}
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False, **local)
         self.cpus = int(ray.cluster_resources().get("CPU", 1))
         self.in_flight = workers or IN_FLIGHT_PER_CPU * self.cpus
         self._remote = ray.remote(num_cpus=1)(run_task)

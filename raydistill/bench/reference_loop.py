@@ -1,7 +1,7 @@
 """The yardstick of `raydistill bench`: a plain PyTorch loop, every peer in one process, eager, no Ray.
 
-    python -m raydistill.reference_loop                 # 3 ResNet-32 peers, DML, batch 128, 100 classes
-    python -m raydistill.reference_loop --standalone    # one model alone, cross-entropy only
+    python -m raydistill.bench.reference_loop               # 3 ResNet-32 peers, DML, batch 128, 100 classes
+    python -m raydistill.bench.reference_loop --standalone  # one model alone, cross-entropy only
 
 What a step does: a batch of uint8 images drawn from synthetic data that lives on the device, a random crop (zero
 padding) and a horizontal flip on the device, every peer's forward (bfloat16 autocast and channels_last on a GPU),
@@ -160,7 +160,8 @@ def describe(result: dict) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m raydistill.reference_loop", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m raydistill.bench.reference_loop",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--standalone", action="store_true", help="one model alone (cross-entropy only)")
     p.add_argument("--peers", type=int, default=3, help="peers trained together (default 3)")
     p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")

@@ -11,32 +11,38 @@ object-store transport (the driver drives every step: forward, the coordinator a
 collective transport (each worker runs whole calls of steps, exchanging outputs with one all-gather per step: shared
 memory between workers on one node, and the same over gloo's all_gather as the "collective-gloo" row).
 Steps are timed after a warm-up; evaluation, checkpoints and start-up are excluded. The exchange column is the
-exchange alone, compute excluded: the outputs of one real forward exchanged and turned into targets, step after step.
+exchange alone, compute excluded: the outputs of one real forward gathered and turned into targets, step after step,
+by the engine's training step (engine/step.py) without its forward and learn; in this process for the in-process
+rows, and for a collective's rows among processes of this bench's own laid out as the row's workers and joined the
+way they are (runtime/collective.py's group, on a node through shared memory or over gloo). The object store's
+exchange is the driver's rounds of actor calls, which nothing but a whole step makes: "-".
 
 --gpu (on a CUDA machine): 3 ResNet-32 peers (DML) sharing one GPU on synthetic CIFAR-shaped data (100 classes, batch
 128, bf16 autocast, random crop and flip on the GPU), rows: the reference, in-process, object store and the collective
 (the fast path: the three peers in one worker, no copy between them). --reference adds the reference row to any DML
-config: a plain PyTorch loop, every peer in one process, eager (raydistill/reference_loop.py); the ratio column is
-then the speed-up over it, the reference's ms/step over the row's. --only picks rows.
+config: a plain PyTorch loop, every peer in one process, eager (raydistill/bench/reference_loop.py); the ratio column
+is then the speed-up over it, the reference's ms/step over the row's. --only picks rows.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing
 import os
 import platform
 import statistics
 import time
-from collections import deque
+from dataclasses import dataclass
 
 from raydistill.config import load_config
-from raydistill.errors import ConfigError
+from raydistill.errors import ConfigError, one_line, report_error, user_error
+from raydistill.transports import transport_of
 
 DEFAULT = {"name": "bench", "data": {"name": "synthetic", "options": {"num_train": 4096, "shape": [1, 8, 8]}},
            "model": {"arch": "mlp", "options": {"hidden": [64]}}, "peers": 3, "method": {"name": "dml"},
            "train": {"epochs": 1, "batch_size": 64}}
-# --gpu: the reference loop's setup (raydistill/reference_loop.py) as a run: an epoch of CIFAR-shaped images (45,000
-# after the validation split: every timed step of --steps 100 --repeats 3 in one epoch), peers sharing one GPU
+# --gpu: the reference loop's setup (bench/reference_loop.py) as a run: an epoch of CIFAR-shaped images (45,000 after
+# the validation split: every timed step of --steps 100 --repeats 3 in one epoch), peers sharing one GPU
 DEFAULT_GPU = {"name": "bench-gpu",
                "data": {"name": "synthetic", "crop_pad": 4, "flip": True,
                         "options": {"num_train": 50_000, "num_test": 256, "shape": [3, 32, 32], "num_classes": 100}},
@@ -45,12 +51,37 @@ DEFAULT_GPU = {"name": "bench-gpu",
                          "nesterov": True, "bf16": True, "channels_last": True},
                "resources": {"gpus_per_peer": 1 / 3}}
 WARMUP = 10
-SETUPS = (("inprocess", "inprocess"), ("ray", "object_store"), ("ray", "collective"), ("ray", "collective-gloo"))
+RANK_TIMEOUT_S = 600.0      # a rank of the bench's own group imports torch and builds its members: minutes if loaded
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How a row runs: in this process or on Ray, over which transport, with which peer execution."""
+    name: str                          # the row's name (``--only``) and what the table prints as its transport
+    runtime: str                       # "inprocess" or "ray"
+    transport: str | None = None       # resources.transport of a Ray row
+    execution: str | None = None       # resources.peer_execution, where the row sets it
+    shared_memory: bool = True         # False: a collective's step exchange over gloo even on one node
+
+    def applied(self, config):
+        """The run config of this row."""
+        config = copy.deepcopy(config)
+        if self.execution is not None:
+            config.resources.peer_execution = self.execution
+        if self.transport is not None:
+            config.resources.transport = self.transport
+        return config
+
+
+SETUPS = (Setup("inprocess", "inprocess"), Setup("object_store", "ray", "object_store"),
+          Setup("collective", "ray", "collective"), Setup("collective-gloo", "ray", "collective", shared_memory=False))
 # the same with each worker's peers stacked into one batched model (resources.peer_execution: stacked)
-STACKED = (("inprocess", "inprocess+stacked"), ("ray", "collective+stacked"))
+STACKED = (Setup("inprocess+stacked", "inprocess", execution="stacked"),
+           Setup("collective+stacked", "ray", "collective", execution="stacked"))
 GPU_SETUPS = SETUPS[:3] + STACKED       # one worker hosts the three peers: gloo would have nothing to exchange
 ALL_SETUPS = SETUPS + STACKED
-ROWS = ("reference",) + tuple(transport for _, transport in ALL_SETUPS)
+REFERENCE = "reference"
+ROWS = (REFERENCE,) + tuple(setup.name for setup in ALL_SETUPS)
 
 
 def run_steps(workers, first: int, count: int, steps_per_epoch: int) -> None:
@@ -63,44 +94,85 @@ def run_steps(workers, first: int, count: int, steps_per_epoch: int) -> None:
         step += size
 
 
-def exchange_ms(workers, steps: int) -> float:
-    """ms per step of the exchange (and targets) alone."""
-    import ray
-
-    if workers.transport_name == "inprocess":
-        return workers.worker.exchange_only(0, steps) / steps * 1000
-    if workers.transport_name.startswith("collective"):
-        return max(ray.get([w.exchange_only.remote(0, steps) for w in workers.workers], timeout=600)) / steps * 1000
-    learners = [w for w, m in zip(workers.workers, workers.members) if m.peers]
-    ray.get([w.cached_outputs.remote(0) for w in workers.workers], timeout=600)
-    pending, tic = deque(), time.perf_counter()
-    for step in range(steps):
-        outputs = [w.cached_outputs.remote(0) for w in workers.workers]
-        targets = workers.coordinator.targets.options(num_returns=len(learners)).remote(0, 0, *outputs)
-        targets = targets if len(learners) > 1 else [targets]
-        pending.append([w.accept.remote(t) for w, t in zip(learners, targets)])
-        while len(pending) > workers.config.train.steps_in_flight or (pending and step == steps - 1):
-            ray.get(pending.popleft(), timeout=600)
-    return (time.perf_counter() - tic) / steps * 1000
+def exchange_seconds(worker, count: int, epoch: int = 0) -> float:
+    """Seconds for ``count`` steps of gather and targets alone (compute excluded): an engine worker's own training
+    step over the outputs of its one real forward."""
+    step = worker.training_step
+    outputs = step.forward(epoch, 0)
+    tic = time.perf_counter()
+    for _ in range(count):
+        step.targets(epoch, 0, 0, step.gather(epoch, 0, 0, outputs))
+    return time.perf_counter() - tic
 
 
-def measure(config, runtime: str, transport: str, steps: int, repeats: int) -> dict:
+def _exchange_rank(config, members, rank: int, world: int, port: int, shared_memory: bool, count: int,
+                   results) -> None:
+    """One rank of the bench's own group: the members a row's worker hosts, joined to the others as a run's workers
+    are (runtime/collective.py); puts (rank, seconds of the exchange alone) or (rank, the error in one line)."""
+    import torch
+
+    from raydistill.engine.data import load_run_data
+    from raydistill.engine.worker import Worker
+    from raydistill.runtime.collective import GroupExchange
+
+    try:
+        if config.resources.gpus_per_peer > 0 and torch.cuda.is_available():
+            torch.cuda.set_device(rank % torch.cuda.device_count())       # one GPU a rank, as Ray gives them
+        spec, arrays = load_run_data(config)
+        worker = Worker(config, arrays, spec, members)
+        worker.set_exchange(GroupExchange(rank, world, "127.0.0.1", port, config.resources.collective_timeout_s,
+                                          shared_memory, worker.device))
+        try:
+            results.put((rank, exchange_seconds(worker, count)))
+        finally:
+            worker.set_exchange(None)
+    except Exception as err:  # noqa: BLE001 — said by the parent, in one line
+        results.put((rank, one_line(err)))
+
+
+def group_exchange_ms(config, setup: Setup, count: int) -> float:
+    """ms per step of a collective's exchange and targets alone, among processes of this bench laid out as the row's
+    workers (the slowest rank's time); one worker has no group, and its exchange is measured in this process."""
+    from raydistill.engine.data import load_run_data
+    from raydistill.engine.worker import Worker
+    from raydistill.runtime.collective import free_port
+    from raydistill.runtime.placement import layout
+
+    members = layout(config).members
+    if len(members) == 1:
+        spec, arrays = load_run_data(config)
+        return exchange_seconds(Worker(config, arrays, spec, members[0]), count) / count * 1000
+    spawn = multiprocessing.get_context("spawn")
+    results, port = spawn.Queue(), free_port()
+    ranks = [spawn.Process(target=_exchange_rank, daemon=True,
+                           args=(config, m, rank, len(members), port, setup.shared_memory, count, results))
+             for rank, m in enumerate(members)]
+    for process in ranks:
+        process.start()
+    try:
+        seconds = dict(results.get(timeout=RANK_TIMEOUT_S) for _ in ranks)
+    finally:
+        for process in ranks:
+            process.join(timeout=30.0)
+            if process.is_alive():
+                process.kill()
+    failed = [f"rank {rank}: {value}" for rank, value in sorted(seconds.items()) if isinstance(value, str)]
+    if failed:
+        raise RuntimeError(f"the exchange's own group failed ({'; '.join(failed)})")
+    return max(seconds.values()) / count * 1000
+
+
+def measure(config, setup: Setup, steps: int, repeats: int) -> dict:
     from raydistill.data.views import num_steps
     from raydistill.engine.data import load_run_data
 
-    config = copy.deepcopy(config)
-    transport, _, execution = transport.partition("+")
-    if execution:
-        config.resources.peer_execution = execution
-    if runtime == "ray":
-        config.resources.transport = transport.split("-")[0]
+    config = setup.applied(config)
     spec, arrays = load_run_data(config)
     steps_per_epoch = num_steps(len(arrays["train_y"]), config.train.batch_size)
-    if runtime == "ray":
+    if setup.runtime == "ray":
         from raydistill.runtime.driver import RayWorkers
-        from raydistill.runtime.loop import Console
 
-        workers = RayWorkers(config, spec, arrays, console=Console(False), shared_memory=transport != "collective-gloo")
+        workers = RayWorkers(config, spec, arrays, shared_memory=setup.shared_memory)
     else:
         from raydistill.runtime.inprocess import InProcessWorkers
 
@@ -113,18 +185,22 @@ def measure(config, runtime: str, transport: str, steps: int, repeats: int) -> d
             run_steps(workers, WARMUP, steps, steps_per_epoch)
             samples.append((time.perf_counter() - tic) / steps)
         ms = statistics.median(samples) * 1000
-        return {"ms": ms, "exchange_ms": exchange_ms(workers, steps), "workers": workers.describe(),
-                "peer_samples_per_s": config.num_peers * config.train.batch_size / (ms / 1000)}
+        exchange = exchange_seconds(workers.worker, steps) / steps * 1000 if setup.runtime == "inprocess" else None
+        described = workers.describe()
     finally:
         workers.shutdown()
+    if setup.runtime == "ray" and transport_of(config).workers_drive:      # measured with the row's workers gone
+        exchange = group_exchange_ms(config, setup, steps)
+    return {"ms": ms, "exchange_ms": exchange, "workers": described,
+            "peer_samples_per_s": config.num_peers * config.train.batch_size / (ms / 1000)}
 
 
 def measure_reference(config, steps: int, repeats: int) -> dict:
     """The reference loop on the config's peers, batch, data shape, augmentation and optimizer settings."""
     import torch
 
+    from raydistill.bench.reference_loop import describe, reference_step_ms
     from raydistill.engine.data import load_run_data
-    from raydistill.reference_loop import describe, reference_step_ms
 
     if config.method.name != "dml":
         raise ConfigError("method.name", config.method.name, "dml for the reference row (--gpu, --reference, --only "
@@ -156,8 +232,6 @@ def _scale(value) -> float:
 def attempt(measure_row, *args) -> dict:
     """A row's figures, or {"error": one line} where it failed for another reason than bad input: the other rows
     still run (one run on a lent machine gives every row it can)."""
-    from raydistill.errors import user_error
-
     try:
         return measure_row(*args)
     except Exception as err:
@@ -175,7 +249,7 @@ def rows_to_run(args) -> list:
             raise ConfigError("--only", args.only, f"a comma-separated list of: {', '.join(ROWS)}")
         return [name for name in ROWS if name in names]
     setups = GPU_SETUPS if args.gpu else SETUPS
-    return (["reference"] if args.gpu or args.reference else []) + [transport for _, transport in setups]
+    return ([REFERENCE] if args.gpu or args.reference else []) + [setup.name for setup in setups]
 
 
 def machine_line() -> str:
@@ -219,7 +293,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", metavar="ROWS", default=None,
                    help=f"only these rows, comma-separated: {', '.join(ROWS)}")
     p.add_argument("--data", type=int, nargs="?", const=3000, metavar="IMAGES",
-                   help="the data path instead (raydistill/data/bench_data.py): a prepared set against ImageFolder + "
+                   help="the data path instead (raydistill/bench/data.py): a prepared set against ImageFolder + "
                         "DataLoader on IMAGES generated JPEGs (3000), and the memory of 1-3 readers; --repeats passes")
     p.add_argument("--data-size", type=int, default=128, metavar="S", help="--data: crops S x S (128)")
     p.add_argument("--data-dir", metavar="DIR", help="--data: keep the JPEGs and the set here, reused by a rerun")
@@ -232,7 +306,7 @@ def run(args) -> int:
         if value < 1:
             raise ConfigError(flag, value, "an integer >= 1")
     if args.data is not None:
-        from raydistill.data.bench_data import run_data
+        from raydistill.bench.data import run_data
 
         return run_data(args, machine_line())
     if args.gpu and not torch.cuda.is_available():
@@ -241,19 +315,20 @@ def run(args) -> int:
     rows = rows_to_run(args)
     config = bench_config(args)
     results = {}
-    if rows[0] == "reference":               # first, while nothing else holds the machine
-        results["reference"] = attempt(measure_reference, config, args.steps, args.repeats)
-    setups = [(runtime, transport) for runtime, transport in ALL_SETUPS if transport in rows]
+    if rows[0] == REFERENCE:                 # first, while nothing else holds the machine
+        results[REFERENCE] = attempt(measure_reference, config, args.steps, args.repeats)
+    setups = [setup for setup in ALL_SETUPS if setup.name in rows]
     started = False
-    if any(runtime == "ray" for runtime, _ in setups):
+    if any(setup.runtime == "ray" for setup in setups):
         from raydistill.runtime.driver import connect
 
-        widest = copy.deepcopy(config)          # room for the widest setup: the object store's coordinator too
-        widest.resources.transport = "object_store"
+        # room for the widest row: a coordinator actor's head bundle where a row's transport has one
+        widest = max((setup.applied(config) for setup in setups if setup.runtime == "ray"),
+                     key=lambda row_config: transport_of(row_config).head_cpus(row_config))
         started = connect(widest)               # a Ray that was running already is left running
     try:
-        for runtime, transport in setups:
-            results[transport] = attempt(measure, config, runtime, transport, args.steps, args.repeats)
+        for setup in setups:
+            results[setup.name] = attempt(measure, config, setup, args.steps, args.repeats)
     finally:
         if started:
             from raydistill.runtime import session
@@ -263,7 +338,7 @@ def run(args) -> int:
     print(f"{machine_line()}; {config.num_peers} peers, {config.peers[0].arch}, batch {config.train.batch_size}"
           f"{', bf16' if gpu and config.train.bf16 else ''}{', on the GPU' if gpu else ''}, "
           f"{args.steps} steps x {args.repeats} (median)")
-    if "reference" in results:
+    if REFERENCE in results:
         print_against_reference(rows, results)
     else:
         print_against_first(rows, setups, results)
@@ -276,38 +351,41 @@ def print_against_first(rows, setups, results) -> None:
     print(f"{'runtime':<10}{'transport':<20}{'ms/step':>9}{'peer-samples/s':>16}{'ratio':>7}{'exchange ms':>13}"
           "  workers")
     base = results["inprocess" if "inprocess" in results else rows[0]].get("ms")
-    for runtime, transport in setups:
-        r = results[transport]
+    for setup in setups:
+        r = results[setup.name]
         if "error" in r or base is None:
-            print(f"{runtime:<10}{transport:<20}{'failed: ' + r['error'] if 'error' in r else 'no base to compare'}")
+            print(f"{setup.runtime:<10}{setup.name:<20}"
+                  f"{'failed: ' + r['error'] if 'error' in r else 'no base to compare'}")
             continue
-        print(f"{runtime:<10}{transport:<20}{r['ms']:>9.2f}{r['peer_samples_per_s']:>16.0f}{r['ms'] / base:>7.2f}"
-              f"{r['exchange_ms']:>13.3f}  {r['workers']}")
+        print(f"{setup.runtime:<10}{setup.name:<20}{r['ms']:>9.2f}{r['peer_samples_per_s']:>16.0f}"
+              f"{r['ms'] / base:>7.2f}{_exchange(r):>13}  {r['workers']}")
+
+
+def _exchange(figures: dict) -> str:
+    return "-" if figures["exchange_ms"] is None else f"{figures['exchange_ms']:.3f}"
 
 
 def print_against_reference(rows, results) -> None:
     """The table with the reference first: the speed-up is the reference's ms/step over the row's (below 1: slower
     than the plain loop)."""
-    rate = "peer-samples/s" if results["reference"].get("images") is False else "peer-images/s"
+    rate = "peer-samples/s" if results[REFERENCE].get("images") is False else "peer-images/s"
     print(f"{'runtime':<10}{'transport':<20}{'ms/step':>9}{rate:>16}{'speed-up':>10}{'exchange ms':>13}  workers")
-    base = results["reference"].get("ms")
-    runtimes = {"reference": "reference", **{transport: runtime for runtime, transport in ALL_SETUPS}}
+    base = results[REFERENCE].get("ms")
+    runtimes = {REFERENCE: REFERENCE, **{setup.name: setup.runtime for setup in ALL_SETUPS}}
     for name in rows:
         r = results[name]
+        shown = "eager" if name == REFERENCE else name
         if "error" in r:
-            print(f"{runtimes[name]:<10}{'eager' if name == 'reference' else name:<20}failed: {r['error']}")
+            print(f"{runtimes[name]:<10}{shown:<20}failed: {r['error']}")
             continue
         ratio = f"{base / r['ms']:.2f}" if base else "-"
-        exchange = "-" if r["exchange_ms"] is None else f"{r['exchange_ms']:.3f}"
-        print(f"{runtimes[name]:<10}{'eager' if name == 'reference' else name:<20}{r['ms']:>9.2f}"
-              f"{r['peer_samples_per_s']:>16.0f}{ratio:>10}{exchange:>13}  {r['workers']}")
+        print(f"{runtimes[name]:<10}{shown:<20}{r['ms']:>9.2f}{r['peer_samples_per_s']:>16.0f}{ratio:>10}"
+              f"{_exchange(r):>13}  {r['workers']}")
     print("speed-up: the reference's ms/step / the row's (the reference: a plain PyTorch loop, every peer in one "
           "process, eager)")
 
 
 def main(argv=None) -> int:
-    from raydistill.cli import report_error
-
     args = parser().parse_args(argv)
     try:
         return run(args)
@@ -315,5 +393,3 @@ def main(argv=None) -> int:
         return report_error(err)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())

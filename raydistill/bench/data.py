@@ -178,25 +178,26 @@ def prepare_rate(source: Path, dest: Path, size: int, workers: int, ray_tasks: b
             super().shard(split, number, shards, count)
             self.shards.append((time.perf_counter(), count))
 
-    started = 0.0
+    started, tasks = 0.0, None
     if ray_tasks:
-        import ray
+        from raydistill.data.prepare import run_task
+        from raydistill.runtime.tasks import RayTasks
 
         tic = time.perf_counter()
-        ray.init(num_cpus=workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        tasks = RayTasks(None, run_task, local_cpus=workers)
         started = time.perf_counter() - tic
     try:
         timing = Timing()
         tic = time.perf_counter()
-        index = prepare(str(source), dest, size=size, workers=workers, address="auto" if ray_tasks else None,
+        index = prepare(str(source), dest, size=size, workers=workers, tasks=tasks,
                         shard_bytes=TIMING_SHARD_BYTES, progress=timing)
         images = index["splits"]["train"]["count"] + index["splits"]["test"]["count"]
         (first, _), (last, _) = timing.shards[0], timing.shards[-1]
         steady = sum(count for _, count in timing.shards[1:]) / (last - first)
         return {"all": images / (time.perf_counter() - tic), "steady": steady, "ray_start": started}
     finally:
-        if ray_tasks:
-            ray.shutdown()
+        if tasks is not None:
+            tasks.close(True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
