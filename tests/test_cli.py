@@ -176,3 +176,36 @@ def test_bench_prints_the_runtimes_and_transports_side_by_side_with_a_ratio(ray_
     assert rows["object_store"][5] == "-" and float(rows["collective"][5]) > 0   # the exchange alone: where it is
     for _, _, ms, _, ratio, _ in rows.values():
         assert float(ratio) == pytest.approx(float(ms) / float(rows["inprocess"][2]), rel=0.05, abs=0.01)
+
+
+def test_a_long_epoch_shows_a_live_progress_line_on_a_terminal_and_none_in_a_pipe(ray_session, tmp_path, capfd):
+    """`raydistill train` on the session's Ray with a pseudo-terminal for stderr: the epoch's line moves while the
+    epoch runs (images done of the epoch's, images/s, time left; worker 0 tells the driver a few times a second how
+    many steps its host has run). The same command with stderr in a pipe (here: pytest's capture) prints none."""
+    import pty
+
+    config = config_file(tmp_path, **{"train.batch_size": 8, "train.epochs": 1})
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    main_fd, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "train", str(config), "--address",
+                             session_address(ray_session), "--output", str(tmp_path / "tty")], env=env,
+                            stdout=subprocess.PIPE, stderr=terminal, text=True)
+    os.close(terminal)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 65536)
+        except OSError:                          # the child closed its end: it has ended
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(main_fd)
+    proc.communicate(timeout=240)
+    assert proc.returncode == 0, seen.decode(errors="replace")
+    updates = re.findall(rb"epoch 1/1:\s+(\d+)%\|[^\r\n]*\|\s*[\d.]+k?/[\d.]+k? \[[\d:]+<[\d:?]+,\s*[\d.?]+k?img/s\]",
+                         seen)
+    assert len(set(updates)) >= 2, seen.decode(errors="replace")     # it moved during the epoch
+    assert main(["train", str(config), "--output", str(tmp_path / "pipe")]) == 0
+    err = capfd.readouterr().err
+    assert "img/s" not in err and "\r" not in err and "epoch 1/1:" not in err

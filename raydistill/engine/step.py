@@ -249,9 +249,15 @@ class TrainingStep:
         gathered = self.gather(epoch, step, replay, outputs)
         return self.learn(epoch, step, self.targets(epoch, step, replay, gathered))
 
-    def call(self, epoch: int, first: int, count: int, replay: int = 0) -> CallReport:
-        """Steps first..first+count-1 of an epoch. The report's figures stay on the device until its ``finish()``."""
+    def call(self, epoch: int, first: int, count: int, replay: int = 0, on_step=None) -> CallReport:
+        """Steps first..first+count-1 of an epoch. The report's figures stay on the device until its ``finish()``.
+        ``steps_done`` counts the steps the host has run (on a GPU: enqueued; nothing waits for the device to say
+        so), for a progress line; ``on_step(done)`` is told each (the in-process runtime's console)."""
         report = CallReport()
+        self.steps_done = 0
         for step in range(first, first + count):
             report.add_device_step(epoch, step, self.run(epoch, step, replay))
+            self.steps_done += 1
+            if on_step is not None:
+                on_step(self.steps_done)
         return report

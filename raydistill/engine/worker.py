@@ -95,10 +95,14 @@ class Worker:
         return {index: figures.host() for index, figures in self.local.learn(epoch, step, targets).items()}
 
     # ---- whole calls (a collective exchange, or one process) -------------------------------------------------------
-    def run_steps(self, epoch: int, first: int, count: int, replay: int = 0) -> CallReport:
+    def run_steps(self, epoch: int, first: int, count: int, replay: int = 0, on_step=None) -> CallReport:
         """Steps first..first+count-1 of an epoch (of its replay-th replay); the figures come back once, read at the
-        end of the call."""
-        return self.training_step.call(epoch, first, count, replay).finish()
+        end of the call. on_step(done): told as each step is run (a progress line)."""
+        return self.training_step.call(epoch, first, count, replay, on_step).finish()
+
+    def steps_done(self) -> int:
+        """Steps of the current call run so far by the host (a progress line's side channel; no device sync)."""
+        return getattr(self.training_step, "steps_done", 0)
 
     def prepare_epoch(self, epoch: int) -> None:
         """Work that must not sit between two collectives: a cached teacher's outputs for the epoch."""

@@ -11,6 +11,9 @@ from raydistill.engine.worker import Worker
 from raydistill.runtime.collective import GroupExchange, free_port
 
 
+PROGRESS = "progress"          # the concurrency group of steps_done: it must not wait behind a call of steps
+
+
 class _Shell:
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -52,6 +55,12 @@ class WorkerShell(_Shell):
 
     def run_steps(self, epoch, first, count, replay=0):
         return self.worker.run_steps(epoch, first, count, replay)
+
+    @ray.method(concurrency_group=PROGRESS)
+    def steps_done(self) -> int:
+        """Answered while a call of steps runs (its own concurrency group, beside the default one that keeps every
+        other call in order): the steps its host has run so far, for the driver's progress line."""
+        return self.worker.steps_done() if self.worker is not None else 0
 
     def forward(self, epoch, step, replay=0):
         return self.worker.forward(epoch, step, replay)
@@ -110,5 +119,5 @@ class CoordinatorShell(_Shell):
         self.coordinator.load_state_dict(state)
 
 
-WorkerActor = ray.remote(WorkerShell)
+WorkerActor = ray.remote(concurrency_groups={PROGRESS: 1})(WorkerShell)
 CoordinatorActor = ray.remote(CoordinatorShell)

@@ -29,7 +29,8 @@ from raydistill.runtime.objectstore import drive_steps
 from raydistill.policies.failures import WorkerGivenUp, WorkerLost
 
 PLACEMENT_TIMEOUT_S = 60.0
-READY_TIMEOUT_S = 600.0          # workers import torch and build their models: minutes on a loaded small machine
+READY_TIMEOUT_S = 600.0
+PROGRESS_S = 0.25                # how often a progress line asks worker 0 how far a call of steps is          # workers import torch and build their models: minutes on a loaded small machine
 
 LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError,
         ray.exceptions.OwnerDiedError)
@@ -260,12 +261,24 @@ class RayWorkers:
                 pass
 
     # ---- the loop's protocol ----------------------------------------------------------------------------------------
-    def run_steps(self, epoch: int, first: int, count: int, replay: int = 0) -> CallReport:
+    def run_steps(self, epoch: int, first: int, count: int, replay: int = 0, on_step=None) -> CallReport:
+        """on_step(done): told the steps worker 0 has run, a few times a second while the call runs (the object
+        store's driver knows each step it drives)."""
         self.check_restarted()
         if self.transport.workers_drive:
-            reports = self.results([w.run_steps.remote(epoch, first, count, replay) for w in self.workers])
-            return _merge(reports)
-        return drive_steps(self, epoch, first, count, replay)
+            refs = [w.run_steps.remote(epoch, first, count, replay) for w in self.workers]
+            if on_step is not None:
+                self._follow(refs, on_step)
+            return _merge(self.results(refs))
+        return drive_steps(self, epoch, first, count, replay, on_step)
+
+    def _follow(self, refs: list, on_step) -> None:
+        """Until the call's first result: worker 0's steps done, every PROGRESS_S."""
+        while not ray.wait(refs, num_returns=1, timeout=PROGRESS_S)[0]:
+            try:
+                on_step(ray.get(self.workers[0].steps_done.remote(), timeout=PROGRESS_S))
+            except (ray.exceptions.GetTimeoutError, *LOST):
+                return                          # the call's own result says what happened
 
     def prepare_epoch(self, epoch: int) -> None:
         if any(t.cache for t in self.config.teacher_list):

@@ -26,8 +26,8 @@ class InProcessWorkers:
     def describe(self) -> str:
         return "one process"
 
-    def run_steps(self, epoch: int, first: int, count: int, replay: int = 0) -> CallReport:
-        return self.worker.run_steps(epoch, first, count, replay)
+    def run_steps(self, epoch: int, first: int, count: int, replay: int = 0, on_step=None) -> CallReport:
+        return self.worker.run_steps(epoch, first, count, replay, on_step)
 
     def prepare_epoch(self, epoch: int) -> None:
         self.worker.prepare_epoch(epoch)

@@ -263,15 +263,19 @@ class Run:
         self.workers.prepare_epoch(epoch)
         every = self.config.train.checkpoint_every_steps
         replay = replay_of(self.state.rollbacks, epoch)    # 0 unless a health rollback replays this epoch
-        for first, count in self.calls(start_step):
-            self.position = (epoch, first + count)         # a call lost midway is counted as redone whole
-            report = self.workers.run_steps(epoch, first, count, replay)
-            check_interrupted()                             # a Ctrl-C that Python dropped is not lost
-            self.check_finite(report)
-            figures.merge(report)
-            self.console.progress(epoch, self.config.train.epochs, first + count, self.steps)
-            if every is not None and (first + count) % every == 0 and first + count < self.steps:
-                self.recovery.mark(epoch, first + count, self.workers.get_state(), figures)   # in memory
+        with self.console.epoch_bar(epoch, self.config.train.epochs, self.steps, start_step,
+                                    self.config.train.batch_size) as bar:
+            for first, count in self.calls(start_step):
+                self.position = (epoch, first + count)     # a call lost midway is counted as redone whole
+                report = self.workers.run_steps(epoch, first, count, replay,
+                                                on_step=(lambda done, first=first: bar.at(first + done)) if bar.bar
+                                                else None)
+                check_interrupted()                         # a Ctrl-C that Python dropped is not lost
+                self.check_finite(report)
+                figures.merge(report)
+                bar.at(first + count)
+                if every is not None and (first + count) % every == 0 and first + count < self.steps:
+                    self.recovery.mark(epoch, first + count, self.workers.get_state(), figures)   # in memory
         seconds = time.perf_counter() - tic
         self.state.train_s += seconds
         self.state.samples += (self.steps - start_step) * self.config.train.batch_size

@@ -14,7 +14,7 @@ import ray
 from raydistill.engine.worker import CallReport
 
 
-def drive_steps(workers, epoch: int, first: int, count: int, replay: int) -> CallReport:
+def drive_steps(workers, epoch: int, first: int, count: int, replay: int, on_step=None) -> CallReport:
     """Steps first..first+count-1 of ``workers`` (driver.RayWorkers): three rounds of calls per step, at most
     train.steps_in_flight steps outstanding."""
     actors, coordinator = workers.workers, workers.coordinator
@@ -37,6 +37,8 @@ def drive_steps(workers, epoch: int, first: int, count: int, replay: int) -> Cal
                                         hung=lambda _: calls.hung(actors, coordinator))
                 report.add_step(epoch, done_step, {i: m for part in parts for i, m in part.items()})
                 calls.forget_done()
+                if on_step is not None:
+                    on_step(done_step - first + 1)
     except BaseException:
         _drain([ref for _, refs in pending for ref in refs])
         raise
