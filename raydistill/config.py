@@ -56,6 +56,7 @@ class PeerConfig:
     lr: Union[float, None] = None       # null: train.lr
     id: Union[int, None] = None         # the peer's stable number: it is named peer<id> in every record (null: next)
     init: Union[str, None] = None       # a peer added to a checkpoint: scratch (default) | ensemble | peer:K
+    ranks: Union[int, None] = None      # data-parallel ranks of this peer (null: resources.ranks_per_peer)
 
 
 
@@ -143,12 +144,15 @@ class TrainConfig:
                                         # on a CPU)
     compile: str = "none"               # none | graphs: each peer's model compiled with CUDA graphs
                                         # (torch.compile mode "reduce-overhead"); GPU only
+    sync_bn: bool = False               # a peer of several ranks: batch norm statistics over all its ranks' rows
+                                        # (torch's SyncBatchNorm; GPU only)
     health: Union[HealthConfig, None] = None   # the health watch: {max_consistency, patience, action, max_rollbacks}
 
 
 @dataclass
 class ResourcesConfig:
-    gpus_per_peer: float = 0.0          # fractions share a GPU; 0 = CPU
+    gpus_per_peer: float = 0.0          # a rank's device: fractions share a GPU; 0 = CPU
+    ranks_per_peer: int = 1             # data-parallel ranks of every peer (a peer's own `ranks` overrides it)
     cpus_per_peer: float = 1.0
     gpus_per_teacher: Union[float, None] = None   # null: gpus_per_peer
     cpus_per_coordinator: float = 1.0
@@ -191,7 +195,8 @@ class Config:
         return [PeerConfig(arch=p.arch or self.model.arch,
                            options=dict(self.model.options if p.options is None else p.options),
                            lr=self.train.lr if p.lr is None else p.lr,
-                           id=p.id if p.id is not None else next(fresh), init=p.init) for p in items]
+                           id=p.id if p.id is not None else next(fresh), init=p.init,
+                           ranks=self.resources.ranks_per_peer if p.ranks is None else p.ranks) for p in items]
 
     @property
     def peer_names(self) -> list[str]:
@@ -470,6 +475,9 @@ def validate(config: Config, defaults: dict) -> None:
     _check_teachers(config)
     _check_train(config)
     _check_resources(config)
+    from raydistill.engine.grid import check_config as check_grid
+
+    check_grid(config)                        # peers of several ranks
     _check_peer_execution(config)
     _check_compile(config)
 

@@ -192,6 +192,61 @@ def verdict(inputs: dict) -> list[str]:
     return lines
 
 
+# ---- the grid: peers of several ranks (engine/grid.py) ---------------------------------------------------------------
+GRID_INPUTS = {
+    "grid_images_s": (2500.0, "cited: NVIDIA's ResNet-50 reference, ~2,500 images/s on one A100 (16,600 on 8)"),
+    "grid_batch": (256, "assumed: a ResNet-50 step's batch (all of a peer's ranks together)"),
+    "grid_classes": (1000, "ImageNet"),
+    "grid_params": (25.6e6, "ResNet-50's parameters (float32 gradients: 102 MB a step)"),
+    "grid_efficiency": (0.83, "cited: 16,600 / (8 x 2,500) images/s: a rank's compute at 1/k of the batch"),
+}
+GRID_CASES = (("2 ResNet-50 peers of 4 GPUs, one 8-GPU node", 2, 4),
+              ("2 ResNet-50 peers of 1 GPU (6 GPUs idle)", 2, 1),
+              ("8 peers of 4 GPUs on 4 nodes (a peer's ranks on one node)", 8, 4))
+
+
+def allreduce_ms(ranks: int, nbytes: float, latency_us: float, gbytes_s: float, gather: bool) -> float:
+    """A peer's gradient sync among its ranks on one node: as built, an all-gather summed in rank order on every rank
+    (each rank receives (k-1) x the gradient: exact and deterministic); or DDP's ring all-reduce (2(k-1)/k x the
+    gradient in 2(k-1) steps), the fast path a GPU run could take instead."""
+    if ranks <= 1:
+        return 0.0
+    if gather:
+        return (ranks - 1) * (latency_us / 1e3 + nbytes / (gbytes_s * 1e9) * 1e3)
+    return 2 * (ranks - 1) * latency_us / 1e3 + 2 * (ranks - 1) / ranks * nbytes / (gbytes_s * 1e9) * 1e3
+
+
+def predict_grid(peers: int, ranks: int, inputs: dict, gather: bool = True) -> dict:
+    """One step of ``peers`` peers of ``ranks`` ranks each (one GPU a rank; a peer's ranks on one node; the peers on
+    as many nodes as ``gpus_per_node`` needs): its terms in ms and the images/s of each peer."""
+    batch, classes = inputs["grid_batch"], inputs["grid_classes"]
+    full_ms = batch / inputs["grid_images_s"] * 1e3
+    compute = full_ms / ranks / (inputs["grid_efficiency"] if ranks > 1 else 1.0)
+    world = peers * ranks
+    nodes = math.ceil(world / inputs["gpus_per_node"])
+    # every rank sends its rows' logits to every rank (engine/grid.py): an all-gather among all ranks
+    exchange = allgather_ms(world, batch // ranks * classes * inputs["bytes_per_element"], inputs["gpus_per_node"],
+                            inputs["algorithm"], inputs["intra_latency_us"], inputs["intra_gbytes_s"],
+                            inputs["inter_latency_us"], inputs["inter_gbytes_s"])
+    sync = allreduce_ms(ranks, inputs["grid_params"] * 4, inputs["intra_latency_us"], inputs["intra_gbytes_s"], gather)
+    targets = (peers - 1) * inputs["pair_us"] / 1e3
+    straggler = compute * inputs["cv"] * expected_max_normal(world)
+    step = compute + exchange + sync + targets + straggler
+    return {"gpus": world, "nodes": nodes, "compute_ms": compute, "exchange_ms": exchange, "sync_ms": sync,
+            "targets_ms": targets, "straggler_ms": straggler, "step_ms": step, "images_s": batch / step * 1e3}
+
+
+def grid_table(inputs: dict) -> str:
+    lines = ["| peers x ranks | GPUs (nodes) | compute ms | exchange ms | gradient sync ms (as built / ring) "
+             "| step ms | images/s per peer | epoch of 1.28M images, per peer |", "|---|---|---|---|---|---|---|---|"]
+    for label, peers, ranks in GRID_CASES:
+        r, ring = predict_grid(peers, ranks, inputs), predict_grid(peers, ranks, inputs, gather=False)
+        lines.append(f"| {label}: {peers} x {ranks} | {r['gpus']} ({r['nodes']}) | {r['compute_ms']:.1f} "
+                     f"| {r['exchange_ms']:.2f} | {r['sync_ms']:.2f} / {ring['sync_ms']:.2f} | {r['step_ms']:.1f} "
+                     f"| {r['images_s']:,.0f} | {1.28e6 / r['images_s'] / 60:.1f} min |")
+    return "\n".join(lines)
+
+
 def report(inputs: dict) -> str:
     """The whole printout: the inputs with their sources, the table, the sensitivity table, the verdict."""
     nbytes = message_bytes(inputs["batch"], inputs["classes"], inputs["bytes_per_element"])
@@ -202,6 +257,11 @@ def report(inputs: dict) -> str:
         out.append(f"- {name.replace('_', '-')} = {value} ({source if value == default else 'given'})")
     out += ["", table(inputs), "", f"Fraction of standalone throughput under other inputs ({CASE_NOTES}):", "",
             sensitivity(inputs), ""] + verdict(inputs)
+    grid = {**inputs, **{name: value for name, (value, _) in GRID_INPUTS.items()}}
+    out += ["", "Peers of several ranks (the grid): each rank on 1/k of the batch, every rank's logits to every "
+            "rank, a peer's gradients gathered over its ranks and summed in rank order. Inputs:"]
+    out += [f"- {name.replace('_', '-')} = {value} ({source})" for name, (value, source) in GRID_INPUTS.items()]
+    out += ["", grid_table(grid)]
     return "\n".join(out)
 
 

@@ -23,9 +23,12 @@ from raydistill.transports import transport_of
 
 @dataclass(frozen=True)
 class Members:
-    """Which peers and teachers a worker hosts (global indices)."""
+    """Which peers and teachers a worker hosts (global indices); a worker of a peer of several ranks hosts that one
+    peer, as rank ``rank`` of ``ranks`` (engine/grid.py)."""
     peers: tuple = ()
     teachers: tuple = ()
+    rank: int = 0
+    ranks: int = 1
 
     @classmethod
     def every(cls, config) -> "Members":

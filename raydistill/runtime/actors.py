@@ -47,8 +47,10 @@ class WorkerShell(_Shell):
         """Where this worker, as rank 0, hosts the group: its node's address and a free port."""
         return ray.util.get_node_ip_address(), free_port()
 
-    def join_group(self, rank: int, world: int, address: str, port: int, timeout_s: float, one_node: bool) -> None:
-        self.worker.set_exchange(GroupExchange(rank, world, address, port, timeout_s, one_node, self.worker.device))
+    def join_group(self, rank: int, world: int, address: str, port: int, timeout_s: float, one_node: bool,
+                   peer_groups: dict | None = None) -> None:
+        self.worker.set_exchange(GroupExchange(rank, world, address, port, timeout_s, one_node, self.worker.device,
+                                               peer_groups))
 
     def leave_group(self) -> None:
         self.worker.set_exchange(None)

@@ -174,10 +174,12 @@ class GroupExchange:
     """gather(tag, local outputs) -> every member's outputs (member order = rank order), over a group of workers."""
 
     def __init__(self, rank: int, world: int, address: str, port: int, timeout_s: float, one_node: bool,
-                 device: str = "cpu"):
+                 device: str = "cpu", peer_groups: dict | None = None):
         """device: where the rank's outputs live; on a GPU the step's all-gather goes through NCCL (gloo stays for
-        evaluation, set-up and CPU tensors), never through the host."""
+        evaluation, set-up and CPU tensors), never through the host. peer_groups: peer index -> the group ranks of
+        a peer of several ranks (engine/grid.py), each formed as a group of its own for its gradients."""
         self.rank, self.world = rank, world
+        self.peer_groups = {}
         self.device = torch.device(device)
         backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
         try:
@@ -185,6 +187,10 @@ class GroupExchange:
                                     timeout=datetime.timedelta(seconds=timeout_s))
             self.layouts: dict[str, list] = {}        # tag -> every rank's member layout
             self.channel = self._shared_memory(timeout_s) if one_node and self.device.type == "cpu" else None
+            for peer, ranks in sorted((peer_groups or {}).items()):     # every rank forms every group, in order
+                group = dist.new_group(ranks=list(ranks), timeout=datetime.timedelta(seconds=timeout_s))
+                if rank in ranks:
+                    self.peer_groups[peer] = (group, list(ranks))
         except (RuntimeError, ValueError, OSError) as err:
             raise CollectiveError(f"rank {rank} could not join the group at {address}:{port} ({err})") from err
 
@@ -242,6 +248,18 @@ class GroupExchange:
             # a rank's own outputs as they are; the others' as views of what was gathered
             members.extend(local if rank == self.rank else _split(received[rank], layout))
         return members
+
+    def gather_peer(self, peer: int, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` of a peer of several ranks, in rank order (its gradients: engine/grid.py sums
+        them in that order), over the peer's own group (gloo on CPUs, NCCL on GPUs)."""
+        group, ranks = self.peer_groups[peer]
+        try:
+            received = [torch.empty_like(tensor) for _ in ranks]
+            dist.all_gather(received, tensor, group=group)
+        except (RuntimeError, ValueError, OSError) as err:
+            raise CollectiveError(f"the gradients of peer {peer} could not be gathered on rank {self.rank} "
+                                  f"({err})") from err
+        return received
 
     def close(self) -> None:
         if self.channel is not None:

@@ -246,7 +246,11 @@ class RayWorkers:
         timeout = self.config.resources.collective_timeout_s
         address, port = ray.get(self.workers[0].address.remote(), timeout=READY_TIMEOUT_S)
         one_node = len(set(self._nodes)) == 1 and self.shared_memory   # then the step's data go through /dev/shm
-        self.results([w.join_group.remote(rank, len(self.workers), address, port, timeout, one_node)
+        peer_groups = {}                        # a peer of several ranks: its workers' group ranks
+        for rank, members in enumerate(self.members):
+            if members.ranks > 1:
+                peer_groups.setdefault(members.peers[0], []).append(rank)
+        self.results([w.join_group.remote(rank, len(self.workers), address, port, timeout, one_node, peer_groups)
                        for rank, w in enumerate(self.workers)], timeout + 30.0)
 
     def leave_group(self, timeout: float = 30.0) -> None:
@@ -359,7 +363,7 @@ class RayWorkers:
     def _pool_key(self) -> tuple:
         """What a warm worker must share with the run that takes it: its name (the run's, this process's, the peer
         set's generation), its bundle, its restarts, the transport's actors."""
-        return (ray.get_runtime_context().get_job_id(), actor_name(self.config, "", self.generation),
+        return (_session(), actor_name(self.config, "", self.generation),
                 repr(self.layout.bundles), self.config.resources.strategy, self.config.resources.max_restarts,
                 self.transport.coordinator_actor, self.config.resources.gpus_per_peer > 0)
 
@@ -414,6 +418,12 @@ class WorkerPool:
             return None
         _, group, workers, coordinator = self.kept
         self.kept = None
+        try:                                    # each still answers (this Ray session's, not restarted away)
+            ray.get([a.pid.remote() for a in [*workers, *([coordinator] if coordinator else [])]], timeout=10)
+        except Exception:  # noqa: BLE001 — not kept then: a fresh set is started
+            self.kept = (key, group, workers, coordinator)
+            self.clear()
+            return None
         return group, workers, coordinator
 
     def clear(self) -> None:
@@ -422,11 +432,20 @@ class WorkerPool:
             return
         key, group, workers, coordinator = self.kept
         self.kept = None
-        if not ray.is_initialized() or key[0] != ray.get_runtime_context().get_job_id():
+        if not ray.is_initialized() or key[0] != _session():
             return
-        for actor in [*workers, *([coordinator] if coordinator is not None else [])]:
-            ray.kill(actor, no_restart=True)
-        remove_placement_group(group)
+        try:
+            for actor in [*workers, *([coordinator] if coordinator is not None else [])]:
+                ray.kill(actor, no_restart=True)
+            remove_placement_group(group)
+        except Exception:  # noqa: BLE001 — gone with their session already
+            pass
+
+
+def _session() -> str:
+    """This process's Ray session (a new ray.init is another one, whatever its job id)."""
+    context = ray.get_runtime_context()
+    return f"{context.gcs_address}/{context.get_node_id()}"
 
 
 def release_warm_workers() -> None:

@@ -51,22 +51,33 @@ def members_per_worker(config) -> int:
 
 
 def worker_members(config) -> list[Members]:
-    """Contiguous runs of members. GPU peers never share a worker with a teacher (each teacher has its own GPU
-    share, ``gpus_per_teacher``, and its own worker)."""
+    """Contiguous runs of members, in member order. GPU peers never share a worker with a teacher (each teacher has
+    its own GPU share, ``gpus_per_teacher``, and its own worker). A peer of k ranks is k workers of its own, one per
+    rank, in rank order (engine/grid.py)."""
     per = members_per_worker(config)
-    peers = list(range(config.num_peers))
+    ranks = [peer.ranks for peer in config.peer_list]
     teachers = list(range(config.num_teachers))
     gpu = config.resources.gpus_per_peer > 0 or (config.resources.gpus_per_teacher or 0) > 0
-    if gpu and config.resources.peers_per_worker is None:
-        groups = [Members(tuple(peers[i:i + per])) for i in range(0, len(peers), per)]
-        return groups + [Members((), (t,)) for t in teachers]
-    everyone = [("peer", i) for i in peers] + [("teacher", t) for t in teachers]
-    groups = []
-    for start in range(0, len(everyone), per):
-        chunk = everyone[start:start + per]
-        groups.append(Members(tuple(i for kind, i in chunk if kind == "peer"),
-                              tuple(i for kind, i in chunk if kind == "teacher")))
-    return groups
+    apart = gpu and config.resources.peers_per_worker is None          # teachers in workers of their own
+    everyone = [("peer", i) for i in range(config.num_peers)] + ([] if apart else [("teacher", t) for t in teachers])
+    groups, chunk = [], []
+
+    def flush():
+        if chunk:
+            groups.append(Members(tuple(i for kind, i in chunk if kind == "peer"),
+                                  tuple(i for kind, i in chunk if kind == "teacher")))
+            chunk.clear()
+
+    for kind, i in everyone:
+        if kind == "peer" and ranks[i] > 1:
+            flush()
+            groups.extend(Members((i,), (), rank, ranks[i]) for rank in range(ranks[i]))
+            continue
+        chunk.append((kind, i))
+        if len(chunk) == per:
+            flush()
+    flush()
+    return groups + ([Members((), (t,)) for t in teachers] if apart else [])
 
 
 def worker_bundle(config, members: Members) -> dict:
