@@ -44,6 +44,9 @@ def user_error(err: BaseException) -> ConfigError | None:
     return None
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def root_cause(err: BaseException) -> tuple[BaseException, str | None]:
     """(the error an actor or a trial raised, where: the Ray call it failed in, e.g. "ray::WorkerShell.run_steps()"),
     or (err, None) for an error raised here. Ray's RayTaskError's text is the remote traceback; its ``cause`` is
@@ -55,7 +58,7 @@ def root_cause(err: BaseException) -> tuple[BaseException, str | None]:
         if not isinstance(cause, BaseException):
             break
         if where is None:
-            first = str(err).strip().splitlines()
+            first = ANSI.sub("", str(err)).strip().splitlines()        # Ray colours the call's name on a terminal
             where = first[0].split(" (pid=")[0] if first else None
         err = cause
     return err, where
@@ -64,7 +67,7 @@ def root_cause(err: BaseException) -> tuple[BaseException, str | None]:
 def one_line(err: BaseException) -> str:
     """An error as one line: its type and the first line of its message, and where a remote one was raised."""
     cause, where = root_cause(err)
-    lines = str(cause).strip().splitlines()
+    lines = ANSI.sub("", str(cause)).strip().splitlines()
     text = f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
     return f"{text} (raised in {where})" if where else text
 

@@ -289,3 +289,23 @@ def test_a_resume_refuses_a_damaged_or_hand_edited_config_and_a_stop_before_what
     import yaml
 
     assert yaml.safe_load(config_yaml.read_text())["train"]["lr"] == 0.05
+
+
+def test_an_error_raised_in_a_ray_actor_reaches_the_console_as_its_cause_in_one_line(ray_session, capfd):
+    """Not bad input: a training failure raised inside an actor (here a real one). Ray's RayTaskError text is the
+    remote traceback; the line names the cause and the call it was raised in, then how to see the traceback."""
+    import ray
+
+    from raydistill.errors import report_error
+
+    @ray.remote(num_cpus=0)
+    class Broken:
+        def run_steps(self):
+            raise RuntimeError("Given input size: (256x1x1). Calculated output size: (256x0x0).\nmore detail")
+
+    with pytest.raises(ray.exceptions.RayTaskError) as caught:
+        ray.get(Broken.remote().run_steps.remote())
+    assert report_error(caught.value) == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == ["raydistill: RuntimeError: Given input size: (256x1x1). Calculated output size: (256x0x0). "
+                   "(raised in ray::Broken.run_steps())", "raydistill: set RAYDISTILL_TRACEBACK=1 for the traceback"]
