@@ -292,7 +292,7 @@ class FailsInItsFirstCall(InProcessWorkers):
     """The workers of a peer set that passes the driver's check but fails in its first call of steps, as a peer that
     cannot train on its device does (an error raised in the worker)."""
 
-    def run_steps(self, epoch, first, count, replay=0):
+    def run_steps(self, epoch, first, count, replay=0, on_step=None):
         raise RuntimeError("CUDA out of memory (drill)")
 
 

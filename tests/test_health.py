@@ -154,8 +154,8 @@ class LosesAWorkerInTheReplay(InProcessWorkers):
 
     fired = False
 
-    def run_steps(self, epoch, first, count, replay=0):
-        report = super().run_steps(epoch, first, count, replay)
+    def run_steps(self, epoch, first, count, replay=0, on_step=None):
+        report = super().run_steps(epoch, first, count, replay, on_step)
         if replay and not self.fired:
             self.fired = True
             raise WorkerLost("drill")

@@ -326,6 +326,11 @@ def test_an_imagenet_style_set_trains_dml_on_ray_with_two_workers_each_reading_i
     assert_identical(peer_states(run.run_dir, 2), peer_states(local.run_dir, 2))
     assert run.summary["peers"] == [{**p, "node": q["node"]} for p, q in zip(local.summary["peers"],
                                                                            run.summary["peers"])]
+    # `raydistill eval`: the exported models on the test split's evaluation views, as the run evaluated them
+    from raydistill.evaluate import evaluate_run
+
+    evaluated = evaluate_run(run.run_dir)
+    assert [evaluated[f"peer{i}"]["acc"] for i in range(2)] == [p["test_acc"] for p in run.summary["peers"]]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
