@@ -67,7 +67,8 @@ def check_digest(config, data) -> None:
     if recorded is not None and recorded != data.digest:
         raise ConfigError("data.digest", recorded, f"the digest of the data set this run trained on; "
                           f"{config.data.name} at data.root={config.data.root} is now {data.digest} (another set, or "
-                          "changed files: give the set the run trained on)")
+                          "changed files: give the set the run trained on, or --set data.digest=null to go on "
+                          "with this one)")
 
 
 def eval_inputs(data, split: str, batch: int = EVAL_BATCH, device="cpu", count: int | None = None):
