@@ -98,7 +98,7 @@ def describe_sources(data, nodes: list, sources: list) -> str:
         by_node.setdefault((node, source), []).append(rank)
     where = "; ".join(f"node {str(node)[:12]} from {source} (worker{'s' if len(ranks) > 1 else ''} "
                       f"{', '.join(map(str, ranks))})" for (node, source), ranks in by_node.items())
-    return (f"data: {data.describe()}, {data.num_samples('train'):,} train samples read by index; {where}")
+    return f"data: {data.describe()}, {data.num_samples('train'):,} train samples read by index; {where}"
 
 
 def _on_device(array, device) -> torch.Tensor:
