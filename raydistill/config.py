@@ -41,6 +41,7 @@ class DataConfig:
     download: bool = False
     options: dict = field(default_factory=dict)   # source-specific: image_size, num_train, shape, ...
     cache_dir: Union[str, None] = None  # prepared sets: the node-local folder a data.root URI is copied into, once
+    digest: Union[str, None] = None     # the set's digest, recorded when a run starts: a resumed run refuses another
 
 
 @dataclass

@@ -5,8 +5,7 @@ import numpy as np
 import torch
 
 from raydistill.config import load_config
-from raydistill.data.views import to_float
-from raydistill.engine.data import load_run_data
+from raydistill.engine.data import check_digest, eval_inputs, load_run_data
 from raydistill.engine.evaluation import ensemble_outputs, score
 from raydistill.errors import ConfigError
 from raydistill.export import exported_models, load_model, read_manifest
@@ -21,13 +20,15 @@ def evaluate_run(run_dir, data: str | None = None, data_root: str | None = None,
     if data_root is not None or (data is not None and data != load_config(run_dir).data.name):
         overrides["data.root"] = data_root     # the run's root belongs to the run's data set
     config = load_config(run_dir, overrides)
-    spec, arrays = load_run_data(config)
+    spec, data_set = load_run_data(config)
+    if not overrides:
+        check_digest(config, data_set)                  # the run's own test split: the set it trained on
     _check_same_shape(read_manifest(run_dir)["spec"], spec, config.data.name)
-    x, y = torch.from_numpy(arrays["test_x"]), arrays["test_y"]
+    y = data_set.labels("test")
     results, students = {}, []
     for name, kind in exported_models(run_dir).items():
         model = load_model(run_dir, name=name)
-        out = torch.cat([model(to_float(x[i:i + batch])) for i in range(0, len(x), batch)]).numpy()
+        out = torch.cat([model(x) for x in eval_inputs(data_set, "test", batch)]).numpy()
         results[name] = score(config.task, out, y)
         if kind == "peer":                     # the ensemble is the students', as during training
             students.append(out)

@@ -138,12 +138,11 @@ def sample_inputs(run_dir, manifest: dict, count: int) -> tuple[torch.Tensor, st
     """``count`` of the run's test inputs as float32 (repeated where the split is smaller), and where they came
     from; seeded uniform noise in the input's range where the run's data cannot be read here."""
     from raydistill.config import load_config
-    from raydistill.data.views import to_float
-    from raydistill.engine.data import load_run_data
+    from raydistill.engine.data import eval_inputs, load_run_data
 
     try:
-        _, arrays = load_run_data(load_config(run_dir))
-        x = to_float(torch.from_numpy(np.asarray(arrays["test_x"])))
+        _, data = load_run_data(load_config(run_dir))
+        x = torch.cat(list(eval_inputs(data, "test", count, count=count)))
         source = "the run's test split"
     except (ConfigError, OSError) as err:
         shape = manifest["spec"]["input_shape"]

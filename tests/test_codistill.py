@@ -61,7 +61,7 @@ def test_a_stale_copy_gives_its_peers_outputs_for_its_weights():
     run = load_config(config("pcl", **codistill(3)))
     spec, arrays = load_run_data(run)
     peers = [Peer(i, run, arrays, spec) for i in range(2)]
-    copy = StaleCopy(1, run, spec, peers[0].data, peers[0].method)
+    copy = StaleCopy(1, run, spec, peers[0].data, peers[0].method, peers[0].device)
     copy.load(weights_of(peers[1]))
     got = copy.outputs(0, 2, 0, peers[0].autocast)
     want = peers[1].forward(0, 2)

@@ -427,6 +427,29 @@ def test_center_crop_view_equals_torchvision_resize_and_center_crop():
             assert torch.equal(view[i], expected.float() / 255.0)
 
 
+@pytest.mark.parametrize("kind", ["crop_pad", "random_resized_crop"])
+def test_a_view_of_rows_of_a_batch_is_those_rows_of_the_whole_batchs_view(kind):
+    """A peer that trains on a slice of the step's batch (rows r*B/k..(r+1)*B/k) gets, bit for bit, those rows of the
+    view the whole batch gets: the random numbers are drawn for the whole batch, then the rows' used."""
+    from raydistill.data.memory import crop_pad_recipe
+    from raydistill.data.views import RRC_RATIO, RRC_SCALE, train_view
+
+    x = torch.randint(0, 256, (12, 3, 20, 20), dtype=torch.uint8)
+    recipe = crop_pad_recipe(4, True) if kind == "crop_pad" else \
+        {"kind": "random_resized_crop", "size": 16, "flip": True, "scale": RRC_SCALE, "ratio": RRC_RATIO}
+    whole = train_view(recipe, x, 5, 1, 2, 0)
+    for r in range(4):                                          # k = 4 slices of B = 12
+        rows = slice(3 * r, 3 * r + 3)
+        assert torch.equal(train_view(recipe, x[rows], 5, 1, 2, 0, rows=rows, batch_size=12), whole[rows]), rows
+    # a batch of those 3 samples alone draws other numbers: the rows' view is not that
+    assert not torch.equal(train_view(recipe, x[3:6], 5, 1, 2, 0), whole[3:6])
+    assert torch.equal(train_view(recipe, x[11:], 5, 1, 2, 0, rows=slice(11, 12), batch_size=12), whole[11:])
+    with pytest.raises(ConfigError, match=r"^rows=slice\(10, 13, None\): a slice start:stop of the batch's 0\.\.12"):
+        train_view(recipe, x[:3], 5, 1, 2, 0, rows=slice(10, 13), batch_size=12)
+    with pytest.raises(ConfigError, match=r"^rows=slice\(0, 4, None\): as many rows as the 3 samples given"):
+        train_view(recipe, x[:3], 5, 1, 2, 0, rows=slice(0, 4), batch_size=12)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_random_resized_crop_view_on_a_gpu_cuts_the_cpus_crops():
     from raydistill.data.views import center_crop_view, random_resized_crop_view

@@ -292,7 +292,7 @@ class FailsInItsFirstCall(InProcessWorkers):
     """The workers of a peer set that passes the driver's check but fails in its first call of steps, as a peer that
     cannot train on its device does (an error raised in the worker)."""
 
-    def run_steps(self, epoch, first, count, replay=0):
+    def run_steps(self, epoch, first, count, replay=0, on_step=None):
         raise RuntimeError("CUDA out of memory (drill)")
 
 
@@ -372,7 +372,8 @@ def test_after_a_removal_peer_k_copies_peerk_and_each_peer_keeps_the_view_of_its
     worker = InProcessWorkers(changed, spec, arrays).worker          # the engine object each Ray worker runs
     for place, peer in enumerate(worker.peers):
         assert peer.view_index == peer.method.view_index(peer.id) != peer.method.view_index(place)
-        idx = peer.data.batch(0, 0)
-        expected = make_view(peer.data.x["train"][idx], changed.seed, 0, 0, peer.method.view_index(peer.id),
-                             changed.data.crop_pad, changed.data.flip, changed.data.pad_mode)
-        assert torch.equal(peer.data.view(idx, 0, 0, peer.view_index), expected)
+        idx = peer.data.indices(0, 0)
+        expected = make_view(torch.from_numpy(arrays["train_x"])[idx], changed.seed, 0, 0,
+                             peer.method.view_index(peer.id), changed.data.crop_pad, changed.data.flip,
+                             changed.data.pad_mode)
+        assert torch.equal(peer.data.view(0, 0, peer.view_index), expected)

@@ -20,7 +20,6 @@ from raydistill.engine.peer import Peer
 from raydistill.engine.teacher import Teacher
 from raydistill.errors import ConfigError
 from raydistill.methods import build_method
-from raydistill.engine.worker import labels_of
 from tests.conftest import tiny_dml
 from tests.test_runtime import assert_same_parameters, final_parameters
 
@@ -53,8 +52,7 @@ def test_teacher_sends_its_hint_only_when_the_method_needs_it(teacher_run):
     teacher = Teacher(0, config, arrays, spec)
     outputs = teacher.forward(0, 1)
     assert teacher.hint.path == "net.layer2"
-    idx = teacher.data.batch(0, 1)
-    x = teacher.data.view(idx, 0, 1, 0)
+    x = teacher.data.view(0, 1, 0)
     net = teacher.model.net
     with torch.no_grad():
         layer2 = net.layer2(net.pool(net.layer1((x - teacher.model.mean) / teacher.model.std)))
@@ -260,7 +258,7 @@ def performance_coordinator(val_offsets):
     every validation target off by val_offsets[i]: its validation MSE is val_offsets[i] ** 2."""
     config, spec, arrays = engine({**REGRESSION, "peers": len(val_offsets),
                                    "method": {"name": "dml", "peer_weighting": "performance"}})
-    coordinator = Coordinator(config, labels_of(arrays), spec)
+    coordinator = Coordinator(config, arrays, spec)
     val_y = arrays["val_y"].reshape(-1, 1)
     coordinator.evaluate("val", *[{"logits": val_y + offset} for offset in val_offsets])
     return coordinator, config, arrays

@@ -35,6 +35,7 @@ import torch
 
 import raydistill
 from raydistill.cli import main
+from raydistill.data.memory import InMemorySet
 from raydistill.data.views import batch_indices, make_view
 from raydistill.engine.checkpoint import list_checkpoints, load_latest_checkpoint
 from raydistill.engine.data import load_run_data
@@ -77,7 +78,7 @@ def drill_data(**overrides):
     assert candidates, "no sample is drawn by epoch 4's first order alone; choose another seed or batch size"
     x = arrays["train_x"].astype(np.float32) / 255.0      # float input: the same pixels, and room for an inf
     x[candidates[0], 0, 0, 0] = np.inf
-    return config, spec, {**arrays, "train_x": x}, candidates[0]
+    return config, spec, InMemorySet(spec, {**arrays, "train_x": x}, arrays.recipe), candidates[0]
 
 
 def run_drill(workers, config, spec, arrays, run_dir, runtime, **train_kwargs):
@@ -153,8 +154,8 @@ class LosesAWorkerInTheReplay(InProcessWorkers):
 
     fired = False
 
-    def run_steps(self, epoch, first, count, replay=0):
-        report = super().run_steps(epoch, first, count, replay)
+    def run_steps(self, epoch, first, count, replay=0, on_step=None):
+        report = super().run_steps(epoch, first, count, replay, on_step)
         if replay and not self.fired:
             self.fired = True
             raise WorkerLost("drill")
@@ -268,7 +269,8 @@ def test_every_member_draws_the_same_replayed_batch_and_a_first_attempt_keeps_it
     n, size = len(arrays["train_y"]), config.train.batch_size
     for replay in (0, 1, 2):
         for peer in worker.peers:
-            labels = peer.data.y["train"][peer.data.batch(1, 2, replay)].numpy()
+            labels = peer.data.labels(1, 2, replay).numpy()
+            np.testing.assert_array_equal(labels, arrays["train_y"][batch_indices(config.seed, 1, 2, n, size, replay)])
             np.testing.assert_array_equal(labels, worker.coordinator.batch_labels(1, 2, replay))
     # a first attempt draws what a run drew before replays existed: (seed, "epoch", epoch) alone
     order = torch.randperm(n, generator=generator(config.seed, "epoch", 1))

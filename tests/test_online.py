@@ -172,7 +172,7 @@ def one_step(peer):
     outputs = peer.forward(0, 0)
     fake_others = {"logits": outputs["logits"], "ema_logits": outputs["ema_logits"]}
     targets = peer.method.targets(peer.method.hyper(0), [outputs, fake_others, fake_others], [],
-                                  peer.data.y["train"][peer.data.batch(0, 0)].numpy())[0]
+                                  peer.data.labels(0, 0).numpy())[0]
     peer.learn(0, 0, targets)
     return outputs
 
@@ -243,12 +243,12 @@ def kd_to_ensemble_over_steps(alpha, steps=20):
                                      "train.schedule": "constant"}))
     spec, arrays = load_run_data(config)
     peer = Peer(0, config, arrays, spec)
-    idx = peer.data.batch(0, 0)
-    x = peer.data.view(idx, 0, 0, peer.view_index).reshape(len(idx), -1).numpy()
+    x = peer.data.view(0, 0, peer.view_index)
+    x = x.reshape(len(x), -1).numpy()
     weights = np.random.default_rng(1).normal(scale=3.0, size=(3, x.shape[1], 10)).astype(np.float32)
     others = [{"logits": (x - x.mean(0)) @ w} for w in weights]
     hyper = peer.method.hyper(0)
-    target = peer.method.targets(hyper, others, [], peer.data.y["train"][idx].numpy())[0]
+    target = peer.method.targets(hyper, others, [], peer.data.labels(0, 0).numpy())[0]
     ensemble = torch.as_tensor(target["ensemble"])
     distances = []
     for _ in range(steps):

@@ -15,10 +15,12 @@ This test covers:
 import io
 import json
 import pickle
+import threading
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import raydistill
@@ -32,7 +34,7 @@ from raydistill.data.layout import INDEX, read_index, verify
 from raydistill.data.prepared import PreparedSet
 from raydistill.data.sources import channel_stats
 from raydistill.errors import ConfigError
-from tests.conftest import one_line
+from tests.conftest import one_line, set_keys
 from tests.test_equivalence import assert_identical, peer_states
 
 CLASSES = [f"n{c:08d}" for c in range(10)]
@@ -253,6 +255,85 @@ def test_a_prepared_set_at_a_uri_is_copied_once_into_the_node_cache_and_checked(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# training from a prepared set: a worker's view of it, an ImageNet-style run on Ray
+
+
+def imagenet_dml(root, **overrides) -> dict:
+    """2 DML peers (a 16-unit MLP) on the generated ImageNet-style set at 12 x 12 views: 2 epochs of 3 steps, one
+    peer per worker on Ray."""
+    config = {"name": "imagenet-dml", "seed": 2, "data": {"name": "prepared", "root": str(root),
+                                                          "options": {"crop_size": 12}},
+              "model": {"arch": "mlp", "options": {"hidden": [16]}}, "peers": 2, "method": {"name": "dml"},
+              "train": {"epochs": 2, "batch_size": 8, "lr": 0.05}, "resources": {"peers_per_worker": 1}}
+    return set_keys(config, overrides)
+
+
+def test_a_worker_reads_a_steps_batch_once_reads_the_next_ahead_and_a_peer_may_take_rows_of_it(imagenet):
+    from raydistill.data.views import batch_indices, center_crop_view, random_resized_crop_view
+    from raydistill.engine.data import DataView, load_run_data
+
+    _, dest, _ = imagenet
+    config = load_config(imagenet_dml(dest))
+    spec, data = load_run_data(config)
+    assert spec.input_shape == (3, 12, 12) and data.num_samples("train") == 30 and data.num_samples("val") == 3
+    assert len(pickle.dumps(data)) < data.num_samples("train") * 3 * SIZE * SIZE / 2     # a handle: no image in it
+    reads = []
+    read = data.read
+
+    def recorded(split, indices):
+        reads.append((threading.current_thread().name, split, len(indices)))
+        return read(split, indices)
+
+    data.read = recorded
+    view = DataView(config, data)
+    first = view.inputs(0, 1)
+    assert view.inputs(0, 1) is first and reads == [(threading.current_thread().name, "train", 8)]  # once for all
+    idx = batch_indices(config.seed, 0, 1, 30, 8)
+    assert torch.equal(first, torch.from_numpy(read("train", idx.numpy())))
+    assert torch.equal(view.labels(0, 1), torch.from_numpy(data.labels("train", idx.numpy())))
+    assert torch.equal(view.view(0, 1, 3), random_resized_crop_view(first, config.seed, 0, 1, 3, 12))
+    view.inputs(0, 2)                                   # read on the background thread while step 1 ran
+    assert reads[1][0].startswith("prefetch") and reads[1][1:] == ("train", 8)
+    # rows 2..3 of the step: only they are read, and they are those rows of the whole batch's view and labels
+    rows = slice(2, 4)
+    assert torch.equal(view.view(0, 2, 1, rows=rows), view.view(0, 2, 1)[rows])
+    assert torch.equal(view.labels(0, 2, rows=rows), view.labels(0, 2)[rows])
+    assert (threading.current_thread().name, "train", 2) in reads
+    # evaluation: resize + center crop of every sample of the split, in order
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 12 * 12, 10))
+    expected = model(center_crop_view(torch.from_numpy(read("test", np.arange(20))), 12)).detach().numpy()
+    np.testing.assert_allclose(view.predict(model, "test"), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_an_imagenet_style_set_trains_dml_on_ray_with_two_workers_each_reading_its_nodes_copy(
+        ray_session, imagenet, tmp_path, capfd):
+    """The set at a file:// URI with data.cache_dir: each worker copies it into the node's cache at set-up (once per
+    node) and reads from there, and the start-up line says so; two epochs on Ray end with the parameters of the same
+    run in this process, which reads the set in place."""
+    _, dest, _ = imagenet
+    local = raydistill.train(imagenet_dml(dest), tmp_path / "inprocess", runtime="inprocess", progress=False)
+    cache = tmp_path / "cache"
+    config = imagenet_dml(f"file://{dest}", **{"data.cache_dir": str(cache)})
+    run = raydistill.train(config, tmp_path / "ray", progress=True)
+    out = capfd.readouterr().out
+    digest = read_index(dest)["digest"]
+    copy = cache / f"prepared-{digest[:16]}"
+    line = [text for text in out.splitlines() if text.startswith("data: ")]
+    assert line == [f"data: prepared set {digest[:12]}, 30 train samples read by index; node "
+                    f"{run.summary['worker_nodes'][0][:12]} from {copy} (copied from file://{dest}) (workers 0, 1)"]
+    assert files_of(dest).items() <= files_of(copy).items()
+    assert (run.summary["epochs_completed"], len(run.summary["peers"])) == (2, 2)
+    assert_identical(peer_states(run.run_dir, 2), peer_states(local.run_dir, 2))
+    assert run.summary["peers"] == [{**p, "node": q["node"]} for p, q in zip(local.summary["peers"],
+                                                                           run.summary["peers"])]
+    # `raydistill eval`: the exported models on the test split's evaluation views, as the run evaluated them
+    from raydistill.evaluate import evaluate_run
+
+    evaluated = evaluate_run(run.run_dir)
+    assert [evaluated[f"peer{i}"]["acc"] for i in range(2)] == [p["test_acc"] for p in run.summary["peers"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # CIFAR-style sets: exactness
 
 
@@ -294,19 +375,63 @@ def test_cifar_pickles_prepared_keep_the_sources_order_pixels_labels_and_statist
     assert loaded.spec == source.spec
 
 
-def test_a_run_on_the_prepared_cifar_set_trains_to_the_in_memory_sources_parameters(cifar, tmp_path):
-    root, dest = cifar
+def cifar_run(data: dict, **overrides) -> dict:
+    """2 DML peers on a few CIFAR-shaped images, 2 epochs of 7 steps, one peer per worker on Ray."""
+    config = {"name": "exact", "seed": 1, "data": {**data, "crop_pad": 4, "flip": True},
+              "model": {"arch": "mlp", "options": {"hidden": [8]}}, "peers": 2, "method": {"name": "dml"},
+              "train": {"epochs": 2, "batch_size": 4, "lr": 0.05}, "resources": {"peers_per_worker": 1}}
+    return set_keys(config, overrides)
 
-    def run(data: dict, name: str):
-        config = {"name": "exact", "seed": 1, "data": {**data, "crop_pad": 4, "flip": True},
-                  "model": {"arch": "mlp", "options": {"hidden": [8]}}, "peers": 2, "method": {"name": "dml"},
-                  "train": {"epochs": 1, "batch_size": 4, "lr": 0.05}}
-        return raydistill.train(config, tmp_path / name, runtime="inprocess", progress=False).run_dir
 
-    memory = peer_states(run({"name": "cifar10", "root": str(root)}, "memory"), 2)
-    prepared = peer_states(run({"name": "prepared", "root": str(dest)}, "prepared"), 2)
-    assert_identical(prepared, memory)
-    assert memory["peers"][0]["optimizer"]["state"], "no optimizer step was taken: the equality would be of inits"
+@pytest.fixture(scope="module")
+def cifar_reference(cifar, tmp_path_factory):
+    """The run on the in-memory cifar10 source, in this process: what every run on the prepared set must end with."""
+    root, _ = cifar
+    run_dir = tmp_path_factory.mktemp("cifar-reference") / "run"
+    raydistill.train(cifar_run({"name": "cifar10", "root": str(root)}), run_dir, runtime="inprocess", progress=False)
+    state = peer_states(run_dir, 2)
+    assert state["peers"][0]["optimizer"]["state"], "no optimizer step was taken: the equality would be of inits"
+    return state
+
+
+def test_a_run_on_the_prepared_cifar_set_trains_to_the_in_memory_sources_parameters(cifar, cifar_reference,
+                                                                                   tmp_path):
+    """The prepared set read by index from its memory maps, in this process: the source's parameters, bit for bit."""
+    _, dest = cifar
+    run = raydistill.train(cifar_run({"name": "prepared", "root": str(dest)}), tmp_path / "run", runtime="inprocess",
+                           progress=False)
+    assert_identical(peer_states(run.run_dir, 2), cifar_reference)
+    written = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+    assert written["data"]["digest"] == read_index(dest)["digest"]           # the run records the set it read
+
+
+def test_on_ray_the_prepared_cifar_set_trains_to_the_in_memory_sources_parameters(ray_session, cifar,
+                                                                                 cifar_reference, tmp_path):
+    """Two workers on Ray (each reads the step's batch from the set's memory maps; the driver sends the set's handle,
+    no image): the in-memory source's in-process parameters, bit for bit."""
+    _, dest = cifar
+    run = raydistill.train(cifar_run({"name": "prepared", "root": str(dest)}), tmp_path / "run", progress=False)
+    assert run.summary["runtime"] == "ray" and len(run.summary["worker_nodes"]) == 2
+    assert_identical(peer_states(run.run_dir, 2), cifar_reference)
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_lost_mid_epoch_on_a_prepared_set_replays_exactly(ray_session, cifar, cifar_reference, tmp_path):
+    """worker1 SIGKILLed in epoch 2's call (the object-store transport: its coordinator actor holds the set's labels
+    only): Ray restarts it, it opens the set again on its node, the run rolls back to epoch 1's end and replays epoch
+    2 from the same indices and views: the uninterrupted in-memory run's parameters, bit for bit."""
+    from tests.test_multinode import kill_during_epoch_2
+
+    _, dest = cifar
+    config = cifar_run({"name": "prepared", "root": str(dest)}, **{"name": "exact-lost",
+                                                                   "resources.transport": "object_store",
+                                                                   "resources.node_wait_s": 60})
+    drill, on_epoch = kill_during_epoch_2(config, threading.current_thread())
+    summary = raydistill.train(config, tmp_path / "run", progress=False, on_epoch=on_epoch).summary
+    drill["watcher"].finish()
+    assert (summary["epochs_completed"], summary["restarts"]) == (2, 1)
+    assert summary["steps_redone"] <= 7                      # epoch 2's steps run before the loss, run again
+    assert_identical(peer_states(tmp_path / "run", 2), cifar_reference)
 
 
 def test_a_cifar_set_written_as_png_class_folders_round_trips_losslessly(cifar, tmp_path):
@@ -376,6 +501,39 @@ def test_bad_input_is_refused_in_one_line(imagenet, tmp_path, capsys):
     config = {"name": "c", "data": {"name": "digits", "cache_dir": str(tmp_path)}}
     with pytest.raises(ConfigError, match=r"^data\.cache_dir='.*': only for data\.name prepared$"):
         load_config(config)
+
+
+def test_what_a_prepared_run_cannot_take_is_refused_in_one_line(imagenet, cifar, tmp_path, capsys):
+    """Settings a prepared set cannot honour, a node that finds another set at data.root, and a run resumed on
+    another set than the one it trained on (config.yaml records its digest)."""
+    from tests.conftest import write_config
+
+    _, dest, _ = imagenet
+    for overrides, start in (({"data.crop_pad": 4}, "data.crop_pad=4: null for a prepared set with random-resized-"
+                                                    "crop views (their side is data.options.crop_size)"),
+                             ({"data.options": {"crop_size": 12, "image_size": 9}},
+                              "data.image_size=9: options of prepared: crop_size")):
+        path = write_config(tmp_path / "c.yaml", imagenet_dml(dest, **overrides))
+        assert_refused(capsys, ["train", path, "--runtime", "inprocess", "--output", str(tmp_path / "x")], start,
+                       tmp_path / "x")
+    _, cifar_dest = cifar
+    other = tmp_path / "other"
+    prepare("cifar10", other, root=str(write_cifar10(tmp_path / "cifar-other", seed=1)), progress=Lines())
+    moved = PreparedSet(cifar_dest)
+    moved.root = other                          # a node where the same path holds another set
+    with pytest.raises(ConfigError, match=rf"^data\.root='{cifar_dest}': the prepared set of digest "
+                                          rf"{moved.digest} this run reads; this node \(.*\) finds digest "
+                                          rf"{read_index(other)['digest']} there$"):
+        moved.on_node()
+    run_dir = tmp_path / "run"
+    raydistill.train(cifar_run({"name": "prepared", "root": str(cifar_dest)}, **{"train.epochs": 1}), run_dir,
+                     runtime="inprocess", progress=False)
+    assert_refused(capsys, ["train", "--resume", str(run_dir), "--set", f"data.root={other}", "--set",
+                            "train.epochs=2", "--runtime", "inprocess"],
+                   f"data.digest='{moved.digest}': the digest of the data set this run trained on; prepared at "
+                   f"data.root={other} is now {read_index(other)['digest']}")
+    assert main(["train", "--resume", str(run_dir), "--set", "train.epochs=2", "--runtime", "inprocess",
+                 "--quiet"]) == 0
 
 
 def test_the_smallest_size_is_accepted(imagenet, tmp_path):
@@ -459,6 +617,24 @@ def test_the_imagenet_presets_build_their_networks_on_a_set_of_imagenets_layout(
         with torch.no_grad():
             assert model(data.train_view(x, config.seed, 0, 0, 0)).shape == (2, 10), arch
             assert model(data.eval_view(data.batch("val", [0])[0])).shape == (1, 10), arch
+
+
+@pytest.mark.parametrize("name", ["kd-torchdistill-imagenet", "kdcl-guo2020-imagenet"])
+def test_the_imagenet_presets_train_on_a_set_of_imagenets_layout(imagenet, tmp_path, name):
+    """Each ImageNet preset, its networks at 32 x 32 views, trained one short epoch on the generated set in this
+    process (the kd preset's teacher: an untrained ResNet-34 saved as torchvision's state dict is)."""
+    from raydistill.models import build_model
+
+    _, dest, _ = imagenet
+    overrides = [f"data.root={dest}", "data.options.crop_size=32", "train.epochs=1", "train.batch_size=16",
+                 "train.bf16=false", "train.channels_last=false", "resources.gpus_per_peer=0"]
+    config = preset(name, tmp_path, overrides)
+    if config.teacher_list:
+        teacher = build_model("resnet34", PreparedSet(dest, crop_size=32).spec).net
+        torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    summary = raydistill.train(config, tmp_path / "run", runtime="inprocess", progress=False).summary
+    assert summary["epochs_completed"] == 1 and len(summary["peers"]) == config.num_peers
+    assert all(0.0 <= peer["test_acc"] <= 1.0 for peer in summary["peers"])
 
 
 def test_the_tinyimagenet_preset_trains_on_a_set_of_tinyimagenets_layout(tmp_path):

@@ -124,16 +124,15 @@ def test_pad_mode_errors_name_the_field():
 
 
 def test_a_peer_trains_on_the_configured_pad_mode():
-    from raydistill.data import load_dataset
-    from raydistill.engine.peer import DataView
+    from raydistill.engine.data import DataView, load_run_data
 
     config = raydistill.load_config("dml-digits", ["data.pad_mode=reflect", "data.crop_pad=2"])
-    rest, val_x, val_y = load_dataset("digits").split_validation(0.1, seed=0)
-    arrays = {**rest.arrays(), "val_x": val_x, "val_y": val_y}
-    data = DataView(config, arrays, torch.device("cpu"))
-    idx = data.batch(0, 0)
-    expected = make_view(data.x["train"][idx], config.seed, 0, 0, 1, 2, config.data.flip, pad_mode="reflect")
-    assert torch.equal(data.view(idx, 0, 0, 1), expected)
+    _, arrays = load_run_data(config)
+    data = DataView(config, arrays)
+    idx = data.indices(0, 0)
+    expected = make_view(torch.from_numpy(arrays["train_x"])[idx], config.seed, 0, 0, 1, 2, config.data.flip,
+                         pad_mode="reflect")
+    assert torch.equal(data.view(0, 0, 1), expected)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

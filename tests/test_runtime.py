@@ -199,8 +199,8 @@ class LosesAWorkerOnce(InProcessWorkers):
         super().__init__(*args)
         self.at, self.fired = at, False
 
-    def run_steps(self, epoch, first, count, replay=0):
-        report = super().run_steps(epoch, first, count, replay)
+    def run_steps(self, epoch, first, count, replay=0, on_step=None):
+        report = super().run_steps(epoch, first, count, replay, on_step)
         if not self.fired and epoch == self.at[0] and first <= self.at[1] < first + count:
             self.fired = True
             raise WorkerLost("drill")

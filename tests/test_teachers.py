@@ -29,7 +29,6 @@ from raydistill.engine.coordinator import Coordinator
 from raydistill.engine.data import load_run_data
 from raydistill.engine.peer import Peer
 from raydistill.engine.teacher import Teacher
-from raydistill.engine.worker import labels_of
 from raydistill.errors import ConfigError
 from tests.conftest import set_keys
 from tests.test_bad_input import assert_one_line, run_cli, sets
@@ -92,7 +91,7 @@ def test_kd_target_of_two_teachers_is_their_ensemble_by_hand(teacher_runs, ensem
     spec, arrays = load_run_data(config)
     peers = [Peer(i, config, arrays, spec) for i in range(2)]
     teachers = [Teacher(j, config, arrays, spec) for j in range(2)]
-    coordinator = Coordinator(config, labels_of(arrays), spec)
+    coordinator = Coordinator(config, arrays, spec)
     loaded = [raydistill.load_model(teacher_runs[name].run_dir) for name in WIDTHS]     # as a user loads them
     temperature = config.method.temperature
     assert temperature == 4.0
@@ -194,7 +193,7 @@ def test_fitnet_student_owns_one_adapter_per_teacher_and_the_hint_is_their_mean(
     assert [peer.adapters[n].out_features for n in ("teacher0", "teacher1")] == [32, 48]
     optimized = {id(p) for group in peer.optimizer.param_groups for p in group["params"]}
     assert all(id(p) in optimized for p in peer.adapters.parameters())
-    coordinator = Coordinator(config, labels_of(arrays), spec)
+    coordinator = Coordinator(config, arrays, spec)
     outputs = [peer.forward(0, 0)] + [t.forward(0, 0) for t in teachers]
     assert [o["hint"].shape[-1] for o in outputs[1:]] == [32, 48]
     target = coordinator.targets(0, 0, *outputs)[0]

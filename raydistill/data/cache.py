@@ -34,6 +34,20 @@ def localize(root, cache_dir=None) -> Path:
         if str(root).startswith("file://"):
             return Path(str(root)[len("file://"):])
         raise ConfigError("data.cache_dir", None, f"a node-local folder to copy {root} into (data.root is a URI)")
+    filesystem, base, index_bytes, index = _remote_index(root)
+    cache = _writable(cache_dir)
+    target = cache / f"{Path(base).name}-{index['digest'][:16]}"
+    if _complete(target, index):
+        return target
+    with open(cache / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)                 # another process of this node may be copying it
+        if not _complete(target, index):
+            _copy(filesystem, base, root, index, index_bytes, target)
+    return target
+
+
+def _remote_index(root):
+    """(filesystem, base path, the index's bytes, the index) of a prepared set at a ``pyarrow.fs`` URI (or folder)."""
     from pyarrow import fs
 
     try:
@@ -44,15 +58,23 @@ def localize(root, cache_dir=None) -> Path:
         raise ConfigError("data.root", str(root), f"a prepared set readable with pyarrow.fs ({err})") from None
     if not isinstance(index, dict) or index.get("digest") != set_digest(index):
         raise ConfigError("data.root", f"{root}/{INDEX}", "the index of a prepared set (its digest does not match)")
-    cache = _writable(cache_dir)
-    target = cache / f"{Path(base).name}-{index['digest'][:16]}"
-    if _complete(target, index):
-        return target
-    with open(cache / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)                 # another process of this node may be copying it
-        if not _complete(target, index):
-            _copy(filesystem, base, root, index, index_bytes, target)
-    return target
+    return filesystem, base, index_bytes, index
+
+
+def remote_index(root) -> dict:
+    """The index of a prepared set at a URI, read without copying the set (a driver that reads no image)."""
+    return _remote_index(root)[3]
+
+
+def read_remote(root, name: str) -> bytes:
+    """One file of a prepared set at a URI (its labels: a driver holds them, and reads no image)."""
+    from pyarrow import fs
+
+    try:
+        filesystem, base = fs.FileSystem.from_uri(str(root))
+        return _read_bytes(filesystem, f"{base}/{name}")
+    except OSError as err:
+        raise ConfigError("data.root", f"{root}/{name}", f"a file pyarrow.fs can read ({err})") from None
 
 
 def _read_bytes(filesystem, path: str) -> bytes:

@@ -97,8 +97,21 @@ def reflect_index(index: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(index >= size, 2 * (size - 1) - index, index)  # right/bottom edge: size - 1 + k -> size - 1 - k
 
 
+def drawn_rows(rows, count: int, batch_size) -> tuple[int, slice]:
+    """(how many samples the random numbers are drawn for, which of them apply to the ``count`` samples given): the
+    whole batch of ``batch_size`` and its ``rows`` when a view is made of rows of a batch, else the samples given."""
+    if rows is None:
+        return count, slice(None)
+    if batch_size is None or not 0 <= rows.start <= rows.stop <= batch_size or rows.step not in (None, 1):
+        raise ConfigError("rows", rows, f"a slice start:stop of the batch's 0..{batch_size} rows, with batch_size")
+    if rows.stop - rows.start != count:
+        raise ConfigError("rows", rows, f"as many rows as the {count} samples given")
+    return batch_size, rows
+
+
 def make_view(x_uint8, seed: int, epoch: int, step: int, view_index: int, crop_pad: int, flip: bool,
-              pad_mode: str = "zeros", replay: int = 0) -> torch.Tensor:
+              pad_mode: str = "zeros", replay: int = 0, rows: slice | None = None,
+              batch_size: int | None = None) -> torch.Tensor:
     """One augmented view of a batch [N, C, H, W]: pad by crop_pad, random crop back to H x W, then horizontal flip
     with p=0.5, each per sample; returns float32 in [0, 1] on the batch's device.
 
@@ -110,6 +123,10 @@ def make_view(x_uint8, seed: int, epoch: int, step: int, view_index: int, crop_p
     GPU view is bit-identical to the CPU one. Reflection pads nothing: it maps the crop's coordinates back into the
     image (``reflect_index``), so uint8 images stay uint8 until the end.
     Float (tabular) input is returned unchanged as float32.
+
+    rows: ``x`` holds only these rows of a batch of ``batch_size`` samples (a peer that trains on a slice of the
+    step's batch): the random numbers are drawn for the whole batch, as without rows, and those of the rows used, so
+    the view of the rows is, bit for bit, those rows of the whole batch's view.
     """
     x = torch.as_tensor(x_uint8)
     if x.is_floating_point():
@@ -124,10 +141,11 @@ def make_view(x_uint8, seed: int, epoch: int, step: int, view_index: int, crop_p
     if pad_mode == "reflect" and crop_pad >= min(height, width):
         raise ConfigError("data.crop_pad", crop_pad,
                           f"below the image side ({min(height, width)}) for pad_mode reflect")
+    drawn, picked = drawn_rows(rows, n, batch_size)
     gen = generator(seed, "view", epoch, step, view_index, *replay_parts(replay))
-    top = torch.randint(0, 2 * crop_pad + 1, (n,), generator=gen)
-    left = torch.randint(0, 2 * crop_pad + 1, (n,), generator=gen)
-    flipped = torch.randint(0, 2, (n,), generator=gen).bool() & flip
+    top = torch.randint(0, 2 * crop_pad + 1, (drawn,), generator=gen)[picked]
+    left = torch.randint(0, 2 * crop_pad + 1, (drawn,), generator=gen)[picked]
+    flipped = torch.randint(0, 2, (drawn,), generator=gen)[picked].bool() & flip
     rows = top[:, None] + torch.arange(height)  # [N, H] rows of the padded image
     cols = torch.arange(width).expand(n, width)
     cols = torch.where(flipped[:, None], width - 1 - cols, cols) + left[:, None]  # [N, W], flip reads columns backwards
@@ -206,7 +224,8 @@ def _resample_matmul(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) ->
 
 
 def random_resized_crop_view(x_uint8, seed: int, epoch: int, step: int, view_index: int, size: int, flip: bool = True,
-                             scale=RRC_SCALE, ratio=RRC_RATIO, replay: int = 0) -> torch.Tensor:
+                             scale=RRC_SCALE, ratio=RRC_RATIO, replay: int = 0, rows: slice | None = None,
+                             batch_size: int | None = None) -> torch.Tensor:
     """One augmented view of a batch of uint8 images [N, C, H, W]: torchvision's ``RandomResizedCrop(size)``
     (bilinear, antialiased) then ``RandomHorizontalFlip()``, per sample; float32 [N, C, size, size] in [0, 1] on the
     batch's device, at uint8 levels (as a PIL or uint8-tensor pipeline gives them).
@@ -215,15 +234,16 @@ def random_resized_crop_view(x_uint8, seed: int, epoch: int, step: int, view_ind
     replay number of a replayed epoch), so every device cuts the same crops. On the CPU each crop is resized by
     torch's vectorised uint8 kernel (the one torchvision's ``resized_crop`` runs on uint8 tensors: the same pixels);
     on a GPU the batch is resized by two batched matrix products (``resize_weights``) in float: pixels within one level
-    (1/255) of the CPU's.
+    (1/255) of the CPU's. rows: ``x`` holds only these rows of a batch of ``batch_size`` (as ``make_view``).
     """
     x = torch.as_tensor(x_uint8)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ConfigError("data.options.crop_size", size, "an integer >= 1")
     n, channels, height, width = x.shape
+    drawn, picked = drawn_rows(rows, n, batch_size)
     gen = generator(seed, "view", epoch, step, view_index, *replay_parts(replay))
-    top, left, h, w = resized_crop_boxes(n, height, width, gen, scale, ratio)
-    flipped = torch.randint(0, 2, (n,), generator=gen).bool() & flip
+    top, left, h, w = (part[picked] for part in resized_crop_boxes(drawn, height, width, gen, scale, ratio))
+    flipped = torch.randint(0, 2, (drawn,), generator=gen)[picked].bool() & flip
     device = x.device
     if device.type == "cpu":
         view = torch.empty((n, channels, size, size), dtype=torch.uint8)
@@ -250,3 +270,30 @@ def center_crop_view(x_uint8, size: int, crop_fraction: float = EVAL_CROP_FRACTI
         return to_float(image[:, :, first:first + size, first:first + size])
     rows, cols = (resize_weights(0, side, resized, side, x.device)[:, first:first + size] for side in x.shape[2:])
     return to_float(_resample_matmul(x, rows, cols))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a set's own views, by its recipe
+
+CROP_PAD = "crop_pad"                       # {kind, crop_pad, flip, pad_mode}: CIFAR-style sets, every in-memory set
+RANDOM_RESIZED_CROP = "random_resized_crop"  # {kind, size, flip, scale, ratio}: ImageNet-style prepared sets
+
+
+def train_view(recipe: dict, x, seed: int, epoch: int, step: int, view_index: int, replay: int = 0,
+               rows: slice | None = None, batch_size: int | None = None) -> torch.Tensor:
+    """A peer's augmented view of a step's batch (or of its ``rows``) as a set's recipe makes it: crop-with-padding +
+    flip (``make_view``) or RandomResizedCrop + flip (``random_resized_crop_view``)."""
+    if recipe["kind"] == CROP_PAD:
+        return make_view(x, seed, epoch, step, view_index, recipe["crop_pad"], recipe["flip"],
+                         recipe.get("pad_mode", "zeros"), replay=replay, rows=rows, batch_size=batch_size)
+    return random_resized_crop_view(x, seed, epoch, step, view_index, recipe["size"], flip=recipe["flip"],
+                                    scale=tuple(recipe["scale"]), ratio=tuple(recipe["ratio"]), replay=replay,
+                                    rows=rows, batch_size=batch_size)
+
+
+def eval_view(recipe: dict, x) -> torch.Tensor:
+    """The evaluation view of a batch: the samples as stored, as floats (crop-and-pad sets, tabular sets), or resized
+    and center-cropped (``center_crop_view``, ImageNet-style sets)."""
+    if recipe["kind"] == CROP_PAD:
+        return to_float(x)
+    return center_crop_view(x, recipe["size"])

@@ -39,17 +39,18 @@ class StaleCopy:
     """Another peer as it was at the last exchange: its outputs on its own view of a step's batch, as its forward
     gives them (train mode, the same dropout seed), without a graph."""
 
-    def __init__(self, index: int, config, spec, data, method):
+    def __init__(self, index: int, config, spec, data, method, device):
         self.index = index
         self.config = config
-        self.data = data                        # a local peer's DataView: the same arrays, batches and views
+        self.data = data                        # the worker's DataView: the same batches and views as its peers'
+        self.device = device                    # a local peer's: where the copy computes
         settings = config.peers[index]
         self.id = settings.id                   # the peer's stable number: its view and dropout seed follow it
         self.view_index = method.view_index(self.id)
         self.needed = method.outputs_needed(PEER)
-        self.models = {"model": build_model(settings.arch, spec, **settings.options).to(data.device)}
+        self.models = {"model": build_model(settings.arch, spec, **settings.options).to(device)}
         if EMA_LOGITS in self.needed:
-            self.models["ema"] = build_model(settings.arch, spec, **settings.options).to(data.device)
+            self.models["ema"] = build_model(settings.arch, spec, **settings.options).to(device)
         for model in self.models.values():
             model.requires_grad_(False)
 
@@ -62,9 +63,8 @@ class StaleCopy:
 
     @torch.no_grad()
     def outputs(self, epoch: int, step: int, replay: int, autocast) -> dict[str, torch.Tensor]:
-        idx = self.data.batch(epoch, step, replay)
-        x = self.data.view(idx, epoch, step, self.view_index, replay)
-        seed_device(self.data.device, self.config.seed, "forward", self.id, epoch, step)
+        x = self.data.view(epoch, step, self.view_index, replay, self.device)
+        seed_device(self.device, self.config.seed, "forward", self.id, epoch, step)
         out = {}
         for prefix, key in (("model", LOGITS), ("ema", EMA_LOGITS)):
             if prefix in self.models:
@@ -83,9 +83,9 @@ class Codistillation:
         self.config = config
         self.every = config.method.codistill_every
         self.peers = peers
-        data, method = peers[0].data, peers[0].method
+        data, method, device = peers[0].data, peers[0].method, peers[0].device
         # a copy of every peer some local peer learns from (a worker's only peer needs none of itself)
-        self.copies = {j: StaleCopy(j, config, spec, data, method) for j in range(config.num_peers)
+        self.copies = {j: StaleCopy(j, config, spec, data, method, device) for j in range(config.num_peers)
                        if any(p.index != j for p in peers)}
         self.fresh = False                      # the copies hold the weights of the last exchange
 

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raydistill.data.views import device_batch_indices, num_steps
 from raydistill.distill.losses import pairwise_kl
+from raydistill.engine.data import DataView
 from raydistill.engine.evaluation import ensemble_outputs, score
 from raydistill.engine.optim import learning_rate, make_optimizer
 from raydistill.engine.peer import _to_cpu, as_tensors
@@ -76,28 +76,22 @@ class EnsembleHead:
 
 
 class Coordinator:
-    def __init__(self, config, labels: dict[str, np.ndarray], spec, method=None):
-        """labels: the train/val/test label arrays (the coordinator never needs images); method: the worker's method
-        object (None: its own)."""
+    def __init__(self, config, data, spec, method=None):
+        """data: the worker's DataView (or the run's data set: a view of its own); the coordinator reads its labels,
+        never an image. method: the worker's method object (None: its own)."""
         torch.set_num_threads(config.resources.threads_per_peer)
         self.config = config
-        self.labels = labels
+        self.data = DataView.of(config, data)
         self.method = method or build_method(config)
         self.num_peers = config.num_peers
         self.head = None
         self.val_losses = [[] for _ in range(self.num_peers)]   # each peer's validation loss per epoch
-        self.train_labels = {}                                  # device -> the train labels there
         if self.method.learned_head:
-            self.head = EnsembleHead(config, spec.num_classes, num_steps(len(labels["train"]), config.train.batch_size))
+            self.head = EnsembleHead(config, spec.num_classes, self.data.steps_per_epoch)
 
     def batch_labels(self, epoch: int, step: int, replay: int = 0, device="cpu") -> torch.Tensor:
-        """The labels of a step's batch, on a device: the very indices every peer draws (``DataView.batch``)."""
-        key = str(torch.device(device))
-        if key not in self.train_labels:
-            self.train_labels[key] = as_tensors(self.labels["train"], device)
-        idx = device_batch_indices(self.config.seed, epoch, step, len(self.labels["train"]),
-                                   self.config.train.batch_size, device, replay)
-        return self.train_labels[key][idx]
+        """The labels of a step's batch, on a device: those of the very indices every peer draws."""
+        return self.data.labels(epoch, step, replay, device)
 
     def targets(self, epoch: int, step: int, *outputs: dict, replay: int = 0) -> list[dict]:
         """outputs: the peers' outputs, then the teachers' (tensors on a device, or host arrays). Returns one target
@@ -117,7 +111,7 @@ class Coordinator:
         """Figures of each peer, of each peer's EMA teacher, of the peers' ensemble (mean of the students'
         probabilities), and the consistency (mean pairwise KL between peers).
         outputs: the peers' outputs on the split (dicts: logits, ema_logits), then the teachers' (arrays)."""
-        task, labels = self.config.task, self.labels[split]
+        task, labels = self.config.task, self.data.split_labels(split)
         peer_outputs = [out if isinstance(out, dict) else {LOGITS: out} for out in outputs[:self.num_peers]]
         peers = [out[LOGITS] for out in peer_outputs]
         teachers = [out[LOGITS] if isinstance(out, dict) else out for out in outputs[self.num_peers:]]

@@ -112,8 +112,7 @@ def distill_from_ensemble(peer: Peer, old_config, old_states: list, spec, epoch:
     peer.model.train()
     for k in range(ENSEMBLE_INIT_STEPS):                 # the batches of epoch ``epoch`` on, in the run's order
         at, step = epoch + k // peer.data.steps_per_epoch, k % peer.data.steps_per_epoch
-        idx = peer.data.batch(at, step)
-        x = peer.data.view(idx, at, step, peer.view_index)
+        x = peer.data.view(at, step, peer.view_index, device=peer.device)
         with torch.no_grad():
             outputs = [t(x) for t in teachers]
         student = peer.model(x)
@@ -131,10 +130,11 @@ def distill_from_ensemble(peer: Peer, old_config, old_states: list, spec, epoch:
         peer.self_teacher.ema.load_state_dict(peer.model.state_dict())
 
 
-def change_peers(old_config, new_config, state: dict, spec, arrays) -> tuple[dict, dict, list]:
-    """state: {peers, coordinator, loop} of the old peer set. Returns (the new set's state, the departing peers'
-    deployable models {name: export entry with its settings}, the change events). Raises ConfigError for a change
-    that cannot be made."""
+def change_peers(old_config, new_config, state: dict, spec, data) -> tuple[dict, dict, list]:
+    """state: {peers, coordinator, loop} of the old peer set; data: the run's data set (the new peers are built in
+    this process, over a view of their own). Returns (the new set's state, the departing peers' deployable models
+    {name: export entry with its settings}, the change events). Raises ConfigError for a change that cannot be
+    made."""
     check_elastic(new_config)
     loop = copy.deepcopy(state[LOOP])
     old_names = names_of(state)
@@ -162,7 +162,7 @@ def change_peers(old_config, new_config, state: dict, spec, arrays) -> tuple[dic
                                   f"this peer a {settings.arch}")
             peers.append(copy.deepcopy(placed[source]))
         else:
-            peer = Peer(i, new_config, arrays, spec, device="cpu")
+            peer = Peer(i, new_config, data, spec, device="cpu")
             if init == "ensemble":
                 distill_from_ensemble(peer, old_config, state[PEERS], spec, epoch)
             peers.append(peer.state_dict())
@@ -170,7 +170,7 @@ def change_peers(old_config, new_config, state: dict, spec, arrays) -> tuple[dic
     retired = {}
     for i, name in enumerate(old_names):
         if name not in new_config.peer_names:
-            retired.update(_exports(old_config, i, state[PEERS][i], spec, arrays))
+            retired.update(_exports(old_config, i, state[PEERS][i], spec, data))
             events.append({"epoch": epoch, "action": "remove", "peer": name, "arch": old_settings[name].arch})
     if new_config.num_peers != old_config.num_peers and state[COORDINATOR]:
         raise ConfigError("peers", new_config.num_peers, "the coordinator keeps per-peer state for this method")
@@ -179,9 +179,9 @@ def change_peers(old_config, new_config, state: dict, spec, arrays) -> tuple[dic
     return {PEERS: peers, COORDINATOR: state[COORDINATOR], LOOP: loop}, retired, events
 
 
-def _exports(config, index: int, peer_state: dict, spec, arrays) -> dict:
+def _exports(config, index: int, peer_state: dict, spec, data) -> dict:
     """A departing peer's deployable models (its own, and its EMA teacher's), with its settings for the manifest."""
-    peer = Peer(index, config, arrays, spec, device="cpu")
+    peer = Peer(index, config, data, spec, device="cpu")
     peer.load_state_dict(peer_state)
     settings = dataclasses.asdict(config.peers[index])
     return {name: {**entry, "index": None, "settings": settings} for name, entry in peer.export().items()}

@@ -1,4 +1,4 @@
-"""One peer: model, optimizer, schedule, optional EMA teacher, its own view of the data. forward(step) and
+"""One peer: model, optimizer, schedule, optional EMA teacher, its view of the worker's data. forward(step) and
 learn(targets) (engine/step.py's learn sequence), no Ray."""
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import contextlib
 import numpy as np
 import torch
 
-from raydistill.data.views import device_batch_indices, make_view, num_steps, to_device, to_float
+from raydistill.data.views import to_device
 from raydistill.errors import ConfigError
+from raydistill.engine.data import DataView, first_inputs
 from raydistill.engine.hints import student_adapters, student_hint, teacher_adapter_names
 from raydistill.engine.optim import learning_rate, make_optimizer
 from raydistill.engine.self_teacher import cpu_state, make_self_teacher
@@ -19,8 +20,6 @@ from raydistill.models import build_model
 from raydistill.models.taps import FeatureTaps
 from raydistill.names import ADAPTED_HINT, ALIGNED_HINTS, EMA_LOGITS, FEATURES, HINT, LOGITS, PEER, peer_name
 from raydistill.seeding import derive_seed, seed_device
-
-EVAL_BATCH = 512
 
 
 def compile_with_graphs(model: torch.nn.Module, device: torch.device, whole: bool = True) -> None:
@@ -55,14 +54,14 @@ def as_tensors(value, device):
     return tensor if tensor.device == torch.device(device) else to_device(tensor, device)
 
 
-def check_trainable(config, spec, arrays: dict, names=None) -> None:
+def check_trainable(config, spec, data, names=None) -> None:
     """Each peer architecture of a run (or of the peers ``names`` only) built and run forward and backward on two
     training samples on this process's CPU: an architecture that cannot take the data's inputs (a pooling that
     shrinks them below 1x1, a layer of the wrong width) is refused in one line before anything starts or changes.
-    The global random state is left as it was."""
+    The global random state is left as it was. data: the run's data set (engine/data.py)."""
     from raydistill.errors import one_line
 
-    x = to_float(np.asarray(arrays["train_x"][:2]))
+    x = first_inputs(data)
     seen = set()
     with torch.random.fork_rng(devices=[]):
         for i, (name, settings) in enumerate(zip(config.peer_names, config.peers)):
@@ -83,45 +82,14 @@ def check_trainable(config, spec, arrays: dict, names=None) -> None:
                                   f"{dict(settings.options)} ({one_line(err)})") from None
 
 
-class DataView:
-    """The run's arrays on a device, and the batches and views every actor derives from (seed, epoch, step, view)."""
-
-    def __init__(self, config, arrays: dict, device):
-        self.config = config
-        self.device = device
-        self.x = {split: as_tensors(arrays[f"{split}_x"], device) for split in ("train", "val", "test")}
-        self.y = {split: as_tensors(arrays[f"{split}_y"], device) for split in ("train", "val", "test")}
-        self.crop_pad = config.data.crop_pad
-        self.flip = config.data.flip
-        self.pad_mode = config.data.pad_mode
-        self.steps_per_epoch = num_steps(len(self.x["train"]), config.train.batch_size)
-
-    def batch(self, epoch: int, step: int, replay: int = 0):
-        """The step's sample indices, on the device; replay: how many times the run rolled back over this epoch
-        (train.health)."""
-        return device_batch_indices(self.config.seed, epoch, step, len(self.x["train"]), self.config.train.batch_size,
-                                    self.device, replay)
-
-    def view(self, idx, epoch: int, step: int, view_index: int, replay: int = 0) -> torch.Tensor:
-        return make_view(self.x["train"][idx], self.config.seed, epoch, step, view_index, self.crop_pad, self.flip,
-                         self.pad_mode, replay=replay)
-
-    @torch.no_grad()
-    def predict(self, model: torch.nn.Module, split: str) -> np.ndarray:
-        model.eval()
-        x = self.x[split]
-        chunks = [model(to_float(x[i:i + EVAL_BATCH])).float().cpu() for i in range(0, len(x), EVAL_BATCH)]
-        return torch.cat(chunks).numpy() if chunks else np.zeros((0,), np.float32)
-
-
 class Peer:
     """One network in training: its model, optimizer and learning-rate schedule, its view of the data, the adapters it
     owns, and the teacher it keeps of itself (engine/self_teacher.py, chosen by the method). ``forward`` runs the
     model on the step's view and returns detached outputs; ``learn`` takes the coordinator's targets and steps."""
 
-    def __init__(self, index: int, config, arrays: dict, spec, device: str | None = None, method=None):
-        """method: the run's method object, shared by a worker's members (it holds no per-peer state); None builds
-        one."""
+    def __init__(self, index: int, config, data, spec, device: str | None = None, method=None):
+        """data: the worker's DataView, shared by its members (or the run's data set: a view of its own); method: the
+        run's method object, shared by a worker's members (it holds no per-peer state); None builds one."""
         torch.set_num_threads(config.resources.threads_per_peer)   # the same in both runtimes: bitwise equal runs
         self.index = index
         self.config = config
@@ -129,7 +97,7 @@ class Peer:
         self.id = self.settings.id              # its stable number (peer<id>): seeds and names follow it, not its place
         self.name = peer_name(self.id)
         self.device = torch.device(device) if device else pick_device(config.resources.gpus_per_peer)
-        self.data = DataView(config, arrays, self.device)
+        self.data = DataView.of(config, data)
         self.method = method or build_method(config)
         self.view_index = self.method.view_index(self.id)
         self.spec = spec
@@ -179,23 +147,23 @@ class Peer:
         for learn(); returns detached float32 outputs on the peer's device (nothing is copied to the host: an
         exchange that carries arrays converts them, ``host_outputs``)."""
         self.self_teacher.before_forward(epoch)
-        idx, x = self.step_input(epoch, step, replay)
+        labels, x = self.step_input(epoch, step, replay)
         seed_device(self.device, self.config.seed, "forward", self.id, epoch, step)   # dropout, in any order
         self.model.train()
         with self.autocast():
             logits = self.model(x)
-        return self.forward_outputs(epoch, step, idx, x, logits)
+        return self.forward_outputs(epoch, step, labels, x, logits)
 
     def step_input(self, epoch: int, step: int, replay: int = 0):
-        """(sample indices, this peer's view) of a step, on the peer's device."""
-        idx = self.data.batch(epoch, step, replay)
-        x = self.data.view(idx, epoch, step, self.view_index, replay)
-        return idx, x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        """(the step's labels, this peer's view of its batch), on the peer's device."""
+        labels = self.data.labels(epoch, step, replay, self.device)
+        x = self.data.view(epoch, step, self.view_index, replay, self.device)
+        return labels, x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def forward_outputs(self, epoch: int, step: int, idx, x, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward_outputs(self, epoch: int, step: int, labels, x, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """Keeps the forward's graph for learn() and returns what the peer sends (see ``forward``)."""
         tapped = (self.hint.value, self.hint.attention) if self.hint is not None else None
-        self._pending = (epoch, step, logits, self.data.y["train"][idx], tapped)
+        self._pending = (epoch, step, logits, labels, tapped)
         outputs = {LOGITS: logits.detach().float()}
         needed = self.method.outputs_needed(PEER)
         if HINT in needed:
@@ -266,7 +234,7 @@ class Peer:
     # ---- evaluation, state ---------------------------------------------------------------------------------------
     def evaluate(self, split: str) -> dict[str, np.ndarray]:
         """The student's outputs on a split (LOGITS), and its EMA teacher's (EMA_LOGITS) where it has one."""
-        return {LOGITS: self.data.predict(self.model, split), **self.self_teacher.evaluate(split)}
+        return {LOGITS: self.data.predict(self.model, split, self.device), **self.self_teacher.evaluate(split)}
 
     def state_dict(self) -> dict:
         state = {"model": cpu_state(self.model), "optimizer": _to_cpu(self.optimizer.state_dict()),

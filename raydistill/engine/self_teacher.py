@@ -109,10 +109,9 @@ class EmaTeacher(SelfTeacher):
             teacher.train()
             for k in range(steps):
                 step = k % peer.data.steps_per_epoch
-                idx = peer.data.batch(0, step)
-                x = peer.data.view(idx, 0, step, peer.view_index)
+                x = peer.data.view(0, step, peer.view_index, device=peer.device)
                 seed_device(peer.device, config.seed, "teacher_init", peer.id, k)
-                loss = task_loss(teacher(x), peer.data.y["train"][idx], config.task)
+                loss = task_loss(teacher(x), peer.data.labels(0, step, device=peer.device), config.task)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -141,7 +140,7 @@ class EmaTeacher(SelfTeacher):
         self.updates = int(state["ema_updates"])
 
     def evaluate(self, split: str) -> dict:
-        return {EMA_LOGITS: self.peer.data.predict(self.ema, split)}
+        return {EMA_LOGITS: self.peer.data.predict(self.ema, split, self.peer.device)}
 
     def export(self) -> dict:
         return {ema_name(self.peer.id): {"kind": EMA_TEACHER, "index": self.peer.index, "state": cpu_state(self.ema)}}

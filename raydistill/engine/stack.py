@@ -84,8 +84,8 @@ class PeerStack:
         self.template.train()
         with self.peers[0].autocast():
             logits = self.batched_forward(shared)(self.params, self.buffers, x)
-        return [peer.forward_outputs(epoch, step, idx, view, logits[i])
-                for i, (peer, (idx, view)) in enumerate(zip(self.peers, inputs))]
+        return [peer.forward_outputs(epoch, step, labels, view, logits[i])
+                for i, (peer, (labels, view)) in enumerate(zip(self.peers, inputs))]
 
     def learn(self, epoch: int, step: int, targets: list[dict]) -> dict:
         """One backward of the peers' summed losses, one optimizer step of the stacks when due (engine/step.py's

@@ -12,7 +12,8 @@ import torch
 
 from raydistill.engine.hints import teacher_hint
 from raydistill.engine.manifest import deployed_entry, manifest_path, model_file, read_manifest
-from raydistill.engine.peer import DataView, autocast, pick_device
+from raydistill.engine.data import DataView
+from raydistill.engine.peer import autocast, pick_device
 from raydistill.engine.teacher_cache import CachedTeacher
 from raydistill.errors import ConfigError
 from raydistill.methods import build_method
@@ -86,14 +87,15 @@ def cache_folder(config, index: int = 0) -> str | None:
 
 
 class Teacher:
-    def __init__(self, index: int, config, arrays: dict, spec, device: str | None = None, method=None):
-        """method: the run's method object, shared by a worker's members; None builds one."""
+    def __init__(self, index: int, config, data, spec, device: str | None = None, method=None):
+        """data: the worker's DataView, shared by its members (or the run's data set: a view of its own); method: the
+        run's method object, shared by a worker's members; None builds one."""
         torch.set_num_threads(config.resources.threads_per_peer)
         self.index = index
         self.config = config
         gpus = config.resources.gpus_per_teacher or 0.0
         self.device = torch.device(device) if device else pick_device(gpus)
-        self.data = DataView(config, arrays, self.device)
+        self.data = DataView.of(config, data)
         method = method or build_method(config)
         self.views = method.teacher_views()
         self.output_names = list(method.outputs_needed(TEACHER))
@@ -116,11 +118,10 @@ class Teacher:
 
     @torch.no_grad()
     def live_forward(self, epoch: int, step: int, replay: int = 0) -> dict[str, np.ndarray]:
-        idx = self.data.batch(epoch, step, replay)
         outputs = {name: [] for name in self.output_names}
         for v in self.views:
             with autocast(self.device, self.config.train.bf16):
-                outputs[LOGITS].append(self.model(self.data.view(idx, epoch, step, v, replay)).float())
+                outputs[LOGITS].append(self.model(self.data.view(epoch, step, v, replay, self.device)).float())
             if self.hint is not None:
                 outputs[HINT].append(self.hint.value.float())
                 for k, features in enumerate(self.hint.attention):
@@ -130,4 +131,4 @@ class Teacher:
         return {name: torch.stack(values).contiguous() for name, values in outputs.items()}
 
     def evaluate(self, split: str) -> np.ndarray:
-        return self.data.predict(self.model, split)
+        return self.data.predict(self.model, split, self.device)

@@ -39,12 +39,19 @@ def cache_key(teacher) -> dict:
     engine Teacher)."""
     config = teacher.config
     return {"weights": weights_digest(teacher.model), "data": config.data.name, "seed": config.seed,
-            "train_samples": int(len(teacher.data.x["train"])), "batch_size": config.train.batch_size,
+            "train_samples": int(teacher.data.num_samples("train")), "batch_size": config.train.batch_size,
             "crop_pad": config.data.crop_pad, "flip": config.data.flip, "pad_mode": config.data.pad_mode,
             "views": list(teacher.views),
             "outputs": list(getattr(teacher, "output_names", ["logits"])),
             "hint_layer": teacher.hint.path if getattr(teacher, "hint", None) is not None else None,
-            **attention_key(teacher)}
+            **attention_key(teacher), **prepared_key(teacher)}
+
+
+def prepared_key(teacher) -> dict:
+    """A prepared set's digest and views: two prepared sets share the name ``prepared`` (an in-memory set's key
+    stays as it was, so the caches written before prepared sets existed stay valid)."""
+    data = teacher.data.data
+    return {} if data.resident else {"data_digest": data.digest, "recipe": data.recipe}
 
 
 def attention_key(teacher) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from raydistill.engine.coordinator import Coordinator
+from raydistill.engine.data import DataView
 from raydistill.engine.peer import Peer
 from raydistill.engine.step import THROUGH_EXCHANGE, CallReport, LocalMembers, TrainingStep, host_outputs
 from raydistill.engine.teacher import Teacher
@@ -47,20 +48,18 @@ class LocalExchange:
         pass
 
 
-def labels_of(arrays: dict) -> dict:
-    return {split: arrays[f"{split}_y"] for split in ("train", "val", "test")}
-
-
 class Worker:
-    def __init__(self, config, arrays: dict, spec, members: Members, coordinator: bool = True, exchange=None):
-        """coordinator: hold a replica of the coordinator (collective exchange, one process); False where a
-        coordinator actor computes the targets (object-store transport)."""
+    def __init__(self, config, data, spec, members: Members, coordinator: bool = True, exchange=None):
+        """data: the run's data set (engine/data.py), opened here on this worker's node; coordinator: hold a replica
+        of the coordinator (collective exchange, one process); False where a coordinator actor computes the targets
+        (object-store transport)."""
         self.config = config
         self.members = members
         self.method = build_method(config)         # one for the worker: a method holds no per-peer state
-        self.peers = [Peer(i, config, arrays, spec, method=self.method) for i in members.peers]
-        self.teachers = [Teacher(j, config, arrays, spec, method=self.method) for j in members.teachers]
-        self.coordinator = Coordinator(config, labels_of(arrays), spec, method=self.method) if coordinator else None
+        self.data = DataView(config, data.on_node())  # one for the worker: a step's batch is read once for all
+        self.peers = [Peer(i, config, self.data, spec, method=self.method) for i in members.peers]
+        self.teachers = [Teacher(j, config, self.data, spec, method=self.method) for j in members.teachers]
+        self.coordinator = Coordinator(config, self.data, spec, method=self.method) if coordinator else None
         stack = None
         if config.resources.peer_execution == "stacked" and self.peers:
             from raydistill.engine.stack import PeerStack
@@ -79,6 +78,10 @@ class Worker:
     def stack(self):
         """The PeerStack that runs the peers as one batched model, or None (one after another)."""
         return self.local.stack
+
+    def data_source(self) -> str:
+        """Where this worker reads the run's data set from (a prepared set's folder or node cache, or memory)."""
+        return self.data.source()
 
     @property
     def device(self) -> str:

@@ -31,11 +31,14 @@ class WorkerShell(_Shell):
     def __init__(self):
         self.worker = None
 
-    def setup(self, arrays, config, spec, members, coordinator: bool) -> str:
-        """Builds the engine worker over the run's arrays (once; after a restart, again). Returns the node id."""
+    def setup(self, data, config, spec, members, coordinator: bool) -> str:
+        """Builds the engine worker over the run's data set (once; after a restart, again). Returns the node id."""
         if self.worker is None:
-            self.worker = Worker(config, arrays, spec, members, coordinator=coordinator)
+            self.worker = Worker(config, data, spec, members, coordinator=coordinator)
         return self.node()
+
+    def data_source(self) -> str:
+        return self.worker.data_source()
 
     def reset(self) -> None:
         """Back to empty, its group left: kept warm for another run of the driver's process."""
@@ -96,9 +99,10 @@ class CoordinatorShell(_Shell):
     def __init__(self):
         self.coordinator = self.members = None
 
-    def setup(self, config, labels, spec, members) -> str:
+    def setup(self, config, data, spec, members) -> str:
+        """data: the run's data set, of which the coordinator reads the labels only."""
         if self.coordinator is None:
-            self.coordinator = Coordinator(config, labels, spec)
+            self.coordinator = Coordinator(config, data, spec)
             self.members = members
         return self.node()
 

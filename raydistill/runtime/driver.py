@@ -16,7 +16,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raydistill.engine.worker import CallReport, labels_of
+from raydistill.engine.data import describe_sources
+from raydistill.engine.worker import CallReport
 from raydistill.engine.checkpoint import COORDINATOR, PEERS
 from raydistill.errors import ConfigError, user_error
 from raydistill.names import teacher_name
@@ -64,7 +65,7 @@ def classify(err: BaseException) -> str:
 class RayWorkers:
     """The run's workers (and, for the object-store transport, its coordinator) as Ray actors in one placement group."""
 
-    def __init__(self, config, spec, arrays, group=None, driver_cpus: float = 0.0, console: Console | None = None,
+    def __init__(self, config, spec, data, group=None, driver_cpus: float = 0.0, console: Console | None = None,
                  shared_memory: bool = True, generation: int = 0):
         """group: an existing placement group laid out as placement.layout(config, driver_cpus) (a Tune trial's);
         None: reserve one. shared_memory: False sends the step's exchange through gloo even on one node (benchmarks).
@@ -92,7 +93,7 @@ class RayWorkers:
         self.group = group
         try:
             self._wait_placed()
-            self._start(arrays)
+            self._start(data)
             self.setup()
             try:
                 self.form_group()
@@ -100,11 +101,15 @@ class RayWorkers:
                 raise ConfigError("resources.transport", config.resources.transport,
                                   f"the workers could not form a collective group ({err.__cause__ or err}); "
                                   "set resources.transport=object_store") from None
+            # where each node reads a prepared set from (its folder, or its node-local copy)
+            sources = None if data.resident else self.results([w.data_source.remote() for w in self.workers])
         except BaseException:
             self.shutdown(keep=False)
             raise
         self.console.line(f"{len(self.workers)} workers ready in {time.perf_counter() - tic:.1f}s "
                           f"({self.describe()})")
+        if sources is not None:
+            self.console.line(describe_sources(data, self._nodes, sources))
 
     @property
     def transport_name(self) -> str:
@@ -124,13 +129,12 @@ class RayWorkers:
                               f"strategy {self.config.resources.strategy} within {PLACEMENT_TIMEOUT_S:.0f}s; "
                               f"available: {ray.available_resources()}")
 
-    def _start(self, arrays) -> None:
+    def _start(self, data) -> None:
         """The actors (unless kept warm from the last run), empty until ``setup``."""
         r = self.config.resources
-        # once: every actor on a node maps the same arrays. Held for the whole run: a restarted actor is built
-        # again from them, so they must stay in the object store.
-        self.data_ref = ray.put(arrays)
-        self.labels_ref = ray.put(labels_of(arrays))
+        # once: every actor on a node maps the same in-memory arrays; a prepared set travels as its handle (index
+        # and labels, no image). Held for the whole run: a restarted actor is built again from it.
+        self.data_ref = ray.put(data)
         if self.workers:
             return
         restartable = {"max_restarts": r.max_restarts, "max_task_retries": 0}
@@ -148,14 +152,14 @@ class RayWorkers:
                 **restartable).remote()
 
     def setup(self) -> None:
-        """Every worker builds its peers and teachers over the run's arrays, and the coordinator actor itself (a
-        restarted one builds them again: Ray restarts an actor empty)."""
+        """Every worker opens the run's data set on its node and builds its peers and teachers over it, and the
+        coordinator actor itself (a restarted one builds them again: Ray restarts an actor empty)."""
         self._identities = None                 # being renewed: an error in a restarted worker's setup is its own
         replicas = not self.transport.coordinator_actor
         calls = [w.setup.remote(self.data_ref, self.config, self.spec, members, replicas)
                  for w, members in zip(self.workers, self.members)]
         if self.coordinator is not None:
-            calls.append(self.coordinator.setup.remote(self.config, self.labels_ref, self.spec,
+            calls.append(self.coordinator.setup.remote(self.config, self.data_ref, self.spec,
                                                        [m for m in self.members if m.peers]))
         self._nodes = self.results(calls, READY_TIMEOUT_S)[:len(self.workers)]
         self._identities = self._identify()

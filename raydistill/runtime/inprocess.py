@@ -16,12 +16,12 @@ from raydistill.engine.worker import CallReport, Members, Worker
 class InProcessWorkers:
     transport_name = "inprocess"
 
-    def __init__(self, config, spec, arrays):
+    def __init__(self, config, spec, data):
         torch.set_num_threads(config.resources.threads_per_peer)
         self.config = config
         self.num_teachers = config.num_teachers
         members = Members(tuple(range(config.num_peers)), tuple(range(self.num_teachers)))
-        self.worker = Worker(config, arrays, spec, members)
+        self.worker = Worker(config, data, spec, members)
 
     def describe(self) -> str:
         return "one process"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from raydistill.config import Config, check_data_fits, check_written, dump_config, load_config
 from raydistill.engine.checkpoint import LOOP, check_compatible, latest_checkpoint, load_latest_checkpoint
-from raydistill.engine.data import load_run_data
+from raydistill.engine.data import check_digest, describe_sources, load_run_data
 from raydistill.engine.peer import check_trainable
 from raydistill.engine.elastic import change_peers, check_inits, consumed, names_of, renumber, save_retired
 from raydistill.engine.storage import resolve_storage
@@ -58,7 +58,7 @@ class Plan:
     config: Config
     run_dir: Path
     spec: object
-    arrays: dict
+    data: object                           # the run's data set (engine/data.py): in memory, or a prepared set
     resume_state: dict | None = None
     restart: bool = False                  # a run directory with no checkpoint yet, started again from its beginning
     retired: dict = field(default_factory=dict)   # the models of peers a --resume --set peers=... removes
@@ -111,7 +111,7 @@ def _train(console, config, output, overrides, resume, from_checkpoint, stop_aft
         save_retired(plan.run_dir, plan.retired)
         if session is not None:
             session.log_to(plan.run_dir)
-        run = Run(plan.config, plan.spec, plan.arrays, workers, plan.run_dir, runtime, console,
+        run = Run(plan.config, plan.spec, plan.data, workers, plan.run_dir, runtime, console,
                   on_epoch=on_epoch, rebuild=rebuild if placement_group is None else None)  # a trial's: fixed
         return run.train(plan.resume_state, stop_after_epoch)
     except KeyboardInterrupt as interrupt:
@@ -163,25 +163,32 @@ def _plan(config, output, overrides, resume, from_checkpoint, stop_after_epoch, 
     check_writable(run_dir)
     if config.train.storage:
         resolve_storage(config.train.storage)
-    spec, arrays = load_run_data(config)
-    check_data_fits(config, len(arrays["train_y"]))
+    spec, data = load_run_data(config)
+    check_digest(config, data)                               # a resumed run goes on with the set it trained on
+    if config.data.digest is None:
+        config = copy.deepcopy(config)
+        config.data.digest = data.digest                     # recorded in config.yaml
+    check_data_fits(config, data.num_samples("train"))
     retired = {}
     if resume_state is not None and resume is not None:
-        config, resume_state, retired = _changed_peers(run_dir, config, resume_state, spec, arrays, console)
+        config, resume_state, retired = _changed_peers(run_dir, config, resume_state, spec, data, console)
     elif resume_state is None:
         check_inits(config, None)
     if resume_state is not None:
         check_compatible(config, spec, resume_state, str(resume or from_checkpoint))
-    check_trainable(config, spec, arrays)                   # every peer architecture takes the data's inputs
+    check_trainable(config, spec, data)                     # every peer architecture takes the data's inputs
     check_teachers(config, spec)                            # every teacher's weights and hint layer
-    return Plan(config, run_dir, spec, arrays, resume_state, restart, retired)
+    return Plan(config, run_dir, spec, data, resume_state, restart, retired)
 
 
 def _start_workers(plan: Plan, runtime: str, placement_group, console: Console, verbose: bool):
     """(the workers, rebuild(config) -> the workers of another peer set, the Ray session this call started or None)."""
-    config, spec, arrays = plan.config, plan.spec, plan.arrays
+    config, spec, data = plan.config, plan.spec, plan.data
     if runtime != "ray":
-        return InProcessWorkers(config, spec, arrays), lambda changed: InProcessWorkers(changed, spec, arrays), None
+        workers = InProcessWorkers(config, spec, data)
+        if not data.resident:
+            console.line(describe_sources(data, ["local"], [workers.worker.data_source()]))
+        return workers, lambda changed: InProcessWorkers(changed, spec, data), None
     from raydistill.runtime import session
     from raydistill.runtime.driver import RayWorkers, connect
 
@@ -190,10 +197,10 @@ def _start_workers(plan: Plan, runtime: str, placement_group, console: Console, 
     generations = iter(range(1, 1 << 30))
 
     def rebuild(changed):                 # the workers of a changed peer set (elastic peers)
-        return RayWorkers(changed, spec, arrays, console=console, generation=next(generations))
+        return RayWorkers(changed, spec, data, console=console, generation=next(generations))
 
     try:
-        workers = RayWorkers(config, spec, arrays, group=placement_group,
+        workers = RayWorkers(config, spec, data, group=placement_group,
                              driver_cpus=1.0 if placement_group is not None else 0.0, console=console)
     except KeyboardInterrupt as interrupt:
         if terminated(interrupt):
@@ -263,7 +270,7 @@ class RunDirectory:
         self.handle.close()
 
 
-def _changed_peers(run_dir: Path, config, state: dict, spec, arrays, console: Console):
+def _changed_peers(run_dir: Path, config, state: dict, spec, data, console: Console):
     """``--resume DIR --set peers=...``: the checkpoint's peers matched to the config's by name (peer<id>); a peer
     that left keeps its records and export, a new one starts as its ``init`` says (elastic.change_peers, as a running
     run does it). Returns (config, state, the departing peers' deployable models)."""
@@ -272,7 +279,7 @@ def _changed_peers(run_dir: Path, config, state: dict, spec, arrays, console: Co
         check_inits(config, state)
         return config, state, {}
     previous = load_config(run_dir)                          # the peer set the checkpoint was written with
-    state, retired, events = change_peers(previous, config, state, spec, arrays)
+    state, retired, events = change_peers(previous, config, state, spec, data)
     done = "; ".join(f"added {e['peer']} ({e['arch']}, init {e['init']})" if e["action"] == "add"
                      else f"removed {e['peer']}" for e in events)
     console.line(f"peers: {done} after epoch {state['loop']['epochs_completed']}; peers now "
