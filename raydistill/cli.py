@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--init", default="scratch", metavar="scratch|ensemble|peer:K",
                      help="scratch (default); ensemble: distilled toward the current ensemble for a few steps; "
                           "peer:K: a copy of peerK")
+    add.add_argument("--ranks", type=int, help="the new peer's data-parallel ranks (default: resources.ranks_per_peer)")
     add.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the run's answer (120)")
     remove = peer_commands.add_parser("remove", help="remove a peer from a running run (its records stay)")
     remove.add_argument("run", help="the run directory, or a run name under runs/")
@@ -128,7 +129,7 @@ def cmd_peers(args) -> int:
         raise ConfigError("RUN", args.run, "shows no running run; change a stopped run's peers with "
                           f"raydistill train --resume {run_dir} --set peers=...")
     if args.peers_command == "add":
-        request = {"action": "add", "arch": args.arch, "init": args.init}
+        request = {"action": "add", "arch": args.arch, "init": args.init, "ranks": args.ranks}
     else:
         request = {"action": "remove", "peer": args.peer}
     path = control.submit(run_dir, request)

@@ -190,7 +190,8 @@ class Config:
         if isinstance(self.peers, int):
             items = [PeerConfig() for _ in range(self.peers)]
         else:
-            items = [p if isinstance(p, PeerConfig) else _build(PeerConfig, p, "peers") for p in self.peers]
+            items = [p if isinstance(p, PeerConfig) else _build(PeerConfig, p, f"peers.{i}")
+                     for i, p in enumerate(self.peers)]
         taken = [p.id for p in items if isinstance(p.id, int) and not isinstance(p.id, bool)]
         fresh = iter(range(max(taken, default=-1) + 1, max(taken, default=-1) + 1 + len(items)))
         return [PeerConfig(arch=p.arch or self.model.arch,

@@ -81,6 +81,23 @@ def sets(*overrides):
      "not for method independent: codistillation exchanges the weights of peers that learn from each other"),
     (["data.name=diabetes", "task=regression", "data.root=/data"], "data.root='/data'",
      "none for data set diabetes: it reads no files (its data are embedded in scikit-learn); remove data.root"),
+    # peers of several ranks (engine/grid.py)
+    (["resources.ranks_per_peer=0"], "resources.ranks_per_peer=0", "an integer >= 1 (the peer's data-parallel ranks)"),
+    (["resources.ranks_per_peer=1.5"], "resources.ranks_per_peer=1.5", "must be an integer"),
+    (["peers=[{ranks: 2}, {ranks: true}]"], "peers.1.ranks=True", "must be an integer"),
+    (["resources.ranks_per_peer=2", "resources.gpus_per_peer=0.5"], "resources.ranks_per_peer=2",
+     "1 with resources.gpus_per_peer=0.5: the ranks of a peer are one device each"),
+    (["resources.gpus_per_peer=2"], "resources.gpus_per_peer=2.0",
+     "a peer over several GPUs is resources.ranks_per_peer=2 ranks of one GPU each"),
+    (["resources.ranks_per_peer=2", "train.batch_size=63"], "train.batch_size=63",
+     "a multiple of peers.0.ranks=2: each rank of a peer works on an equal share of the step's batch"),
+    (["resources.ranks_per_peer=2", "train.sync_bn=true"], "train.sync_bn=True",
+     "false on CPUs: torch's SyncBatchNorm runs on GPUs only"),
+    (["train.sync_bn=true"], "train.sync_bn=True", "only for peers of several ranks"),
+    (["resources.ranks_per_peer=2", "method.name=pcl", "method.ensemble=learned_head"],
+     "method.ensemble='learned_head'", "not on peers of several ranks: the learned head trains on the whole batch"),
+    (["resources.ranks_per_peer=2", "resources.transport=object_store"], "resources.transport='object_store'",
+     "collective with peers of several ranks"),
 ])
 def test_bad_config_values_give_one_line(overrides, prefix, allowed, tmp_path, capfd):
     assert_one_line(*run_cli(sets(*overrides), tmp_path, capfd), prefix, allowed)

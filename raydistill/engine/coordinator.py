@@ -89,17 +89,18 @@ class Coordinator:
         if self.method.learned_head:
             self.head = EnsembleHead(config, spec.num_classes, self.data.steps_per_epoch)
 
-    def batch_labels(self, epoch: int, step: int, replay: int = 0, device="cpu") -> torch.Tensor:
-        """The labels of a step's batch, on a device: those of the very indices every peer draws."""
-        return self.data.labels(epoch, step, replay, device)
+    def batch_labels(self, epoch: int, step: int, replay: int = 0, device="cpu", rows=None) -> torch.Tensor:
+        """The labels of a step's batch (of its ``rows``), on a device: those of the very indices every peer draws."""
+        return self.data.labels(epoch, step, replay, device, rows)
 
-    def targets(self, epoch: int, step: int, *outputs: dict, replay: int = 0) -> list[dict]:
-        """outputs: the peers' outputs, then the teachers' (tensors on a device, or host arrays). Returns one target
-        dict of tensors per peer, on the device of the outputs (of the first tensor among them; else the CPU)."""
+    def targets(self, epoch: int, step: int, *outputs: dict, replay: int = 0, rows=None) -> list[dict]:
+        """outputs: the peers' outputs, then the teachers' (tensors on a device, or host arrays), on the step's batch
+        (a rank of a peer of several ranks: on its ``rows``). Returns one target dict of tensors per peer, on the
+        device of the outputs (of the first tensor among them; else the CPU)."""
         device = _device_of(outputs)
         outputs = [{k: as_tensors(v, device) for k, v in o.items()} for o in outputs]
         peers, teachers = outputs[:self.num_peers], outputs[self.num_peers:]
-        labels = self.batch_labels(epoch, step, replay, device)
+        labels = self.batch_labels(epoch, step, replay, device, rows)
         learned = None
         if self.head is not None:
             learned = self.head.step(epoch, step, [p[FEATURES] for p in peers], labels)

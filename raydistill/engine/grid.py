@@ -143,3 +143,107 @@ def average_gradients(parameters_by_rank: list[list[torch.Tensor]]) -> None:
 
 def has_batch_norm(model: torch.nn.Module) -> bool:
     return any(isinstance(m, BN_LAYERS) for m in model.modules())
+
+
+def entries(layout: list) -> list[tuple]:
+    """What every worker sends in a step's exchange, in worker order: (kind, member index, rank, ranks) of each
+    output; ``layout``: the run's workers' Members (runtime/placement.py)."""
+    found = []
+    for members in layout:
+        found += [("peer", i, members.rank, members.ranks) for i in members.peers]
+        found += [("teacher", j, 0, 1) for j in members.teachers]
+    return found
+
+
+def share(members, batch: int) -> slice | None:
+    """A worker's rows of the step's batch: a rank's of its peer, or None (the whole batch)."""
+    return rows(batch, members.rank, members.ranks) if members.ranks > 1 else None
+
+
+class OnTheGrid:
+    """The other members' outputs for a worker of a run with peers of several ranks: every worker's through the
+    exchange, a peer's ranks put together (``assemble``), then the worker's own rows of everything (``rows_of``)."""
+
+    def __init__(self, layout: list, rows: slice | None, num_peers: int):
+        self.entries = entries(layout)
+        self.rows = rows
+        self.num_peers = num_peers
+
+    def gather(self, exchange, epoch: int, step: int, replay: int, outputs: list[dict], peers: tuple) -> list:
+        from raydistill.engine.step import Gathered, host_outputs
+
+        local = outputs if exchange.carries_tensors else [host_outputs(o) for o in outputs]
+        whole = assemble(exchange.gather("step", local), self.entries)
+        return [Gathered(rows_of(whole, self.num_peers, self.rows), peers)]
+
+
+# ---- a peer's ranks agree: one gradient, one set of buffers ---------------------------------------------------------
+def flat_gradients(learner) -> torch.Tensor:
+    """A peer's gradients as one flat tensor (a missing gradient as zeros), parameters in order."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in learner.parameters()])
+
+
+def set_gradients(learner, flat: torch.Tensor) -> None:
+    offset = 0
+    for p in learner.parameters():
+        n = p.numel()
+        if p.grad is None:
+            p.grad = torch.empty_like(p)
+        p.grad.copy_(flat[offset:offset + n].view_as(p))
+        offset += n
+
+
+def combine(flats: list[torch.Tensor]) -> torch.Tensor:
+    """The ranks' gradients summed in rank order, divided by their number: the same numbers wherever it runs."""
+    total = flats[0].clone()
+    for flat in flats[1:]:
+        total += flat
+    return total / len(flats)
+
+
+def buffers_of(learner) -> list[torch.Tensor]:
+    """A peer's floating buffers (batch norm's running statistics), which its ranks keep as rank 0's."""
+    return [b for b in learner.model.buffers() if b.is_floating_point()]
+
+
+def flat_buffers(learner) -> torch.Tensor:
+    found = buffers_of(learner)
+    return torch.cat([b.reshape(-1) for b in found]) if found else torch.zeros(0)
+
+
+def set_buffers(learner, flat: torch.Tensor) -> None:
+    offset = 0
+    for b in buffers_of(learner):
+        n = b.numel()
+        b.copy_(flat[offset:offset + n].view_as(b))
+        offset += n
+
+
+def sync_over(exchange, peer) -> None:
+    """A rank's share of its peer's agreement, over the peer's group: every rank's gradients, summed in rank order
+    (``combine``); rank 0's buffers."""
+    set_gradients(peer, combine(exchange.gather_peer(peer.index, flat_gradients(peer))))
+
+
+def buffers_over(exchange, peer) -> None:
+    set_buffers(peer, exchange.gather_peer(peer.index, flat_buffers(peer))[0])
+
+
+def sync_batch_norm(peer, group) -> None:
+    """``train.sync_bn`` (GPUs): the peer's batch norm layers as torch's SyncBatchNorm over its ranks' group. The
+    layers keep their parameters and buffers (the same tensors: the optimizer's stay valid)."""
+    peer.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(peer.model, process_group=group)
+
+
+def sync_bn_warning(config, spec) -> str | None:
+    """``train.sync_bn`` on peers without a batch norm layer: a warning (it changes nothing there), not an error."""
+    if not config.train.sync_bn:
+        return None
+    from raydistill.models import build_model
+
+    bare = sorted({p.arch for p in config.peer_list if p.ranks > 1
+                   and not has_batch_norm(build_model(p.arch, spec, **p.options))})
+    if not bare:
+        return None
+    return (f"warning: train.sync_bn: {', '.join(bare)} has no batch norm layer; it trains as without sync_bn")

@@ -10,6 +10,7 @@ import torch
 from raydistill.data.views import to_device
 from raydistill.errors import ConfigError
 from raydistill.engine.data import DataView, first_inputs
+from raydistill.engine.grid import rows as grid_rows
 from raydistill.engine.hints import student_adapters, student_hint, teacher_adapter_names
 from raydistill.engine.optim import learning_rate, make_optimizer
 from raydistill.engine.self_teacher import cpu_state, make_self_teacher
@@ -87,9 +88,11 @@ class Peer:
     owns, and the teacher it keeps of itself (engine/self_teacher.py, chosen by the method). ``forward`` runs the
     model on the step's view and returns detached outputs; ``learn`` takes the coordinator's targets and steps."""
 
-    def __init__(self, index: int, config, data, spec, device: str | None = None, method=None):
+    def __init__(self, index: int, config, data, spec, device: str | None = None, method=None, rank: int = 0,
+                 ranks: int = 1):
         """data: the worker's DataView, shared by its members (or the run's data set: a view of its own); method: the
-        run's method object, shared by a worker's members (it holds no per-peer state); None builds one."""
+        run's method object, shared by a worker's members (it holds no per-peer state); None builds one. rank of
+        ranks: this replica's share of a peer of several ranks (engine/grid.py): its rows of every step's batch."""
         torch.set_num_threads(config.resources.threads_per_peer)   # the same in both runtimes: bitwise equal runs
         self.index = index
         self.config = config
@@ -98,6 +101,8 @@ class Peer:
         self.name = peer_name(self.id)
         self.device = torch.device(device) if device else pick_device(config.resources.gpus_per_peer)
         self.data = DataView.of(config, data)
+        self.rank, self.ranks = rank, ranks
+        self.rows = grid_rows(config.train.batch_size, rank, ranks) if ranks > 1 else None
         self.method = method or build_method(config)
         self.view_index = self.method.view_index(self.id)
         self.spec = spec
@@ -148,7 +153,8 @@ class Peer:
         exchange that carries arrays converts them, ``host_outputs``)."""
         self.self_teacher.before_forward(epoch)
         labels, x = self.step_input(epoch, step, replay)
-        seed_device(self.device, self.config.seed, "forward", self.id, epoch, step)   # dropout, in any order
+        seed_device(self.device, self.config.seed, "forward", self.id, epoch, step,    # dropout, in any order
+                    *(("rank", self.rank) if self.ranks > 1 else ()))
         self.model.train()
         with self.autocast():
             logits = self.model(x)
@@ -156,8 +162,8 @@ class Peer:
 
     def step_input(self, epoch: int, step: int, replay: int = 0):
         """(the step's labels, this peer's view of its batch), on the peer's device."""
-        labels = self.data.labels(epoch, step, replay, self.device)
-        x = self.data.view(epoch, step, self.view_index, replay, self.device)
+        labels = self.data.labels(epoch, step, replay, self.device, self.rows)
+        x = self.data.view(epoch, step, self.view_index, replay, self.device, self.rows)
         return labels, x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward_outputs(self, epoch: int, step: int, labels, x, logits: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -150,16 +150,28 @@ def learn(learner, epoch: int, step: int, targets):
     learner: a Peer (engine/peer.py) or a PeerStack (engine/stack.py): ``loss(epoch, step, targets)`` -> (loss,
     figures) with the step's learning rate set in its optimizer, ``optimizer``, ``parameters()``,
     ``optimizer_step_due(step)``, ``after_step()``, ``config``."""
+    figures = backward(learner, epoch, step, targets)
+    if learner.optimizer_step_due(step):
+        update(learner)
+    return figures
+
+
+def backward(learner, epoch: int, step: int, targets):
+    """The first half of ``learn``: the loss and its backward (a peer of several ranks syncs its gradients between
+    the halves: engine/grid.py)."""
     loss, figures = learner.loss(epoch, step, targets)
     train = learner.config.train
     (loss / train.accumulate_steps if train.accumulate_steps > 1 else loss).backward()
-    if learner.optimizer_step_due(step):
-        if train.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(learner.parameters(), train.grad_clip)
-        learner.optimizer.step()
-        learner.optimizer.zero_grad(set_to_none=True)
-        learner.after_step()
     return figures
+
+
+def update(learner) -> None:
+    """The second half of ``learn``, once an optimizer step is due."""
+    if learner.config.train.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(learner.parameters(), learner.config.train.grad_clip)
+    learner.optimizer.step()
+    learner.optimizer.zero_grad(set_to_none=True)
+    learner.after_step()
 
 
 # ---- the step's parts --------------------------------------------------------------------------------------------
@@ -171,6 +183,7 @@ class LocalMembers:
         self.peers = peers
         self.teachers = teachers
         self.stack = stack                  # a PeerStack over ``peers`` (resources.peer_execution: stacked), or None
+        self.agree = None                   # a rank of a peer of several ranks: agree(peer, what) (engine/grid.py)
 
     @property
     def peer_indices(self) -> tuple[int, ...]:
@@ -187,7 +200,16 @@ class LocalMembers:
         """targets: one dict per local peer, in order. Returns each local peer's StepFigures by peer index."""
         if self.stack is not None:
             return self.stack.learn(epoch, step, targets)
-        return {p.index: p.learn(epoch, step, t) for p, t in zip(self.peers, targets)}
+        if self.agree is None:
+            return {p.index: p.learn(epoch, step, t) for p, t in zip(self.peers, targets)}
+        figures = {}
+        for peer, target in zip(self.peers, targets):       # a rank: the peer's ranks agree between the halves
+            figures[peer.index] = backward(peer, epoch, step, target)
+            if peer.optimizer_step_due(step):
+                self.agree(peer, "gradients")
+                self.agree(peer, "buffers")             # before the update: an EMA teacher copies them
+                update(peer)
+        return figures
 
 
 @dataclass(frozen=True)
@@ -232,10 +254,11 @@ class TrainingStep:
         return self.others.gather(self.exchange, epoch, step, replay, outputs, self.members.peer_indices)
 
     def targets(self, epoch: int, step: int, replay: int, gathered: list[Gathered]) -> list[dict]:
-        """One target dict per local peer, in order."""
+        """One target dict per local peer, in order (a rank's: on its rows)."""
         by_peer = {}
         for part in gathered:
-            targets = self.coordinator.targets(epoch, step, *part.outputs, replay=replay)
+            targets = self.coordinator.targets(epoch, step, *part.outputs, replay=replay,
+                                               rows=getattr(self.others, "rows", None))
             by_peer.update({index: targets[index] for index in part.peers})
         return [by_peer[index] for index in self.members.peer_indices]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from raydistill.engine import grid
 from raydistill.engine.coordinator import Coordinator
 from raydistill.engine.data import DataView
 from raydistill.engine.peer import Peer
@@ -49,15 +50,21 @@ class LocalExchange:
 
 
 class Worker:
-    def __init__(self, config, data, spec, members: Members, coordinator: bool = True, exchange=None):
+    def __init__(self, config, data, spec, members: Members, coordinator: bool = True, exchange=None,
+                 layout: list | None = None):
         """data: the run's data set (engine/data.py), opened here on this worker's node; coordinator: hold a replica
         of the coordinator (collective exchange, one process); False where a coordinator actor computes the targets
-        (object-store transport)."""
+        (object-store transport); layout: every worker's Members (a run with peers of several ranks puts a peer's
+        ranks together from them: engine/grid.py)."""
         self.config = config
         self.members = members
+        self.grid = None
+        if layout is not None and grid.is_grid(config):
+            self.grid = grid.OnTheGrid(layout, grid.share(members, config.train.batch_size), config.num_peers)
         self.method = build_method(config)         # one for the worker: a method holds no per-peer state
         self.data = DataView(config, data.on_node())  # one for the worker: a step's batch is read once for all
-        self.peers = [Peer(i, config, self.data, spec, method=self.method) for i in members.peers]
+        self.peers = [Peer(i, config, self.data, spec, method=self.method, rank=members.rank, ranks=members.ranks)
+                      for i in members.peers]
         self.teachers = [Teacher(j, config, self.data, spec, method=self.method) for j in members.teachers]
         self.coordinator = Coordinator(config, self.data, spec, method=self.method) if coordinator else None
         stack = None
@@ -117,9 +124,15 @@ class Worker:
                 teacher.cache.precompute([epoch])
 
     # ---- evaluation ------------------------------------------------------------------------------------------------
+    @property
+    def first_ranks(self) -> list:
+        """The local peers whose state, evaluation and export stand for their peer: all of them, but rank 0 only of
+        a peer of several ranks (its ranks agree)."""
+        return [p for p in self.peers if p.rank == 0]
+
     def evaluate_outputs(self, split: str) -> list[dict]:
         """The local members' outputs on a split: each peer's {logits[, ema_logits]}, each teacher's {logits}."""
-        return [p.evaluate(split) for p in self.peers] + [{LOGITS: t.evaluate(split)} for t in self.teachers]
+        return [p.evaluate(split) for p in self.first_ranks] + [{LOGITS: t.evaluate(split)} for t in self.teachers]
 
     def evaluate(self, split: str) -> dict:
         """The figures of every member and the ensemble, computed by this worker's coordinator replica."""
@@ -128,7 +141,7 @@ class Worker:
 
     # ---- state -----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        peers = {p.index: p.state_dict() for p in self.peers}
+        peers = {p.index: p.state_dict() for p in self.first_ranks}
         if self.stack is not None:
             peers = {p.index: self.stack.peer_state(i, peers[p.index]) for i, p in enumerate(self.peers)}
         return {"peers": peers,
@@ -146,17 +159,23 @@ class Worker:
             self.codistill.invalidate()
 
     def export(self) -> dict:
-        return {name: entry for p in self.peers for name, entry in p.export().items()}
+        return {name: entry for p in self.first_ranks for name, entry in p.export().items()}
 
     def step_over(self, exchange) -> TrainingStep:
         """The training step of this worker's members over an exchange (the other peers' outputs through it, or from
         codistillation's stale copies, refreshed through it)."""
-        return TrainingStep(self.local, self.coordinator, exchange, self.codistill or THROUGH_EXCHANGE)
+        if self.grid is not None:                       # a rank's peer agrees with its other ranks over its group
+            self.local.agree = (lambda peer, what: (grid.sync_over if what == "gradients" else grid.buffers_over)(
+                exchange, peer)) if self.members.ranks > 1 else None
+        return TrainingStep(self.local, self.coordinator, exchange, self.codistill or self.grid or THROUGH_EXCHANGE)
 
     def set_exchange(self, exchange) -> None:
         """Exchanges through ``exchange`` from now on (None: this worker alone)."""
         self.exchange.close()
         self.exchange = exchange or LocalExchange()
+        if self.config.train.sync_bn and self.members.ranks > 1 and exchange is not None:
+            for peer in self.peers:                 # batch norm over the peer's ranks (GPUs: config refuses CPUs)
+                grid.sync_batch_norm(peer, exchange.peer_groups[peer.index][0])
         self.training_step = self.step_over(self.exchange)
         if self.codistill is not None:
             self.codistill.invalidate()

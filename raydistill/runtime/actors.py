@@ -31,10 +31,11 @@ class WorkerShell(_Shell):
     def __init__(self):
         self.worker = None
 
-    def setup(self, data, config, spec, members, coordinator: bool) -> str:
-        """Builds the engine worker over the run's data set (once; after a restart, again). Returns the node id."""
+    def setup(self, data, config, spec, members, coordinator: bool, layout=None) -> str:
+        """Builds the engine worker over the run's data set (once; after a restart, again). Returns the node id.
+        layout: every worker's Members (a run with peers of several ranks)."""
         if self.worker is None:
-            self.worker = Worker(config, data, spec, members, coordinator=coordinator)
+            self.worker = Worker(config, data, spec, members, coordinator=coordinator, layout=layout)
         return self.node()
 
     def data_source(self) -> str:

@@ -126,13 +126,16 @@ def requested_config(config, request: dict, loop: dict):
     names = config.peer_names
     action = request.get("action")
     for key, kind, what in (("arch", str, "an architecture name"), ("init", str, "scratch, ensemble or peer:K"),
-                            ("options", dict, "a mapping of the architecture's options")):
+                            ("options", dict, "a mapping of the architecture's options"),
+                            ("ranks", int, "an integer >= 1 (the new peer's data-parallel ranks)")):
         if request.get(key) is not None and not isinstance(request[key], kind):
             raise ConfigError(key, request[key], what)
     if action == "add":
         arch = request.get("arch") or config.model.arch
         used = {peer_id(n) for n in [*names, *(c["peer"] for c in loop.get("changes", []))]}
         entry = {"arch": arch, "id": max(used) + 1, "init": request.get("init") or "scratch"}
+        if request.get("ranks") is not None:
+            entry["ranks"] = request["ranks"]
         if arch != config.model.arch:
             entry["options"] = dict(request.get("options") or {})
         data["peers"] = [*data["peers"], entry]

@@ -117,7 +117,8 @@ class RayWorkers:
 
     def describe(self) -> str:
         names = self.config.peer_names
-        hosted = ", ".join("+".join([names[i] for i in m.peers] + [teacher_name(i) for i in m.teachers])
+        hosted = ", ".join("+".join([names[i] + (f" rank {m.rank}/{m.ranks}" if m.ranks > 1 else "")
+                                     for i in m.peers] + [teacher_name(i) for i in m.teachers])
                            for m in self.members)
         return f"transport {self.transport.name}; workers: {hosted}"
 
@@ -156,7 +157,7 @@ class RayWorkers:
         coordinator actor itself (a restarted one builds them again: Ray restarts an actor empty)."""
         self._identities = None                 # being renewed: an error in a restarted worker's setup is its own
         replicas = not self.transport.coordinator_actor
-        calls = [w.setup.remote(self.data_ref, self.config, self.spec, members, replicas)
+        calls = [w.setup.remote(self.data_ref, self.config, self.spec, members, replicas, self.members)
                  for w, members in zip(self.workers, self.members)]
         if self.coordinator is not None:
             calls.append(self.coordinator.setup.remote(self.config, self.data_ref, self.spec,
@@ -358,7 +359,7 @@ class RayWorkers:
     def nodes(self) -> dict:
         by_peer, by_teacher = {}, {}
         for node, members in zip(self._nodes, self.members):
-            by_peer.update({i: node for i in members.peers})
+            by_peer.update({i: node for i in members.peers if members.rank == 0})      # a peer's rank 0's node
             by_teacher.update({i: node for i in members.teachers})
         return {"peers": [by_peer[i] for i in range(self.config.num_peers)],
                 "teachers": [by_teacher[i] for i in range(self.num_teachers)],

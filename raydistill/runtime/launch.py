@@ -17,6 +17,7 @@ from pathlib import Path
 from raydistill.config import Config, check_data_fits, check_written, dump_config, load_config
 from raydistill.engine.checkpoint import LOOP, check_compatible, latest_checkpoint, load_latest_checkpoint
 from raydistill.engine.data import check_digest, describe_sources, load_run_data
+from raydistill.engine.grid import sync_bn_warning
 from raydistill.engine.peer import check_trainable
 from raydistill.engine.elastic import change_peers, check_inits, consumed, names_of, renumber, save_retired
 from raydistill.engine.storage import resolve_storage
@@ -177,6 +178,9 @@ def _plan(config, output, overrides, resume, from_checkpoint, stop_after_epoch, 
     if resume_state is not None:
         check_compatible(config, spec, resume_state, str(resume or from_checkpoint))
     check_trainable(config, spec, data)                     # every peer architecture takes the data's inputs
+    warning = sync_bn_warning(config, spec)
+    if warning is not None:
+        console.line(warning, force=True)
     check_teachers(config, spec)                            # every teacher's weights and hint layer
     return Plan(config, run_dir, spec, data, resume_state, restart, retired)
 
