@@ -133,6 +133,8 @@ def prepare_run_dir(run_dir: Path, spec: RunSpec) -> bool:
     config_file = run_dir / "config.yaml"
     if config_file.is_file():
         existing = yaml.safe_load(config_file.read_text())
+        if spec.config["data"].get("digest") is None and isinstance(existing.get("data"), dict):
+            existing["data"]["digest"] = None       # a run fills it in: the digest of the set it read
         if existing != spec.config:
             changed = sorted(_differences(existing, spec.config))[:4]
             raise ConfigError("--output", str(run_dir.parent), f"holds {spec.name} of another configuration "

@@ -73,7 +73,8 @@ def main() -> None:
              log_to_driver=False)
     print(f"the set's shards: {files_mib:.1f} MiB ({index['splits']['train']['count']:,} train images at "
           f"{args.size} px)")
-    print("| workers | PSS of the set's files, per worker | summed over the workers | PSS per worker | RSS per worker |")
+    print("| workers | PSS of the set's files, per worker | summed over the workers | PSS per worker "
+          "| RSS per worker |")
     print("|---|---|---|---|---|")
     for workers in (1, 2, 3):
         figures = measure(dest, workers, args.dir / f"run-{workers}-{os.getpid()}")
