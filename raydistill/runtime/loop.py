@@ -74,51 +74,57 @@ class Run:
     # ---- the epoch loop --------------------------------------------------------------------------------------------
     def train(self, resume_state: dict | None = None, stop_after_epoch: int | None = None) -> RunResult:
         epoch = self.begin(resume_state)
-        epochs, disk_full = self.config.train.epochs, False
         try:
-            while epoch < epochs:
-                last = epoch + 1 == epochs or (stop_after_epoch is not None and epoch + 1 >= stop_after_epoch)
-                due = last or (epoch + 1) % self.config.train.checkpoint_every == 0
-                try:                                   # every call to the workers of this epoch, nothing recorded yet
-                    figures, seconds = self.train_epoch(epoch)
-                    evaluation = {"val": self.workers.evaluate("val") if self.has_val else None,
-                                  "test": self.workers.evaluate("test")}
-                    worker_state = self.workers.get_state() if due else None
-                except Exception as failure:  # noqa: BLE001 — a policy decides what it means (decide)
-                    epoch = self.carry_out(self.decide(failure))
-                    continue
-                record = self.record(epoch, figures, evaluation, seconds)
-                decision = self.health.after_epoch(self.state, self.checkpoint_epochs())
-                if decision.action is not Action.CONTINUE:     # the epoch's checkpoint is not written
-                    epoch = self.carry_out(self.changes.policy.decide(decision) if self.changes.trial else decision)
-                    continue
-                if self.changes.trial is not None:
-                    self.changes.confirm()
-                checkpoint = None
-                if due:
-                    checkpoint = self.save(epoch + 1, worker_state)
-                    self.recovery.mark(epoch + 1, 0, worker_state)
-                    self.mirror()
-                if self.on_epoch is not None:
-                    self.on_epoch(self.reports.epoch_report(record), checkpoint)
-                check_interrupted()
-                if last:
-                    break
-                try:
-                    self.changes.carry_out_requests(epoch + 1, worker_state)
-                except WorkerLost as lost:                 # the new set's rollback point if the change was made
-                    epoch = self.carry_out(self.decide(lost))
-                    continue
-                epoch += 1
-            summary = self.finish()
+            try:
+                summary = self.epochs(epoch, stop_after_epoch)
+            except BaseException:
+                self.close(quiet_disk_full=True)       # the error that stopped the run is the one to tell
+                raise
+            self.close()                               # the last rows and figures written
         except DiskFull as full:
-            disk_full = True
             raise TrainingError(f"{full.strerror}; the run stopped: {self.kept()} once there is room") from None
-        finally:
-            self.close(quiet_disk_full=disk_full)
         self.mirror()
         self.console.line(self.reports.final_table(summary, self.run_dir))
         return RunResult(self.run_dir, summary)
+
+    def epochs(self, epoch: int, stop_after_epoch: int | None) -> dict:
+        """The epochs from ``epoch`` on, each checkpointed when due; returns the run's summary."""
+        epochs = self.config.train.epochs
+        while epoch < epochs:
+            last = epoch + 1 == epochs or (stop_after_epoch is not None and epoch + 1 >= stop_after_epoch)
+            due = last or (epoch + 1) % self.config.train.checkpoint_every == 0
+            try:                                   # every call to the workers of this epoch, nothing recorded yet
+                figures, seconds = self.train_epoch(epoch)
+                evaluation = {"val": self.workers.evaluate("val") if self.has_val else None,
+                              "test": self.workers.evaluate("test")}
+                worker_state = self.workers.get_state() if due else None
+            except Exception as failure:  # noqa: BLE001 — a policy decides what it means (decide)
+                epoch = self.carry_out(self.decide(failure))
+                continue
+            record = self.record(epoch, figures, evaluation, seconds)
+            decision = self.health.after_epoch(self.state, self.checkpoint_epochs())
+            if decision.action is not Action.CONTINUE:     # the epoch's checkpoint is not written
+                epoch = self.carry_out(self.changes.policy.decide(decision) if self.changes.trial else decision)
+                continue
+            if self.changes.trial is not None:
+                self.changes.confirm()
+            checkpoint = None
+            if due:
+                checkpoint = self.save(epoch + 1, worker_state)
+                self.recovery.mark(epoch + 1, 0, worker_state)
+                self.mirror()
+            if self.on_epoch is not None:
+                self.on_epoch(self.reports.epoch_report(record), checkpoint)
+            check_interrupted()
+            if last:
+                break
+            try:
+                self.changes.carry_out_requests(epoch + 1, worker_state)
+            except WorkerLost as lost:                 # the new set's rollback point if the change was made
+                epoch = self.carry_out(self.decide(lost))
+                continue
+            epoch += 1
+        return self.finish()
 
     def begin(self, resume_state: dict | None) -> int:
         """The run's starting point: its loop state (resumed, or new), its records, the workers' state (loaded, or
