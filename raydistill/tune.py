@@ -553,7 +553,7 @@ def build_tuner(experiment: Experiment, config: Config, concurrent: int, resume:
         tune_config=ray_tune.TuneConfig(
             metric=space.metric, mode=space.mode, scheduler=build_scheduler(space, config),
             search_alg=build_search(space, config, concurrent), num_samples=experiment.samples,
-            trial_dirname_creator=trial_dirname),
+            trial_dirname_creator=trial_dirname, reuse_actors=True),
         run_config=ray_tune.RunConfig(
             name=experiment.output.name, storage_path=str(experiment.output.parent),
             stop=SearchStopper(space.time_budget_s, experiment.output),

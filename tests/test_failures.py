@@ -37,14 +37,14 @@ import raydistill
 from raydistill.cli import main
 from raydistill.engine.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from raydistill.engine.data import load_run_data
-from raydistill.runtime.driver import actor_name
+from raydistill.runtime.driver import find_actor
 from raydistill.runtime.inprocess import InProcessWorkers
 from raydistill.runtime.console import Console
 from raydistill.runtime.loop import Run
 from raydistill.policies.failures import TrainingError, WorkerLost
 from raydistill.runtime.reaper import descendants
 from tests.conftest import one_line, tiny_dml, write_config
-from tests.test_runtime import assert_same_parameters, final_parameters
+from tests.test_runtime import alive, assert_same_parameters, final_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,25 +103,8 @@ class Watcher(threading.Thread):
 
 def worker_pid(config: dict, role: str = "worker1", timeout_s: float = 120.0) -> int:
     """The process id of a run's worker (started by this process), once the actor exists and answers."""
-    name = actor_name(raydistill.load_config(config), role)
-
-    def find():
-        try:
-            return ray.get_actor(name)
-        except ValueError:                                # not created yet
-            return None
-
-    actor = wait_for(find, timeout_s, f"actor {name}")
+    actor = wait_for(lambda: find_actor(raydistill.load_config(config), role), timeout_s, f"the run's {role}")
     return ray.get(actor.pid.remote(), timeout=timeout_s)
-
-
-def alive(pid: int) -> bool:
-    """A process that runs (a zombie, dead and not yet reaped, does not)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return text[text.rindex(")") + 2:].split()[0] not in ("Z", "X")
 
 
 def signal_during_a_call(pid: int, sig: int, driver: threading.Thread, timeout_s: float = 120.0) -> None:
@@ -226,7 +209,7 @@ def test_a_workers_last_allowed_restart_recovers_and_one_past_it_stops_the_run_a
     def kill_twice():
         first = worker_pid(config)
         signal_during_a_call(first, signal.SIGKILL, driver)
-        handle = ray.get_actor(actor_name(raydistill.load_config(config), "worker1"))
+        handle = find_actor(raydistill.load_config(config), "worker1")
 
         def came_back():
             """The restarted worker's pid, once it answers."""
@@ -388,7 +371,7 @@ def test_an_actor_lost_or_stopped_between_calls_is_recovered(ray_session, tmp_pa
         if record["epoch"] not in victims:
             return
         role, sig = victims[record["epoch"]]
-        handle = ray.get_actor(actor_name(raydistill.load_config(config), role))
+        handle = find_actor(raydistill.load_config(config), role)
         pid = ray.get(handle.pid.remote(), timeout=60)
         os.kill(pid, sig)
         if sig == signal.SIGSTOP:
@@ -440,7 +423,7 @@ def test_a_hung_collective_becomes_a_recovery(ray_session, reference, tmp_path, 
 
     def stop_during_epoch_2(record, checkpoint):
         if record["epoch"] == 1:
-            stopped["pid"] = pid = ray.get(ray.get_actor(actor_name(raydistill.load_config(config), "worker1"))
+            stopped["pid"] = pid = ray.get(find_actor(raydistill.load_config(config), "worker1")
                                            .pid.remote(), timeout=60)
 
             def stop():

@@ -21,7 +21,7 @@ from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
 import raydistill
-from raydistill.runtime.driver import actor_name
+from raydistill.runtime.driver import find_actor
 from tests.conftest import start_session_ray
 from tests.test_failures import Watcher, in_call, parameters, tiny, wait_for
 from tests.test_runtime import assert_same_parameters
@@ -102,7 +102,7 @@ def kill_during_epoch_2(config: dict, driver: threading.Thread, role: str = "wor
     def on_epoch(record, checkpoint):
         if record["epoch"] != 1:
             return
-        actor = ray.get_actor(actor_name(raydistill.load_config(config), role))
+        actor = find_actor(raydistill.load_config(config), role)
         pid = ray.get(actor.pid.remote(), timeout=60)
 
         def kill():
@@ -133,7 +133,7 @@ def test_a_lost_node_is_replaced_and_the_run_finishes_there(cluster, reference, 
 
     def note_worker1(record, checkpoint):
         if record["epoch"] == 1:                      # between calls, while worker 1 answers
-            actor = ray.get_actor(actor_name(raydistill.load_config(config), "worker1"))
+            actor = find_actor(raydistill.load_config(config), "worker1")
             drill["node"] = ray.get(actor.node.remote(), timeout=60)
             drill["pid"] = ray.get(actor.pid.remote(), timeout=60)
             epoch_1.set()

@@ -4,10 +4,12 @@ The equivalence of every runtime and transport with the in-process run is tests/
 with real processes and nodes are tests/test_multinode.py and tests/test_failures.py.
 """
 import json
+import os
 
 import numpy as np
 import pandas as pd
 import pytest
+import ray
 import torch
 import yaml
 
@@ -323,3 +325,41 @@ def test_a_run_directory_written_before_the_compact_loop_state_resumes_exactly(t
     assert_same_parameters(final_parameters(run_dir, 2), final_parameters(uninterrupted.run_dir, 2))
     assert result.summary["peers"] == uninterrupted.summary["peers"]
     assert "history" not in load_checkpoint(latest_checkpoint(run_dir), 2)["loop"]
+
+
+# ---- the test suite's warm workers ---------------------------------------------------------------------------------
+def test_a_warm_worker_set_serves_the_next_run_of_another_name_and_another_shape_gets_its_own(ray_session, tmp_path):
+    """RAYDISTILL_KEEP_WORKERS=1 (this suite): the workers of a finished run are taken by the next run of this process
+    with as many workers, the same GPUs, strategy, restarts and transport actors, whatever its name or CPUs per peer;
+    that run trains as it would in process, and find_actor gives its actors. A run with another number of workers
+    starts its own, and the warm set is gone (no bundle left held)."""
+    from raydistill.runtime.driver import KEEP_WORKERS, find_actor
+
+    assert os.environ.get(KEEP_WORKERS) == "1"
+    pids = {}
+
+    def note(name, config):
+        def on_epoch(record, checkpoint):
+            actors = [find_actor(raydistill.load_config(config), f"worker{rank}") for rank in range(2)]
+            pids[name] = [ray.get(actor.pid.remote(), timeout=60) for actor in actors]
+        return on_epoch
+
+    first = tiny_dml(**{"name": "warm-first", "peers": 2})
+    second = tiny_dml(**{"name": "warm-second", "peers": 2, "seed": 11, "resources.cpus_per_peer": 2})
+    third = tiny_dml(**{"name": "warm-third", "peers": 3, "resources.peers_per_worker": 1})     # 3 workers
+    for name, config in (("first", first), ("second", second), ("third", third)):
+        raydistill.train(config, tmp_path / name, progress=False, on_epoch=note(name, config))
+    assert pids["second"] == pids["first"]                      # the same processes: taken warm
+    assert not set(pids["third"]) & set(pids["first"])          # another shape: its own
+    assert not any(alive(pid) for pid in pids["first"])         # ... and the warm set was killed for its bundles
+    reference = raydistill.train(second, tmp_path / "reference", runtime="inprocess", progress=False)
+    assert_same_parameters(final_parameters(tmp_path / "second", 2), final_parameters(reference.run_dir, 2))
+
+
+def alive(pid: int) -> bool:
+    """A process that runs (a zombie, dead and not yet reaped, does not)."""
+    try:
+        text = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return False
+    return text[text.rindex(")") + 2:].split()[0] not in ("Z", "X")

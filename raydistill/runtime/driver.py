@@ -10,6 +10,7 @@ the fallback, drives every step from here: forward on every worker, the coordina
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import ray
@@ -43,9 +44,22 @@ def connect(config, console: Console | None = None, verbose: bool = False) -> bo
 
 
 def actor_name(config, role: str, generation: int = 0) -> str:
-    """Actors are named after the run and the driver's process, so tools (and failure drills) can find them; the
-    workers started again for a changed peer set are a new generation (g1/worker0, ...)."""
+    """Actors are named after the run and the driver's process, so tools can find them; the workers started again
+    for a changed peer set are a new generation (g1/worker0, ...). A worker kept warm (the test suite's pool) keeps
+    the name of the run that started it: ``find_actor`` finds a run's actors whatever their names."""
     return f"raydistill/{config.name}/{os.getpid()}/{f'g{generation}/' if generation else ''}{role}"
+
+
+def find_actor(config, role: str):
+    """The live actor of a run of this process ("worker1", "coordinator"): its newest generation's, whether started
+    for it or taken warm from the pool; None while the run has no actors."""
+    workers = _LIVE.get(config.name)
+    if workers is None:
+        return None
+    if role == "coordinator":
+        return workers.coordinator
+    rank = int(role.removeprefix("worker"))
+    return workers.workers[rank] if rank < len(workers.workers) else None
 
 
 def _cause(err: BaseException) -> BaseException:
@@ -137,6 +151,7 @@ class RayWorkers:
         # and labels, no image). Held for the whole run: a restarted actor is built again from it.
         self.data_ref = ray.put(data)
         if self.workers:
+            _LIVE[self.config.name] = self
             return
         restartable = {"max_restarts": r.max_restarts, "max_task_retries": 0}
         for rank, (members, bundle) in enumerate(zip(self.members, self.layout.workers)):
@@ -151,6 +166,7 @@ class RayWorkers:
                 num_cpus=r.cpus_per_coordinator, num_gpus=0, scheduling_strategy=self._bundle(self.layout.head),
                 name=actor_name(self.config, "coordinator", self.generation), runtime_env=self._hide_gpus({}),
                 **restartable).remote()
+        _LIVE[self.config.name] = self
 
     def setup(self) -> None:
         """Every worker opens the run's data set on its node and builds its peers and teachers over it, and the
@@ -366,17 +382,21 @@ class RayWorkers:
                 "workers": list(self._nodes)}
 
     def _pool_key(self) -> tuple:
-        """What a warm worker must share with the run that takes it: its name (the run's, this process's, the peer
-        set's generation), its bundle, its restarts, the transport's actors."""
-        return (_session(), actor_name(self.config, "", self.generation),
-                repr(self.layout.bundles), self.config.resources.strategy, self.config.resources.max_restarts,
-                self.transport.coordinator_actor, self.config.resources.gpus_per_peer > 0)
+        """What a warm set must share with the run that takes it: this process's Ray session, its number of workers
+        (and bundles), their GPUs, the strategy, the restarts, the transport's actors. Not the actors' names or
+        CPUs: every run builds its workers anew in ``setup`` and sets their threads itself."""
+        bundles = self.layout.bundles
+        gpus = tuple(bundle.get("GPU", 0) for bundle in bundles)
+        return (_session(), len(self.members), len(bundles), gpus, self.config.resources.strategy,
+                self.config.resources.max_restarts, self.transport.coordinator_actor)
 
     def shutdown(self, keep: bool = True) -> None:
         """The workers and their placement group go (once); with the pool on (RAYDISTILL_KEEP_WORKERS=1), workers
         that all answer are kept warm, empty, for the next run of this process that has their shape."""
         if getattr(self, "group", None) is None and not self.workers:
             return
+        if _LIVE.get(self.config.name) is self:
+            del _LIVE[self.config.name]
         if self.workers:
             self.leave_group(timeout=5.0)       # the group's shared-memory folder goes with it
         if keep and self.owns_group and _POOL.enabled and self._all_answer():
@@ -402,13 +422,15 @@ class RayWorkers:
 
 
 class WorkerPool:
-    """The last run's workers of this process, kept warm for the next run with their shape (its actors' names, its
-    bundles): starting a worker process and importing torch is most of a run's start on a small machine. Off unless
-    RAYDISTILL_KEEP_WORKERS=1 (the test suite, which runs hundreds of short runs in one process). At most one set
-    is kept; a run of another shape removes it before placing its own."""
+    """The last run's workers of this process, kept warm for the next run of this process with their shape (see
+    ``RayWorkers._pool_key``), whatever its name: starting a worker process and importing torch is most of a run's
+    start on a small machine. Off unless RAYDISTILL_KEEP_WORKERS=1 (the test suite, which runs hundreds of short runs
+    in one process). At most one set is kept; a run of another shape removes it before placing its own. A taken set
+    keeps its actors' names and bundles (find_actor finds a run's actors)."""
 
     def __init__(self):
         self.kept = None
+        self.lock = threading.Lock()            # runs of several threads of one process (parallel jobs)
 
     @property
     def enabled(self) -> bool:
@@ -416,13 +438,15 @@ class WorkerPool:
 
     def park(self, key, group, workers, coordinator) -> None:
         self.clear()
-        self.kept = (key, group, workers, coordinator)
+        with self.lock:
+            self.kept = (key, group, workers, coordinator)
 
     def take(self, key):
-        if self.kept is None or self.kept[0] != key:
-            return None
-        _, group, workers, coordinator = self.kept
-        self.kept = None
+        with self.lock:
+            if self.kept is None or self.kept[0] != key:
+                return None
+            _, group, workers, coordinator = self.kept
+            self.kept = None
         try:                                    # each still answers (this Ray session's, not restarted away)
             ray.get([a.pid.remote() for a in [*workers, *([coordinator] if coordinator else [])]], timeout=10)
         except Exception:  # noqa: BLE001 — not kept then: a fresh set is started
@@ -433,10 +457,11 @@ class WorkerPool:
 
     def clear(self) -> None:
         """The kept workers go (if they belong to this process's Ray session still: another one took them along)."""
-        if self.kept is None:
-            return
-        key, group, workers, coordinator = self.kept
-        self.kept = None
+        with self.lock:
+            if self.kept is None:
+                return
+            key, group, workers, coordinator = self.kept
+            self.kept = None
         if not ray.is_initialized() or key[0] != _session():
             return
         try:
@@ -460,6 +485,7 @@ def release_warm_workers() -> None:
 
 KEEP_WORKERS = "RAYDISTILL_KEEP_WORKERS"
 _POOL = WorkerPool()
+_LIVE: dict = {}            # run name -> its RayWorkers now (find_actor)
 
 
 def _given_up(actor) -> bool:
