@@ -15,8 +15,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from raydistill.engine.step import host_outputs
@@ -63,6 +61,9 @@ def attention_key(teacher) -> dict:
 
 def write_epoch(path: Path, key: dict, steps: list[dict[str, np.ndarray]]) -> None:
     """Writes one epoch's outputs (a dict of arrays per step, the same shapes at every step) atomically."""
+    import pyarrow as pa                # here, not at the top: a worker without a cached teacher never loads Arrow
+    import pyarrow.parquet as pq
+
     names = sorted(steps[0])
     shapes = {name: list(steps[0][name].shape) for name in names}
     columns = {"step": pa.array(np.arange(len(steps), dtype=np.int32))}
@@ -79,6 +80,9 @@ def write_epoch(path: Path, key: dict, steps: list[dict[str, np.ndarray]]) -> No
 
 def read_key(path: Path) -> dict | None:
     """The key stored in a cache file, or None when there is no readable file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         metadata = pq.read_schema(path).metadata or {}
     except (OSError, pa.ArrowInvalid):
@@ -88,6 +92,8 @@ def read_key(path: Path) -> dict | None:
 
 def read_epoch(path: Path) -> dict[str, np.ndarray]:
     """One epoch's outputs: name -> [steps, V, B, ...] float32 (memory-mapped, read-only)."""
+    import pyarrow.parquet as pq
+
     table = pq.read_table(path, memory_map=True)
     shapes = json.loads(table.schema.metadata[SHAPES_FIELD])
     outputs = {}
