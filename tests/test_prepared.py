@@ -287,7 +287,9 @@ def test_a_worker_reads_a_steps_batch_once_reads_the_next_ahead_and_a_peer_may_t
     data.read = recorded
     view = DataView(config, data)
     first = view.inputs(0, 1)
-    assert view.inputs(0, 1) is first and reads == [(threading.current_thread().name, "train", 8)]  # once for all
+    assert view.inputs(0, 1) is first                    # once for all; the next step may already be on its way
+    assert [r for r in reads if not r[0].startswith("prefetch")] == [(threading.current_thread().name, "train", 8)]
+    assert len(reads) <= 2
     idx = batch_indices(config.seed, 0, 1, 30, 8)
     assert torch.equal(first, torch.from_numpy(read("train", idx.numpy())))
     assert torch.equal(view.labels(0, 1), torch.from_numpy(data.labels("train", idx.numpy())))
